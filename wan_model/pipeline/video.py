@@ -1,0 +1,83 @@
+"""Video output: decoded frames -> H.264 MP4 (yuv420p) and a PNG preview, written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+
+def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """``[C=3, F, H, W]`` in [-1, 1] (the VAE's output range) -> ``[F, H, W, 3]`` uint8."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a [3, F, H, W] video tensor, got shape {tuple(video.shape)}")
+    video = video.detach().float().clamp(-1.0, 1.0)
+    video = ((video + 1.0) * 127.5).round().to(torch.uint8)
+    return video.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _temp_path_beside(path: str, suffix: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:
+    """Write ``[F, H, W, 3]`` uint8 frames as H.264/yuv420p MP4 at ``path`` (temp name, then rename).
+
+    Width and height must be even (yuv420p halves chroma); Wan sizes are multiples of 16.
+    """
+    import imageio.v2 as imageio
+
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected [F, H, W, 3] uint8 frames, got {frames.shape} {frames.dtype}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 yuv420p needs an even frame size, got {width}x{height}")
+    tmp = _temp_path_beside(path, ".mp4")
+    try:
+        # macro_block_size=1: never let imageio resize the frames behind our back.
+        writer = imageio.get_writer(
+            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+            macro_block_size=1, output_params=["-crf", "18"], ffmpeg_log_level="error",
+        )
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_png(frame: np.ndarray, path: str) -> str:
+    """Write one ``[H, W, 3]`` uint8 frame as PNG (temp name, then rename)."""
+    from PIL import Image
+
+    tmp = _temp_path_beside(path, ".png")
+    try:
+        Image.fromarray(frame).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_mp4(path: str) -> np.ndarray:
+    """Read an MP4 back as ``[F, H, W, 3]`` uint8 (used by tests and checks)."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        return np.stack([np.asarray(f) for f in reader])
+    finally:
+        reader.close()
