@@ -1,0 +1,225 @@
+"""USP attention (Ulysses x Ring over gloo ranks) equals one-device attention.
+
+The inputs make the chunks of the sequence differ (keys scaled by a factor growing along the
+sequence, values offset along it), so each ring chunk has a different log-sum-exp: a merge
+that ignored the LSE would fail here (shown by the negative control). Padded positions hold
+large garbage instead of zeros, so a padded key that leaked into attention would show.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import run_ranks
+from wan_model.parallel import (
+    ParallelConfig,
+    SequenceParallelSharding,
+    UlyssesRingAttention,
+    pick_parallel_degrees,
+    setup_sequence_parallel,
+)
+from wan_model.parallel.kernels import cpu_attention
+from wan_model.parallel.ring import merge_partial
+
+HEADS, HEAD_DIM, BATCH = 4, 16, 2
+TOL = 1e-5
+
+
+def make_inputs(length: int, padded_len: int, heads: int = HEADS, seed: int = 0):
+    """q, k, v [B, padded_len, H, D]: real tokens whose chunks differ, then garbage padding."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(BATCH, padded_len, heads, HEAD_DIM, generator=gen) for _ in range(3))
+    position = torch.linspace(0.0, 1.0, padded_len).view(1, -1, 1, 1)
+    k = k * (0.25 + 3.0 * position)  # later keys are sharper: their chunks' LSEs are larger
+    v = v + 4.0 * position  # and their values are shifted
+    k[:, length:] = 50.0  # padding: would dominate every softmax if it leaked in
+    v[:, length:] = 1e3
+    return q, k, v
+
+
+def reference_attention(q, k, v, valid_len):
+    """Float64 attention over the first valid_len keys, [B, L, H, D]."""
+    q64, k64, v64 = (x.double().transpose(1, 2) for x in (q, k[:, :valid_len], v[:, :valid_len]))
+    scores = q64 @ k64.transpose(-1, -2) * HEAD_DIM ** -0.5
+    return (scores.softmax(-1) @ v64).transpose(1, 2)
+
+
+def zero_lse_kernel(q, k, v):
+    """Negative control: the right per-chunk outputs, but a zero LSE (what a broken kernel returns)."""
+    out, lse = cpu_attention(q, k, v)
+    return out, torch.zeros_like(lse)
+
+
+def _run_cases(rank, world_size, cases):
+    """On each rank: for every (ulysses, ring, length, kernel) run USP attention and return the max error."""
+    results = []
+    for ulysses, ring, length, kernel in cases:
+        state = setup_sequence_parallel(ParallelConfig(ulysses=ulysses, ring=ring))
+        sharding = state.sharding()
+        padded = sharding.padded_len(length)
+        q, k, v = make_inputs(length, padded)
+        attention = UlyssesRingAttention(state, kernel=zero_lse_kernel if kernel == "zero_lse" else kernel)
+        local = [sharding.shard(x, dim=1) for x in (q, k, v)]
+        start, end = sharding.local_range(length)
+        assert torch.equal(local[0], q[:, start:end])
+        out = attention(*local, valid_len=length)
+        assert out.shape == local[0].shape and out.dtype == torch.float32
+        full = sharding.gather(out, length, dim=1)
+        err = (full.double() - reference_attention(q, k, v, length)[:, :length]).abs().max().item()
+        results.append(((ulysses, ring, length, kernel), err, attention.kernel_name))
+    return results
+
+
+def _check(results_per_rank, tol=TOL):
+    # Every rank gathers the full output, so every rank checks the whole sequence.
+    for results in results_per_rank:
+        for case, err, _ in results:
+            assert err <= tol, f"{case}: max abs err {err:.3g} > {tol}"
+
+
+LENGTHS = (24, 21, 9)  # a multiple of 2 and 4; not a multiple; short enough that whole ring chunks are padding
+
+
+def test_one_rank_equals_reference():
+    results = run_ranks(_run_cases, 1, [(1, 1, n, "auto") for n in LENGTHS], timeout=120)
+    _check(results)
+    assert results[0][0][2] == "sdpa"
+
+
+@pytest.mark.slow
+def test_two_ranks_ulysses_and_ring():
+    cases = [(u, r, n, kern) for u, r in [(2, 1), (1, 2)] for n in LENGTHS for kern in ("auto", "math")]
+    results = run_ranks(_run_cases, 2, cases, timeout=180)
+    _check(results)
+    names = {case: name for case, _, name in results[0]}
+    assert names[(1, 2, 21, "auto")] == "cpu" and names[(1, 2, 21, "math")] == "math"
+    assert names[(2, 1, 21, "auto")] == "sdpa"
+
+
+@pytest.mark.slow
+def test_four_ranks_all_layouts_and_zero_lse_control():
+    layouts = [(2, 2), (4, 1), (1, 4)]
+    cases = [(u, r, n, "auto") for u, r in layouts for n in LENGTHS]
+    controls = [(u, r, 21, "zero_lse") for u, r in [(2, 2), (1, 4)]]
+    results = run_ranks(_run_cases, 4, cases + controls, timeout=180)
+    _check([res[: len(cases)] for res in results])
+    # Negative control: the same inputs through a merge that sees LSE = 0 must fail the tolerance
+    # by far; otherwise these inputs could not catch an LSE bug.
+    for case, err, _ in results[0][len(cases):]:
+        assert err > 100 * TOL, f"zero-LSE merge passed on {case} (err {err:.3g}): inputs too uniform"
+
+
+def test_padding_would_show_if_it_leaked():
+    """Control for the padding tests: attending to the garbage padding changes the output a lot."""
+    length, padded = 21, 24
+    q, k, v = make_inputs(length, padded)
+    leaked = reference_attention(q, k, v, padded)[:, :length]
+    assert (leaked - reference_attention(q, k, v, length)[:, :length]).abs().max() > 1.0
+
+
+def test_merge_partial_matches_full_softmax():
+    q, k, v = make_inputs(12, 12)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out, lse = None, None
+    for part in (slice(0, 5), slice(5, 7), slice(7, 12)):
+        out, lse = merge_partial(out, lse, *cpu_attention(q, k[:, :, part], v[:, :, part]))
+    full_out, full_lse = cpu_attention(q, k, v)
+    assert (out - full_out).abs().max() <= TOL and (lse - full_lse).abs().max() <= TOL
+
+
+def _wrong_heads(rank, world_size):
+    state = setup_sequence_parallel(ParallelConfig(ulysses=2, ring=1))
+    x = torch.randn(1, 4, 3, HEAD_DIM)
+    try:
+        UlyssesRingAttention(state)(x, x, x, valid_len=8)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.slow
+def test_wrong_head_split_raises_clear_error():
+    messages = run_ranks(_wrong_heads, 2, timeout=120)
+    for message in messages:
+        assert message is not None and "ulysses degree 2 does not divide the 3 attention heads" in message
+        assert "1 (the rest" in message
+
+
+def test_degree_errors_list_working_degrees():
+    with pytest.raises(ValueError, match=r"ulysses degree 8 does not divide the 12 attention heads.*: 1, 2, 4 "):
+        ParallelConfig(ulysses=8, ring=1).check_heads(12)
+    ParallelConfig(ulysses=4, ring=2).check_heads(12)
+    with pytest.raises(ValueError, match="cfg_parallel must be 1 or 2"):
+        ParallelConfig(ulysses=1, ring=1, cfg_parallel=3)
+    with pytest.raises(ValueError, match="unknown attention kernel 'fast'"):
+        UlyssesRingAttention(None, kernel="fast")
+
+
+@pytest.mark.parametrize(
+    "world, heads, cfg, expected",
+    [
+        (8, 12, False, ParallelConfig(ulysses=4, ring=2)),  # Wan2.1 1.3B on 8 GPUs
+        (4, 40, False, ParallelConfig(ulysses=4, ring=1)),  # 14B on 4
+        (8, 40, False, ParallelConfig(ulysses=8, ring=1)),
+        (8, 12, True, ParallelConfig(ulysses=4, ring=1, cfg_parallel=2)),
+        (2, 12, True, ParallelConfig(ulysses=1, ring=1, cfg_parallel=2)),
+        (6, 4, False, ParallelConfig(ulysses=2, ring=3)),
+        (1, 12, False, ParallelConfig(ulysses=1, ring=1)),
+    ],
+)
+def test_pick_parallel_degrees(world, heads, cfg, expected):
+    config = pick_parallel_degrees(world, heads, cfg_parallel=cfg)
+    assert config == expected and config.world_size == world
+
+
+def test_pick_parallel_degrees_rejects_odd_cfg_world():
+    with pytest.raises(ValueError, match="CFG-parallel needs an even world size"):
+        pick_parallel_degrees(3, 12, cfg_parallel=True)
+
+
+# 8 ranks: tiny dims so that they stay quick. Ulysses 8, ulysses 4 x ring 2, and CFG 2 x ulysses 4.
+def _eight_rank_cases(rank, world_size):
+    heads, out = 8, {}
+    for ulysses, ring in [(8, 1), (4, 2)]:
+        state = setup_sequence_parallel(ParallelConfig(ulysses=ulysses, ring=ring))
+        errs = []
+        for length in (32, 27, 13):
+            sharding = state.sharding()
+            q, k, v = make_inputs(length, sharding.padded_len(length), heads=heads)
+            local = [sharding.shard(x, 1) for x in (q, k, v)]
+            full = sharding.gather(state.attention()(*local, valid_len=length), length, 1)
+            errs.append((full.double() - reference_attention(q, k, v, length)[:, :length]).abs().max().item())
+        out[(ulysses, ring)] = max(errs)
+
+    state = setup_sequence_parallel(ParallelConfig(ulysses=4, ring=1, cfg_parallel=2))
+    sharding = state.sharding()
+    length = 27
+    # Each CFG half attends over its own inputs (cond / uncond).
+    q, k, v = make_inputs(length, sharding.padded_len(length), heads=heads, seed=100 + state.cfg_rank)
+    local = [sharding.shard(x, 1) for x in (q, k, v)]
+    local_out = state.attention()(*local, valid_len=length)
+    full = sharding.gather(local_out, length, 1)
+    out["cfg"] = (full.double() - reference_attention(q, k, v, length)[:, :length]).abs().max().item()
+    # The CFG group pairs the ranks holding the same chunk in both halves: gathering over it gives
+    # this chunk of both halves' outputs, as the pipeline's per-step all-gather does.
+    both = [torch.empty_like(local_out) for _ in range(2)]
+    dist.all_gather(both, local_out.contiguous(), group=state.cfg_group)
+    out["cfg_layout"] = dict(sp_ranks=state.sp_ranks, cfg_ranks=state.cfg_ranks, sp_rank=state.sp_rank,
+                             cfg_rank=state.cfg_rank, ulysses_rank=state.ulysses_rank, ring_rank=state.ring_rank)
+    out["cfg_gather_self"] = torch.equal(both[state.cfg_rank], local_out)
+    out["cfg_gather_other_differs"] = not torch.equal(both[1 - state.cfg_rank], local_out)
+    return out
+
+
+@pytest.mark.slow
+def test_eight_ranks_ulysses8_ulysses4_ring2_and_cfg():
+    results = run_ranks(_eight_rank_cases, 8, timeout=240)
+    for rank, res in enumerate(results):
+        assert res[(8, 1)] <= TOL and res[(4, 2)] <= TOL and res["cfg"] <= TOL, res
+        layout = res["cfg_layout"]
+        half = rank // 4
+        assert layout["sp_ranks"] == list(range(4 * half, 4 * half + 4))
+        assert layout["cfg_ranks"] == [rank % 4, rank % 4 + 4]
+        assert (layout["cfg_rank"], layout["sp_rank"]) == (half, rank % 4)
+        assert res["cfg_gather_self"] and res["cfg_gather_other_differs"]

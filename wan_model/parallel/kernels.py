@@ -1,0 +1,92 @@
+"""Attention kernels that return the softmax log-sum-exp along with the output.
+
+A ring step sees one chunk of keys at a time; merging the partial outputs is exact only when
+each is weighted by its chunk's true log-sum-exp. Some kernels do not return one (or return
+zeros), which makes a ring merge silently wrong, so every kernel here returns a real LSE and
+is picked by name; nothing falls back silently.
+
+Layout here is ``[batch, heads, tokens, head_dim]``; the LSE is ``[batch, heads, tokens]``
+in float32, natural log.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_NAMES = ("auto", "cudnn", "flash", "cpu", "math")
+
+# (q, k, v) -> (out, lse)
+LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _lse_shape(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    # cuDNN returns [B, H, L, 1] in some versions; everything else [B, H, L].
+    return lse.reshape(q.shape[:3]).float()
+
+
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    return out, _lse_shape(lse, q)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    return out, _lse_shape(lse, q)
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    return out, _lse_shape(lse, q)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path in float32 on any device (materializes the score matrix: small inputs only)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+_LSE_KERNELS: dict[str, LseKernel] = {
+    "cudnn": cudnn_attention,
+    "flash": flash_attention,
+    "cpu": cpu_attention,
+    "math": math_attention,
+}
+
+
+def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete kernel ``kernel`` means on ``device``/``dtype``; raise if it cannot run there."""
+    if kernel not in KERNEL_NAMES:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
+    if kernel == "auto":
+        if device.type == "cuda":
+            # cuDNN is the fastest LSE-returning kernel on Hopper for half precision; it has no fp32.
+            return "cudnn" if dtype in (torch.float16, torch.bfloat16) else "math"
+        return "cpu" if device.type == "cpu" else "math"
+    if kernel in ("cudnn", "flash"):
+        if device.type != "cuda":
+            raise ValueError(f"attention kernel {kernel!r} needs CUDA tensors, got {device.type}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}")
+    if kernel == "cpu" and device.type != "cpu":
+        raise ValueError(f"attention kernel 'cpu' needs CPU tensors, got {device.type}")
+    return kernel
+
+
+def get_lse_kernel(name: str) -> LseKernel:
+    return _LSE_KERNELS[name]
+
+
+def plain_attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention without LSE (Ulysses only: the whole sequence is local), on the named kernel."""
+    if name == "cudnn":
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
+    if name == "flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[0]
+    if name == "math":
+        return math_attention(q, k, v)[0]
+    # "sdpa" / "cpu": PyTorch's own dispatch.
+    return F.scaled_dot_product_attention(q, k, v)
