@@ -22,6 +22,7 @@ from .model import WanModel
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSource",
     "load_transformer",
     "save_transformer",
     "checkpoint_files",
@@ -339,7 +340,24 @@ def load_transformer(
                 except Exception as err:
                     raise CheckpointError(f"cannot read tensor {key} from {file}: {err}") from err
                 _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+    # Lets LoRA unmerging re-read the exact original tensors instead of keeping copies.
+    model.checkpoint_source = CheckpointSource({n: (f, k) for n, (f, k, _) in entries.items()}, dtype)
     return model.eval()
+
+
+class CheckpointSource:
+    """Where each parameter of a loaded model came from, to re-read single tensors exactly."""
+
+    def __init__(self, entries: Mapping[str, tuple[Path, str]], dtype: torch.dtype):
+        self.entries = dict(entries)
+        self.dtype = dtype
+
+    def read(self, name: str, device: torch.device) -> torch.Tensor:
+        """Parameter ``name`` exactly as ``load_transformer`` produced it, on ``device``."""
+        file, key = self.entries[name]
+        with _open(file) as handle:
+            tensor = handle.get_tensor(key)
+        return tensor.to(device=device, dtype=self.dtype if tensor.is_floating_point() else None)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

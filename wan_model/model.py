@@ -231,6 +231,7 @@ class WanModel(nn.Module):
             self.img_emb = MLPProj(config.image_dim, dim)
         self.sharding: SequenceSharding = SequenceSharding()
         self.attention: AttentionBackend = LocalAttention()
+        self.checkpoint_source = None  # set by wan_model.loader.load_transformer (lets LoRA unmerge re-read weights)
         self.init_weights()
 
     def set_parallel(self, sharding: SequenceSharding, attention: AttentionBackend) -> None:

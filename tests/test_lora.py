@@ -1,0 +1,189 @@
+"""LoRA merging: explicit W + scale * (alpha/rank) * B @ A in every supported format, exact unmerge, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wan_model.config import get_variant
+from wan_model.loader import load_transformer, save_transformer
+from wan_model.lora import LoraError, merge_lora, merged_loras, unmerge_lora
+from wan_model.model import WanModel
+
+RANK = 4
+
+
+def _model(variant: str = "tiny-i2v") -> WanModel:
+    torch.manual_seed(0)
+    model = WanModel(get_variant(variant).transformer)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()
+    return model.eval()
+
+
+def _factors(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(RANK, in_features, generator=gen), torch.randn(out_features, RANK, generator=gen)
+
+
+def _snapshot(model: WanModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_only_changed(model: WanModel, before: dict, expected: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    for key, value in after.items():
+        if key in expected:
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(value, before[key]), f"{key} changed but the LoRA does not touch it"
+
+
+def test_official_lightx2v_format(tmp_path) -> None:
+    model = _model()
+    before = _snapshot(model)
+    down_q, up_q = _factors(64, 64, 1)
+    down_f, up_f = _factors(128, 64, 2)
+    down_img, up_img = _factors(64, 64, 3)
+    diff_norm, diff_bias, diff_mod = torch.randn(64), torch.randn(64), torch.randn(1, 6, 64)
+    lora = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": down_q,
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up_q,
+        "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(8.0),
+        "diffusion_model.blocks.1.ffn.0.lora_down.weight": down_f,  # no alpha: alpha = rank
+        "diffusion_model.blocks.1.ffn.0.lora_up.weight": up_f,
+        "diffusion_model.blocks.1.cross_attn.k_img.lora_down.weight": down_img,
+        "diffusion_model.blocks.1.cross_attn.k_img.lora_up.weight": up_img,
+        "diffusion_model.blocks.0.norm3.diff": diff_norm,
+        "diffusion_model.blocks.0.cross_attn.o.diff_b": diff_bias,
+        "diffusion_model.blocks.1.modulation.diff": diff_mod,
+    }
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    scale = 0.7
+    changed = merge_lora(model, tmp_path / "lora.safetensors", scale=scale)
+    expected = {
+        "blocks.0.self_attn.q.weight": before["blocks.0.self_attn.q.weight"] + scale * (8.0 / RANK) * up_q @ down_q,
+        "blocks.1.ffn.0.weight": before["blocks.1.ffn.0.weight"] + scale * up_f @ down_f,
+        "blocks.1.cross_attn.k_img.weight": before["blocks.1.cross_attn.k_img.weight"] + scale * up_img @ down_img,
+        "blocks.0.norm3.weight": before["blocks.0.norm3.weight"] + scale * diff_norm,
+        "blocks.0.cross_attn.o.bias": before["blocks.0.cross_attn.o.bias"] + scale * diff_bias,
+        "blocks.1.modulation": before["blocks.1.modulation"] + scale * diff_mod,
+    }
+    assert sorted(changed) == sorted(expected)
+    _assert_only_changed(model, before, expected)
+    assert merged_loras(model) == [(str(tmp_path / "lora.safetensors"), scale)]
+    assert sorted(unmerge_lora(model)) == sorted(expected)
+    _assert_only_changed(model, before, {})  # exact restore
+    assert merged_loras(model) == []
+
+
+def test_peft_diffusers_format_with_adapter_config(tmp_path) -> None:
+    model = _model()
+    before = _snapshot(model)
+    down_q, up_q = _factors(64, 64, 4)
+    down_k, up_k = _factors(64, 64, 5)
+    down_out, up_out = _factors(64, 64, 6)  # proj_out = official head.head (64 = 16 channels * 2 * 2)
+    down_t, up_t = _factors(384, 64, 7)  # time_proj = official time_projection.1
+    lora = {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": down_q,
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": up_q,
+        "transformer.blocks.1.attn2.add_k_proj.lora_A.weight": down_k,
+        "transformer.blocks.1.attn2.add_k_proj.lora_B.weight": up_k,
+        "transformer.proj_out.lora_A.weight": down_out,
+        "transformer.proj_out.lora_B.weight": up_out,
+        "transformer.condition_embedder.time_proj.lora_A.weight": down_t,
+        "transformer.condition_embedder.time_proj.lora_B.weight": up_t,
+    }
+    # Without a config: alpha = rank.
+    merge_lora(model, lora, scale=1.5)
+    expected = {
+        "blocks.0.self_attn.q.weight": before["blocks.0.self_attn.q.weight"] + 1.5 * up_q @ down_q,
+        "blocks.1.cross_attn.k_img.weight": before["blocks.1.cross_attn.k_img.weight"] + 1.5 * up_k @ down_k,
+        "head.head.weight": before["head.head.weight"] + 1.5 * up_out @ down_out,
+        "time_projection.1.weight": before["time_projection.1.weight"] + 1.5 * up_t @ down_t,
+    }
+    _assert_only_changed(model, before, expected)
+    unmerge_lora(model)
+    _assert_only_changed(model, before, {})
+
+    # A PEFT folder: adapter_config.json's lora_alpha / r scales the product.
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    unprefixed = {k.removeprefix("transformer."): v for k, v in lora.items()}
+    save_file(unprefixed, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": 2}))
+    merge_lora(model, folder, scale=1.0)
+    expected = {k: before[k] + (2 / RANK) * (v - before[k]) / 1.5 for k, v in expected.items()}
+    _assert_only_changed(model, before, expected)
+
+
+def test_kohya_underscore_names_and_conv() -> None:
+    model = _model("tiny-t2v")
+    before = _snapshot(model)
+    down_k, up_k = _factors(64, 64, 8)
+    gen = torch.Generator().manual_seed(9)
+    down_conv = torch.randn(RANK, 16, 1, 2, 2, generator=gen)
+    up_conv = torch.randn(64, RANK, 1, 1, 1, generator=gen)
+    lora = {
+        "lora_unet_blocks_1_self_attn_k.lora_down.weight": down_k,
+        "lora_unet_blocks_1_self_attn_k.lora_up.weight": up_k,
+        "lora_unet_blocks_1_self_attn_k.alpha": torch.tensor(2.0),
+        "lora_unet_patch_embedding.lora_down.weight": down_conv,
+        "lora_unet_patch_embedding.lora_up.weight": up_conv,
+    }
+    merge_lora(model, lora, scale=1.0)
+    conv_delta = (up_conv.flatten(1) @ down_conv.flatten(1)).reshape(64, 16, 1, 2, 2)
+    _assert_only_changed(model, before, {
+        "blocks.1.self_attn.k.weight": before["blocks.1.self_attn.k.weight"] + (2.0 / RANK) * up_k @ down_k,
+        "patch_embedding.weight": before["patch_embedding.weight"] + conv_delta,
+    })
+
+
+def test_switching_loras_on_a_loaded_bf16_model(tmp_path) -> None:
+    save_transformer(_model("tiny-t2v"), tmp_path / "model")
+    model = load_transformer(tmp_path / "model", dtype=torch.bfloat16)
+    fresh = _snapshot(model)
+    lora_a = dict(zip(["blocks.0.self_attn.v.lora_down.weight", "blocks.0.self_attn.v.lora_up.weight"], _factors(64, 64, 10)))
+    lora_b = dict(zip(["blocks.1.ffn.2.lora_down.weight", "blocks.1.ffn.2.lora_up.weight"], _factors(64, 128, 11)))
+    merge_lora(model, lora_a, scale=0.5)
+    assert not torch.equal(model.state_dict()["blocks.0.self_attn.v.weight"], fresh["blocks.0.self_attn.v.weight"])
+    assert all(v is None for v in model._lora_originals.values())  # re-read from the file, no copies kept
+    unmerge_lora(model)
+    merge_lora(model, lora_b, scale=0.5)
+    reference = load_transformer(tmp_path / "model", dtype=torch.bfloat16)
+    merge_lora(reference, lora_b, scale=0.5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+    unmerge_lora(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh[key]), key
+
+
+def test_errors_name_the_key_and_change_nothing(tmp_path) -> None:
+    model = _model("tiny-t2v")
+    before = _snapshot(model)
+    down, up = _factors(64, 64, 12)
+    good = {"blocks.0.self_attn.q.lora_down.weight": down, "blocks.0.self_attn.q.lora_up.weight": up}
+    with pytest.raises(LoraError, match=r"blocks\.0\.self_attn\.nope\.lora_down\.weight"):
+        merge_lora(model, {**good, "blocks.0.self_attn.nope.lora_down.weight": down})
+    with pytest.raises(LoraError, match=r"blocks\.7\.self_attn\.q"):  # a block the model does not have
+        merge_lora(model, {**good, "blocks.7.self_attn.q.lora_down.weight": down, "blocks.7.self_attn.q.lora_up.weight": up})
+    with pytest.raises(LoraError, match="only one of down/up"):
+        merge_lora(model, {**good, "blocks.1.self_attn.k.lora_down.weight": down})
+    with pytest.raises(LoraError, match=r"blocks\.1\.ffn\.0"):
+        merge_lora(model, {**good, "blocks.1.ffn.0.lora_down.weight": down, "blocks.1.ffn.0.lora_up.weight": up})
+    _assert_only_changed(model, before, {})
+    bad_file = tmp_path / "bad.safetensors"
+    bad_file.write_bytes(b"\x00" * 20)
+    with pytest.raises(LoraError, match="bad.safetensors"):
+        merge_lora(model, bad_file)
+
+
+def test_transposed_factors_are_rejected() -> None:
+    model = _model("tiny-t2v")
+    down, up = _factors(128, 64, 13)  # right for ffn.0 [128, 64], transposed for ffn.2 [64, 128]
+    with pytest.raises(LoraError, match=r"blocks\.0\.ffn\.2.*\(128, 64\) update for a \(64, 128\) weight"):
+        merge_lora(model, {"blocks.0.ffn.2.lora_down.weight": down, "blocks.0.ffn.2.lora_up.weight": up})

@@ -1,0 +1,247 @@
+"""Merge LoRA weights into a loaded ``WanModel`` (and take them out again).
+
+Formats read (one ``.safetensors`` file, or a PEFT folder with ``adapter_config.json``):
+
+* official / lightx2v / kohya: ``<module>.lora_down.weight``, ``<module>.lora_up.weight``, optional
+  ``<module>.alpha``; full deltas ``<module>.diff`` (weight) and ``<module>.diff_b`` (bias), which
+  lightx2v uses for norms, biases and modulation tables (a ``.diff`` on a parameter such as
+  ``blocks.N.modulation`` applies to that parameter);
+* diffusers / PEFT: ``<module>.lora_A.weight``, ``<module>.lora_B.weight`` (``lora_A.default.weight``
+  too); alpha from ``adapter_config.json`` (``lora_alpha``/``r``) when given, else alpha = rank.
+
+``<module>`` may use official or diffusers names, with an optional prefix (``diffusion_model.``,
+``model.diffusion_model.``, ``transformer.``, ``base_model.model.``) or kohya's underscore style
+(``lora_unet_blocks_0_self_attn_q``). Every key must land on a parameter of the model: one that
+does not is an error naming it, and nothing is changed.
+
+Merging: ``W += scale * (alpha / rank) * up @ down``, ``W += scale * diff``, ``b += scale * diff_b``,
+computed in float32 and written back in the parameter's dtype. Merge before wrapping the model
+with FSDP. ``unmerge_lora`` restores the exact original tensors: re-read from the checkpoint file
+when the model came from ``load_transformer``, else from CPU copies taken at the first merge.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from .keymap import official_to_diffusers_name
+
+__all__ = ["LoraError", "LoraUpdate", "read_lora", "merge_lora", "unmerge_lora", "merged_loras"]
+
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
+_SUFFIXES = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_A.default.weight": "down",
+    ".lora_B.default.weight": "up",
+    ".alpha": "alpha",
+    ".diff": "diff",
+    ".diff_b": "diff_b",
+}
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be applied to this model (names the offending keys)."""
+
+
+@dataclass
+class LoraUpdate:
+    """Everything a LoRA file holds for one module (official name) of the model."""
+
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    diff: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Tensors of a LoRA file (or PEFT folder) and the PEFT ``lora_alpha / r`` ratio's alpha, if any."""
+    default_alpha = None
+    if path.is_dir():
+        config = path / "adapter_config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if data.get("use_rslora") or data.get("rank_pattern") or data.get("alpha_pattern"):
+                raise LoraError(f"{config}: rslora / per-module rank or alpha patterns are not supported")
+            default_alpha = data.get("lora_alpha")
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise LoraError(f"{path}: expected one .safetensors LoRA file, found {[f.name for f in files]}")
+        path = files[0]
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, default_alpha
+    except Exception as err:
+        raise LoraError(f"cannot read LoRA file {path}: {err}") from err
+
+
+def _module_lookup(model: nn.Module) -> dict[str, str]:
+    """Every way a LoRA may spell a target (official, diffusers, kohya underscores) -> official name."""
+    lookup: dict[str, str] = {}
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    for name in names:
+        lookup[name] = name
+        lookup[name.replace(".", "_")] = name
+    for name in names:
+        diffusers_name = official_to_diffusers_name(name)
+        if diffusers_name is not None:
+            lookup.setdefault(diffusers_name, name)
+            lookup.setdefault(diffusers_name.replace(".", "_"), name)
+    return lookup
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    for suffix, kind in sorted(_SUFFIXES.items(), key=lambda item: -len(item[0])):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], kind
+    return None
+
+
+def read_lora(
+    model: nn.Module, lora: str | Path | Mapping[str, torch.Tensor], *, alpha: float | None = None
+) -> dict[str, LoraUpdate]:
+    """Parse and check a LoRA against ``model``: official target name -> ``LoraUpdate``. Changes nothing.
+
+    ``alpha`` overrides the file's alpha (and PEFT's ``lora_alpha``) for every module.
+    """
+    if isinstance(lora, Mapping):
+        tensors, default_alpha = dict(lora), None
+    else:
+        tensors, default_alpha = _load_file(Path(lora))
+    if not tensors:
+        raise LoraError("the LoRA holds no tensors")
+    lookup = _module_lookup(model)
+    updates: dict[str, LoraUpdate] = {}
+    unknown: list[str] = []
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        target = lookup.get(split[0]) if split else None
+        if target is None:
+            unknown.append(key)
+            continue
+        update = updates.setdefault(target, LoraUpdate())
+        kind = split[1]
+        setattr(update, kind, tensor.item() if kind == "alpha" else tensor)
+        update.keys.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+        raise LoraError(f"{len(unknown)} LoRA key(s) match no parameter of the model: {shown}")
+    for target, update in updates.items():
+        if (update.down is None) != (update.up is None):
+            raise LoraError(f"LoRA for {target} has only one of down/up (A/B): {update.keys}")
+        if update.down is not None:
+            if update.down.shape[0] != update.up.shape[1]:
+                raise LoraError(f"LoRA for {target}: rank mismatch, down {tuple(update.down.shape)} up {tuple(update.up.shape)}")
+            if alpha is not None:
+                update.alpha = alpha
+            elif update.alpha is None and default_alpha is not None:
+                update.alpha = float(default_alpha)
+    return updates
+
+
+# --- merging ---------------------------------------------------------------------------------------
+
+
+def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(parameter name, parameter, float32 delta before ``scale``) for one module's update."""
+    params = dict(model.named_parameters())
+    if name in params:  # a bare parameter such as blocks.N.modulation: only full deltas make sense
+        if update.down is not None or update.diff_b is not None:
+            raise LoraError(f"{name} is a parameter, not a layer: only .diff applies to it ({update.keys})")
+        weight_name, bias_name = name, None
+    else:
+        weight_name, bias_name = f"{name}.weight", f"{name}.bias"
+    out = []
+    weight = params.get(weight_name)
+    if update.down is not None or update.diff is not None:
+        if weight is None:
+            raise LoraError(f"LoRA targets {name}, which has no weight ({update.keys})")
+        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if update.down is not None:
+            down = update.down.to(weight.device, torch.float32).flatten(1)
+            up = update.up.to(weight.device, torch.float32).flatten(1)
+            rank = down.shape[0]
+            product = up @ down
+            if product.shape != (weight.shape[0], weight[0].numel()):
+                raise LoraError(f"LoRA for {name} gives a {tuple(product.shape)} update for a {tuple(weight.shape)} weight")
+            alpha = update.alpha if update.alpha is not None else rank
+            delta += (alpha / rank) * product.reshape(weight.shape)
+        if update.diff is not None:
+            if update.diff.shape != weight.shape:
+                raise LoraError(f"{name}.diff has shape {tuple(update.diff.shape)}, the weight {tuple(weight.shape)}")
+            delta += update.diff.to(weight.device, torch.float32)
+        out.append((weight_name, weight, delta))
+    if update.diff_b is not None:
+        bias = params.get(bias_name) if bias_name else None
+        if bias is None:
+            raise LoraError(f"{name}.diff_b given but {name} has no bias")
+        if update.diff_b.shape != bias.shape:
+            raise LoraError(f"{name}.diff_b has shape {tuple(update.diff_b.shape)}, the bias {tuple(bias.shape)}")
+        out.append((bias_name, bias, update.diff_b.to(bias.device, torch.float32)))
+    return out
+
+
+@torch.no_grad()
+def merge_lora(
+    model: nn.Module,
+    lora: str | Path | Mapping[str, torch.Tensor],
+    scale: float = 1.0,
+    *,
+    alpha: float | None = None,
+) -> list[str]:
+    """Add ``lora`` (file, PEFT folder or state dict) times ``scale`` into ``model``'s weights.
+
+    Checks the whole LoRA first (unknown keys, shapes) and changes nothing if any check fails.
+    Several merges stack; ``unmerge_lora`` undoes them all. Returns the parameter names changed.
+    """
+    updates = read_lora(model, lora, alpha=alpha)
+    planned = [t for name, update in updates.items() for t in _targets(model, name, update)]
+
+    originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
+    source = getattr(model, "checkpoint_source", None)
+    for param_name, param, delta in planned:
+        if param_name not in originals:
+            # Loaded models re-read their originals from the file; others keep an exact CPU copy.
+            originals[param_name] = None if source is not None else param.detach().to("cpu", copy=True)
+        param.copy_((param.float() + scale * delta).to(param.dtype))
+    model._lora_originals = originals
+    model._lora_merged = [*getattr(model, "_lora_merged", []), (str(lora) if not isinstance(lora, Mapping) else "<state dict>", scale)]
+    return [name for name, _, _ in planned]
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Restore every parameter any merged LoRA touched to its exact original value; returns their names."""
+    originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
+    params = dict(model.named_parameters())
+    source = getattr(model, "checkpoint_source", None)
+    for name, original in originals.items():
+        param = params[name]
+        if original is None:
+            original = source.read(name, param.device)
+        param.copy_(original)
+    model._lora_originals = {}
+    model._lora_merged = []
+    return list(originals)
+
+
+def merged_loras(model: nn.Module) -> list[tuple[str, float]]:
+    """The LoRAs currently merged into ``model``, as (source, scale), in merge order."""
+    return list(getattr(model, "_lora_merged", []))
