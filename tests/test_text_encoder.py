@@ -1,0 +1,121 @@
+"""Text encoder: official .pth and HF folder layouts, zero padding, direct UMT5 peer check, FSDP on gloo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wan_model.pipeline.model_dir import detect_model_dir
+from wan_model.pipeline.text_encoder import (
+    OFFICIAL_T5_FILE, TextEncoder, clean_prompt, hf_t5_to_official, official_t5_to_hf, umt5_config_from_official,
+)
+from wan_model.pipeline.tiny import build_tiny_model_dir
+
+from _dist import run_ranks
+
+PROMPTS = ["a cat walks on the grass", "A red car drives down a rainy street at night, neon lights.", ""]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t5")
+    return {layout: detect_model_dir(build_tiny_model_dir(root / layout, "tiny-t2v", layout, seed=3))
+            for layout in ("official", "diffusers")}
+
+
+def _load(files, **kw):
+    return TextEncoder.load(files.text_encoder, files.tokenizer, dtype=torch.float32, **kw)
+
+
+def test_official_and_hf_layouts_give_identical_embeddings(tiny_dirs):
+    official = _load(tiny_dirs["official"])
+    hf = _load(tiny_dirs["diffusers"])
+    assert tiny_dirs["official"].text_encoder.name == OFFICIAL_T5_FILE
+    assert tiny_dirs["diffusers"].text_encoder.is_dir()
+    a, b = official.encode(PROMPTS), hf.encode(PROMPTS)
+    assert a.shape == (3, 512, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert a.abs().sum() > 0
+
+
+def test_padding_is_zero_and_real_tokens_match_umt5_on_the_prompt_alone(tiny_dirs):
+    enc = _load(tiny_dirs["diffusers"])
+    out, lengths = enc.encode_with_lengths(PROMPTS)
+    for b, prompt in enumerate(PROMPTS):
+        ids = enc.tokenizer(clean_prompt(prompt), return_tensors="pt").input_ids  # with the end token
+        n = ids.shape[1]
+        assert lengths[b] == n
+        assert ids[0, -1] == enc.tokenizer.eos_token_id
+        direct = enc.model(input_ids=ids).last_hidden_state[0]
+        torch.testing.assert_close(out[b, :n], direct, rtol=1e-5, atol=1e-5)
+        assert torch.all(out[b, n:] == 0)
+        assert torch.all(out[b, :n].abs().sum(-1) > 0)
+    # The empty prompt still has its end token.
+    assert lengths[2] == 1
+
+
+def test_bf16_default_and_cpu_placement(tiny_dirs):
+    enc = TextEncoder.load(tiny_dirs["official"].text_encoder, tiny_dirs["official"].tokenizer, placement="cpu")
+    out = enc.encode(PROMPTS[:1])
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 512, 32)
+    assert enc.compute_device.type == "cpu"
+
+
+def test_long_prompt_is_truncated_to_text_len(tiny_dirs):
+    enc = _load(tiny_dirs["diffusers"], text_len=16)
+    out, lengths = enc.encode_with_lengths(["the quick brown fox jumps over the lazy dog " * 20])
+    assert out.shape == (1, 16, 32) and lengths.tolist() == [16]
+
+
+def test_key_mapping_round_trip_and_official_names(tiny_dirs):
+    state = torch.load(tiny_dirs["official"].text_encoder, weights_only=True)
+    # Names of official wan/modules/t5.py (T5Encoder with shared_pos=False).
+    for key in ["token_embedding.weight", "norm.weight", "blocks.1.attn.q.weight", "blocks.1.attn.o.weight",
+                "blocks.0.pos_embedding.embedding.weight", "blocks.0.ffn.gate.0.weight", "blocks.0.ffn.fc1.weight",
+                "blocks.0.ffn.fc2.weight", "blocks.0.norm1.weight", "blocks.0.norm2.weight"]:
+        assert key in state, key
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert hf_t5_to_official(official_t5_to_hf(state)).keys() == state.keys()
+    config = umt5_config_from_official(state)
+    assert (config.d_model, config.num_layers, config.num_heads, config.d_kv) == (32, 2, 4, 8)
+
+
+def test_bad_inputs_are_named(tiny_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        TextEncoder.load(tmp_path / "nope.pth", tiny_dirs["official"].tokenizer)
+    with pytest.raises(ValueError, match="placement"):
+        TextEncoder.load(tiny_dirs["official"].text_encoder, tiny_dirs["official"].tokenizer, placement="gpu")
+    enc = _load(tiny_dirs["official"])
+    with pytest.raises(TypeError):
+        enc.encode("not a list")
+    with pytest.raises(ValueError):
+        enc.encode([])
+    bad = tmp_path / "bad.pth"
+    torch.save({"something.weight": torch.zeros(2)}, bad)
+    with pytest.raises(ValueError, match="token_embedding"):
+        TextEncoder.load(bad, tiny_dirs["official"].tokenizer)
+
+
+def _encode_on_rank(rank, world, checkpoint, tokenizer, placement, prompts):
+    enc = TextEncoder.load(checkpoint, tokenizer, dtype=torch.float32, placement=placement)
+    if placement == "fsdp":
+        from torch.distributed.tensor import DTensor
+
+        weight = enc.model.encoder.block[0].layer[0].SelfAttention.q.weight
+        assert isinstance(weight, DTensor), type(weight)
+        assert weight.to_local().shape[0] * world == weight.shape[0]  # each rank holds a shard
+    return enc.encode(prompts).numpy()  # numpy pickles by value (tensors would need the rank alive)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_gloo_ranks_equals_replicated(tiny_dirs):
+    files = tiny_dirs["official"]
+    args = (str(files.text_encoder), str(files.tokenizer))
+    fsdp = run_ranks(_encode_on_rank, 2, *args, "fsdp", PROMPTS, timeout=120)
+    replicated = _load(files).encode(PROMPTS)
+    fsdp = [torch.from_numpy(out) for out in fsdp]
+    for out in fsdp:
+        torch.testing.assert_close(out, replicated, rtol=1e-5, atol=1e-5)
+    lengths = _load(files).encode_with_lengths(PROMPTS)[1]
+    for out in fsdp:
+        for b, n in enumerate(lengths.tolist()):
+            assert torch.all(out[b, n:] == 0)

@@ -1,0 +1,163 @@
+"""VAE: official .pth vs diffusers layout, strides, latent normalization as diffusers' Wan pipelines do it;
+CLIP image encoder: official .pth vs HF folder, penultimate-block features, Wan preprocessing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wan_model.pipeline.clip import (
+    CLIPImageEncoder, clip_config_from_official, hf_clip_to_official, official_clip_to_hf,
+)
+from wan_model.pipeline.model_dir import detect_model_dir
+from wan_model.pipeline.tiny import build_tiny_model_dir
+from wan_model.pipeline.vae import (
+    WanVAE, diffusers_vae_to_official_key, official_vae_to_diffusers_key, vae_config,
+)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    out = {}
+    for variant in ("tiny-t2v", "tiny-ti2v", "tiny-i2v"):
+        for layout in ("official", "diffusers"):
+            out[variant, layout] = detect_model_dir(build_tiny_model_dir(root / f"{variant}-{layout}", variant, layout))
+    return out
+
+
+def _video(frames, height, width, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, frames, height, width, generator=gen) * 2 - 1
+
+
+@pytest.mark.parametrize("variant,kind,stride,z", [("tiny-t2v", "wan2.1", (4, 8, 8), 16),
+                                                   ("tiny-ti2v", "wan2.2", (4, 16, 16), 48)])
+def test_official_and_diffusers_layouts_agree_and_strides(dirs, variant, kind, stride, z):
+    official, diffusers = dirs[variant, "official"], dirs[variant, "diffusers"]
+    assert official.vae.is_file() and diffusers.vae.is_dir()
+    assert official.vae_kind == diffusers.vae_kind == kind
+    a = WanVAE.load(official.vae, kind=kind)
+    b = WanVAE.load(diffusers.vae)
+    assert a.stride == b.stride == stride and a.z_dim == b.z_dim == z
+    video = _video(5, 32, 32)
+    lat_a, lat_b = a.encode(video), b.encode(video)
+    assert lat_a.shape == (1, z, 2, 32 // stride[1], 32 // stride[2])
+    assert torch.equal(lat_a, lat_b)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, z, 3, 2, 2, generator=gen)
+    dec_a, dec_b = a.decode(latents), b.decode(latents)
+    assert dec_a.shape == (1, 3, 9, 2 * stride[1], 2 * stride[2])
+    assert torch.equal(dec_a, dec_b)
+    assert dec_a.min() >= -1 and dec_a.max() <= 1 and dec_a.std() > 0
+
+
+def test_normalization_matches_diffusers_wan_pipeline_convention(dirs):
+    vae = WanVAE.load(dirs["tiny-t2v", "diffusers"].vae)
+    model = vae.model
+    mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1)
+    assert not torch.allclose(mean, torch.zeros_like(mean))  # the test means something
+    video = _video(5, 16, 16, seed=2)
+    # WanImageToVideoPipeline.prepare_latents: (argmax latents - mean) * (1 / std).
+    raw = model.encode(video).latent_dist.mode()
+    torch.testing.assert_close(vae.encode(video), (raw - mean) * (1.0 / std))
+    # WanPipeline.__call__ before decode: latents / (1 / std) + mean.
+    latents = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    expected = model.decode(latents / (1.0 / std) + mean, return_dict=False)[0]
+    torch.testing.assert_close(vae.decode(latents), expected)
+
+
+def test_tiled_decode_runs_and_shapes(dirs):
+    vae = WanVAE.load(dirs["tiny-t2v", "official"].vae)
+    latents = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    plain = vae.decode(latents)
+    vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                      tile_sample_stride_width=24)
+    tiled = vae.decode(latents)
+    vae.disable_tiling()
+    assert tiled.shape == plain.shape == (1, 3, 5, 64, 64)
+
+
+def test_bad_shapes_are_named(dirs):
+    vae = WanVAE.load(dirs["tiny-t2v", "official"].vae)
+    with pytest.raises(ValueError, match="4n\\+1"):
+        vae.encode(_video(4, 16, 16))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode(_video(5, 12, 16))
+    with pytest.raises(ValueError, match="latents must be"):
+        vae.decode(torch.zeros(1, 48, 1, 2, 2))
+    with pytest.raises(ValueError, match="wan2.1 VAE, not wan2.2"):
+        WanVAE.load(dirs["tiny-t2v", "official"].vae, kind="wan2.2")
+
+
+@pytest.mark.parametrize("kind", ["wan2.1", "wan2.2"])
+def test_release_key_names(kind):
+    """The real-size config maps to the release names (facts of diffusers' convert_wan_to_diffusers.py)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**vae_config(kind))
+    keys = list(model.state_dict())
+    official = {diffusers_vae_to_official_key(k, kind) for k in keys}
+    assert len(official) == len(keys)
+    assert all(official_vae_to_diffusers_key(diffusers_vae_to_official_key(k, kind), kind) == k for k in keys)
+    common = ["conv1.weight", "conv2.bias", "encoder.conv1.weight", "decoder.conv1.weight", "encoder.head.0.gamma",
+              "decoder.head.2.weight", "encoder.middle.0.residual.0.gamma", "decoder.middle.1.to_qkv.weight",
+              "decoder.middle.2.residual.6.weight"]
+    if kind == "wan2.1":
+        expected = common + ["encoder.downsamples.0.residual.2.weight", "encoder.downsamples.2.resample.1.weight",
+                             "encoder.downsamples.5.time_conv.weight", "decoder.upsamples.3.time_conv.weight",
+                             "decoder.upsamples.4.shortcut.weight", "decoder.upsamples.14.residual.6.bias"]
+    else:
+        expected = common + ["encoder.downsamples.0.downsamples.0.residual.2.weight",
+                             "encoder.downsamples.1.downsamples.2.time_conv.weight",
+                             "decoder.upsamples.0.upsamples.3.time_conv.weight",
+                             "decoder.upsamples.3.upsamples.2.residual.6.weight"]
+    missing = [k for k in expected if k not in official]
+    assert not missing, missing
+
+
+# ---- CLIP ---------------------------------------------------------------------------------------
+
+
+def test_clip_official_and_hf_layouts_agree_and_give_penultimate_states(dirs):
+    official, hf = dirs["tiny-i2v", "official"], dirs["tiny-i2v", "diffusers"]
+    a = CLIPImageEncoder.load(official.clip)
+    b = CLIPImageEncoder.load(hf.clip)
+    images = torch.rand(2, 3, 48, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    fa, fb = a.encode(images), b.encode(images)
+    assert fa.shape == (2, 257, 32)  # 1 + (224/14)^2 tokens, width = tiny-i2v image_dim
+    torch.testing.assert_close(fa, fb, rtol=0, atol=0)
+    # Penultimate block = run all layers but the last on the pre-normed embeddings, no final norm.
+    model = b.model
+    vision = getattr(model, "vision_model", model)
+    x = vision.pre_layrnorm(vision.embeddings(b.preprocess(images)))
+    for layer in vision.encoder.layers[:-1]:
+        out = layer(x, None)
+        x = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple, 5 a tensor
+    torch.testing.assert_close(fa, x, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_preprocessing_is_wan_resize_and_normalize(dirs):
+    enc = CLIPImageEncoder.load(dirs["tiny-i2v", "official"].clip)
+    white = torch.ones(1, 3, 40, 60)
+    pixels = enc.preprocess(white)
+    assert pixels.shape == (1, 3, 224, 224)
+    expected = (1.0 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(pixels[0, :, 100, 100], expected)
+
+
+def test_clip_key_names_round_trip(dirs):
+    state = torch.load(dirs["tiny-i2v", "official"].clip, weights_only=True)
+    for key in ["visual.patch_embedding.weight", "visual.cls_embedding", "visual.pos_embedding",
+                "visual.pre_norm.weight", "visual.transformer.0.attn.to_qkv.weight", "visual.transformer.2.mlp.2.bias",
+                "visual.post_norm.bias"]:
+        assert key in state, key
+    assert state["visual.cls_embedding"].shape == (1, 1, 32) and state["visual.pos_embedding"].shape == (1, 257, 32)
+    hf = official_clip_to_hf(state)
+    back = hf_clip_to_official(hf)
+    assert back.keys() == {k for k in state if k.startswith("visual.")}
+    assert all(torch.equal(back[k], state[k]) for k in back)
+    config = clip_config_from_official(state)
+    assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.patch_size) == (32, 3, 224, 14)
