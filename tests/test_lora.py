@@ -187,3 +187,32 @@ def test_transposed_factors_are_rejected() -> None:
     down, up = _factors(128, 64, 13)  # right for ffn.0 [128, 64], transposed for ffn.2 [64, 128]
     with pytest.raises(LoraError, match=r"blocks\.0\.ffn\.2.*\(128, 64\) update for a \(64, 128\) weight"):
         merge_lora(model, {"blocks.0.ffn.2.lora_down.weight": down, "blocks.0.ffn.2.lora_up.weight": up})
+
+
+def test_official_lora_equals_its_diffusers_conversion() -> None:
+    """Peer check of the two formats: diffusers' own converter turns an official (lightx2v-style) LoRA into
+    PEFT keys (alpha folded into the factors, diff_b -> lora_B.bias); merging either gives the same weights."""
+    conversion = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+    model = _model("tiny-i2v")
+    gen = torch.Generator().manual_seed(14)
+    lora: dict[str, torch.Tensor] = {}
+    shapes = {"self_attn.q": (64, 64), "self_attn.k": (64, 64), "self_attn.v": (64, 64), "self_attn.o": (64, 64),
+              "cross_attn.q": (64, 64), "cross_attn.k": (64, 64), "cross_attn.v": (64, 64), "cross_attn.o": (64, 64),
+              "cross_attn.k_img": (64, 64), "cross_attn.v_img": (64, 64), "ffn.0": (128, 64), "ffn.2": (64, 128)}
+    for block in range(2):
+        for module, (out_features, in_features) in shapes.items():
+            name = f"diffusion_model.blocks.{block}.{module}"
+            lora[f"{name}.lora_down.weight"] = torch.randn(RANK, in_features, generator=gen)
+            lora[f"{name}.lora_up.weight"] = torch.randn(out_features, RANK, generator=gen)
+            lora[f"{name}.alpha"] = torch.tensor(float(block + 2))
+            lora[f"{name}.diff_b"] = torch.randn(out_features, generator=gen)
+    # Clones: the converter scales some input tensors in place.
+    converted = conversion._convert_non_diffusers_wan_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
+    assert any(k.endswith("lora_B.bias") for k in converted) and not any("alpha" in k for k in converted)
+
+    merge_lora(model, lora, scale=0.8)
+    from_official = _snapshot(model)
+    unmerge_lora(model)
+    merge_lora(model, converted, scale=0.8)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, from_official[key], rtol=1e-5, atol=1e-5, msg=key)

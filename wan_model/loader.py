@@ -151,7 +151,7 @@ def config_from_json(data: Mapping, shapes: Mapping[str, tuple[int, ...]] | None
             freq_dim=int(data.get("freq_dim", 256)),
             patch_size=tuple(data.get("patch_size", (1, 2, 2))),
             eps=float(data.get("eps", 1e-6)),
-            qk_norm=data.get("qk_norm", "rms_norm_across_heads") is not None and data.get("qk_norm") is not False,
+            qk_norm=data.get("qk_norm", "rms_norm_across_heads") not in (None, False),
             cross_attn_norm=bool(data.get("cross_attn_norm", True)),
             image_dim=int(image_dim) if image_dim is not None else None,
         )

@@ -7,7 +7,7 @@ Formats read (one ``.safetensors`` file, or a PEFT folder with ``adapter_config.
   lightx2v uses for norms, biases and modulation tables (a ``.diff`` on a parameter such as
   ``blocks.N.modulation`` applies to that parameter);
 * diffusers / PEFT: ``<module>.lora_A.weight``, ``<module>.lora_B.weight`` (``lora_A.default.weight``
-  too); alpha from ``adapter_config.json`` (``lora_alpha``/``r``) when given, else alpha = rank.
+  too), ``<module>.lora_B.bias`` (PEFT ``lora_bias``, scaled like the product); alpha from ``adapter_config.json`` (``lora_alpha``/``r``) when given, else alpha = rank.
 
 ``<module>`` may use official or diffusers names, with an optional prefix (``diffusion_model.``,
 ``model.diffusion_model.``, ``transformer.``, ``base_model.model.``) or kohya's underscore style
@@ -42,6 +42,7 @@ _SUFFIXES = {
     ".lora_B.weight": "up",
     ".lora_A.default.weight": "down",
     ".lora_B.default.weight": "up",
+    ".lora_B.bias": "up_bias",  # PEFT lora_bias (diffusers converts lightx2v diff_b to it)
     ".alpha": "alpha",
     ".diff": "diff",
     ".diff_b": "diff_b",
@@ -61,6 +62,7 @@ class LoraUpdate:
     alpha: float | None = None
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
 
 
@@ -144,7 +146,7 @@ def read_lora(
         shown = ", ".join(unknown[:8]) + (", ..." if len(unknown) > 8 else "")
         raise LoraError(f"{len(unknown)} LoRA key(s) match no parameter of the model: {shown}")
     for target, update in updates.items():
-        if (update.down is None) != (update.up is None):
+        if (update.down is None) != (update.up is None) or (update.up_bias is not None and update.up is None):
             raise LoraError(f"LoRA for {target} has only one of down/up (A/B): {update.keys}")
         if update.down is not None:
             if update.down.shape[0] != update.up.shape[1]:
@@ -163,13 +165,15 @@ def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[tuple[str,
     """(parameter name, parameter, float32 delta before ``scale``) for one module's update."""
     params = dict(model.named_parameters())
     if name in params:  # a bare parameter such as blocks.N.modulation: only full deltas make sense
-        if update.down is not None or update.diff_b is not None:
+        if update.down is not None or update.diff_b is not None or update.up_bias is not None:
             raise LoraError(f"{name} is a parameter, not a layer: only .diff applies to it ({update.keys})")
         weight_name, bias_name = name, None
     else:
         weight_name, bias_name = f"{name}.weight", f"{name}.bias"
     out = []
     weight = params.get(weight_name)
+    rank = update.down.shape[0] if update.down is not None else 1
+    lora_factor = (update.alpha if update.alpha is not None else rank) / rank  # alpha / rank, alpha defaults to rank
     if update.down is not None or update.diff is not None:
         if weight is None:
             raise LoraError(f"LoRA targets {name}, which has no weight ({update.keys})")
@@ -177,24 +181,30 @@ def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[tuple[str,
         if update.down is not None:
             down = update.down.to(weight.device, torch.float32).flatten(1)
             up = update.up.to(weight.device, torch.float32).flatten(1)
-            rank = down.shape[0]
             product = up @ down
             if product.shape != (weight.shape[0], weight[0].numel()):
                 raise LoraError(f"LoRA for {name} gives a {tuple(product.shape)} update for a {tuple(weight.shape)} weight")
-            alpha = update.alpha if update.alpha is not None else rank
-            delta += (alpha / rank) * product.reshape(weight.shape)
+            delta += lora_factor * product.reshape(weight.shape)
         if update.diff is not None:
             if update.diff.shape != weight.shape:
                 raise LoraError(f"{name}.diff has shape {tuple(update.diff.shape)}, the weight {tuple(weight.shape)}")
             delta += update.diff.to(weight.device, torch.float32)
         out.append((weight_name, weight, delta))
-    if update.diff_b is not None:
+    if update.diff_b is not None or update.up_bias is not None:
         bias = params.get(bias_name) if bias_name else None
         if bias is None:
-            raise LoraError(f"{name}.diff_b given but {name} has no bias")
-        if update.diff_b.shape != bias.shape:
-            raise LoraError(f"{name}.diff_b has shape {tuple(update.diff_b.shape)}, the bias {tuple(bias.shape)}")
-        out.append((bias_name, bias, update.diff_b.to(bias.device, torch.float32)))
+            raise LoraError(f"a bias delta is given for {name}, which has no bias ({update.keys})")
+        delta = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        for label, value, factor in (
+            ("diff_b", update.diff_b, 1.0),
+            ("lora_B.bias", update.up_bias, lora_factor),
+        ):
+            if value is None:
+                continue
+            if value.shape != bias.shape:
+                raise LoraError(f"{name}.{label} has shape {tuple(value.shape)}, the bias {tuple(bias.shape)}")
+            delta += factor * value.to(bias.device, torch.float32)
+        out.append((bias_name, bias, delta))
     return out
 
 
