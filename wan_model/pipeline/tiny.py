@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from wan_model.config import get_variant
+from wan_model.config import VARIANTS, get_variant
 
 from .clip import OFFICIAL_CLIP_FILE, save_official_clip
 from .model_dir import OFFICIAL_CLIP_TOKENIZER_DIR, OFFICIAL_EXPERT_DIRS, OFFICIAL_TOKENIZER_DIR, DIFFUSERS_EXPERT_DIRS
@@ -223,7 +223,7 @@ def build_tiny_model_dir(path: str | Path | None = None, variant: str = "tiny-t2
     ``variant``: one of tiny-t2v, tiny-i2v, tiny-a14b, tiny-ti2v ("t2v" etc. accepted too).
     ``path`` None: ``~/.cache/wanserve/<variant>-<layout>``.
     """
-    if not variant.startswith("tiny-"):
+    if variant not in VARIANTS and f"tiny-{variant}" in VARIANTS:
         variant = f"tiny-{variant}"
     spec = get_variant(variant)
     if not spec.tiny:
