@@ -178,3 +178,14 @@ def test_missing_shard_and_empty_folder_are_named(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no diffusion_pytorch_model"):
         load_transformer(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_load_straight_to_cuda_in_bf16(tmp_path) -> None:
+    model = _random_model("tiny-t2v")
+    save_transformer(model, tmp_path, layout="diffusers", max_shard_bytes=100_000)
+    on_gpu = load_transformer(tmp_path, device="cuda", dtype=torch.bfloat16)
+    on_cpu = load_transformer(tmp_path, dtype=torch.bfloat16)
+    for key, value in on_gpu.state_dict().items():
+        assert value.is_cuda and value.dtype == torch.bfloat16, key
+        assert torch.equal(value.cpu(), on_cpu.state_dict()[key]), key

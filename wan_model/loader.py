@@ -331,7 +331,10 @@ def load_transformer(
     for name, (file, key, _) in entries.items():
         by_file.setdefault(file, []).append((name, key))
     # safetensors can read straight onto a CUDA device; other devices go through (mmapped) host memory.
-    read_device = str(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        read_device = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    else:
+        read_device = "cpu"
     for file, names in by_file.items():
         with _open(file, read_device) as handle:
             for name, key in names:
