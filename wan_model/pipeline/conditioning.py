@@ -1,0 +1,90 @@
+"""Image-to-video conditioning, as the official pipelines build it.
+
+* Wan2.1 I2V-14B / Wan2.2 I2V-A14B (``wan/image2video.py``): ``y = [frame mask (4 channels);
+  VAE latent of (image, then zero frames)]`` concatenated to the noisy latents on channels;
+  Wan2.1 also feeds CLIP features of the image to the transformer's image branch.
+* Wan2.2 TI2V-5B (``wan/textimage2video.py``): the first latent frame *is* the image latent,
+  held fixed, with timestep 0 on its tokens (see ``denoise.FirstFrameLock``).
+
+The image is resized to cover the requested size and center-cropped (aspect ratio kept).
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import torch
+
+from .denoise import FirstFrameLock
+
+
+def decode_image(data: bytes):
+    """Encoded PNG/JPEG/... bytes -> RGB ``PIL.Image``; raises ``ValueError`` naming the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("the image is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot decode the image ({exc})") from None
+    return image.convert("RGB")
+
+
+def image_to_tensor(image, width: int, height: int) -> torch.Tensor:
+    """Resize to cover ``width`` x ``height``, center-crop, scale to [-1, 1]: ``[3, H, W]`` float32."""
+    from PIL import Image
+    import numpy as np
+
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    cropped = resized.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32).copy())  # [H, W, 3] in 0..255
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def first_frame_mask(num_frames: int, lat_h: int, lat_w: int, temporal_stride: int = 4) -> torch.Tensor:
+    """The official 4-channel frame mask ``[4, F_lat, lat_h, lat_w]``: 1 where a frame is given.
+
+    One mask value per video frame (only frame 0 is given); the first frame is repeated
+    ``temporal_stride`` times so the ``1 + 4k`` frames fold into ``F_lat`` groups of 4.
+    """
+    mask = torch.ones(1, num_frames, lat_h, lat_w)
+    mask[:, 1:] = 0
+    mask = torch.cat([mask[:, :1].repeat_interleave(temporal_stride, dim=1), mask[:, 1:]], dim=1)
+    mask = mask.view(1, mask.shape[1] // temporal_stride, temporal_stride, lat_h, lat_w)
+    return mask.transpose(1, 2)[0]
+
+
+def i2v_condition(
+    image: torch.Tensor, num_frames: int, encode_video: Callable[[torch.Tensor], torch.Tensor],
+    vae_stride: tuple[int, int, int],
+) -> torch.Tensor:
+    """``y`` for the I2V transformers: ``[1, 4 + z, F_lat, lat_h, lat_w]``.
+
+    ``image`` is ``[3, H, W]`` in [-1, 1]; ``encode_video([1, 3, F, H, W]) -> [1, z, F_lat, h, w]``
+    is the VAE encoder (normalized latents).
+    """
+    _, height, width = image.shape
+    video = torch.zeros(1, 3, num_frames, height, width, dtype=image.dtype, device=image.device)
+    video[0, :, 0] = image
+    latent = encode_video(video)
+    lat_h, lat_w = height // vae_stride[1], width // vae_stride[2]
+    mask = first_frame_mask(num_frames, lat_h, lat_w, vae_stride[0]).to(latent.device, latent.dtype)
+    return torch.cat([mask.unsqueeze(0), latent], dim=1)
+
+
+def ti2v_lock(
+    image: torch.Tensor, latent_shape: tuple[int, ...], encode_video: Callable[[torch.Tensor], torch.Tensor],
+    patch_size: tuple[int, int, int],
+) -> FirstFrameLock:
+    """The TI2V first-frame lock for ``latents`` of ``latent_shape`` ``[1, C, F_lat, h, w]``."""
+    image_latent = encode_video(image[None, :, None])  # [1, C, 1, h, w]
+    if tuple(image_latent.shape[-2:]) != tuple(latent_shape[-2:]) or image_latent.shape[1] != latent_shape[1]:
+        raise ValueError(f"image latent {tuple(image_latent.shape)} does not fit latents {tuple(latent_shape)}")
+    mask = torch.ones(latent_shape, dtype=torch.float32, device=image_latent.device)
+    mask[:, :, 0] = 0
+    return FirstFrameLock(image_latent=image_latent.float(), mask=mask, patch_size=patch_size)

@@ -1,0 +1,373 @@
+"""The ``Generator``: built once per rank, it turns a ``GenerationRequest`` into an MP4.
+
+SPMD over one process group: every rank builds a ``Generator`` with the same config and calls
+``generate`` with the same request; the ranks split each sequence (Ulysses x Ring) and/or the
+two CFG branches, rank 0 decodes and writes the files. See ``docs/DESIGN.md``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from wan_model.config import VariantSpec
+
+from .denoise import Branch, CfgSplit, ExpertPlan, FirstFrameLock, broadcast_cancel, denoise
+from .request import GenerationRequest, GenerationResult, JobCancelled, Progress, ProgressCallback
+from .schedulers import make_sampler
+from .validation import ResolvedJob, resolve_request
+from .video import frames_to_uint8, write_mp4, write_png
+
+# Official ``sample_neg_prompt`` (wan/configs/shared_config.py), used when the request gives none.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class GeneratorConfig:
+    """How one rank builds its generator. Every rank of a group must use the same config."""
+
+    model: str = "tiny"  # a model folder, or "tiny" / "tiny-<variant>" (random weights: noise videos)
+    variant: Optional[str] = None  # override the variant detected from the folder
+    device: str = "auto"  # "auto" (this rank's CUDA device, else CPU), "cuda", "cuda:N", "cpu"
+    dtype: str = "auto"  # transformer dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", ...
+    parallel: str = "auto"  # "auto": CFG-parallel on even worlds, then the largest Ulysses; "manual": below
+    ulysses: Optional[int] = None
+    ring: Optional[int] = None
+    cfg_parallel: Optional[bool] = None
+    fsdp: bool = False  # shard transformer weights over all ranks (FSDP2)
+    offload: bool = False  # keep idle models (the other A14B expert, the VAE) on the CPU
+    # T5 placement: "replicated" (on every rank's device), "fsdp" (sharded over the ranks) or "cpu"
+    # (saves ~11 GB of GPU memory per rank for UMT5-XXL, costs a few seconds per prompt).
+    text_encoder: str = "replicated"
+    memory_fraction: Optional[float] = None  # cap this process's CUDA memory (0, 1]
+    attention: str = "auto"  # attention kernel: auto, cudnn, flash, cpu, math (see wan_model.parallel)
+    cache_dir: Optional[str] = None  # where "tiny" model folders are built (default ~/.cache/wanserve)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GeneratorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown generator settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}") from None
+
+
+class Generator:
+    """One rank's share of the pipeline: weights loaded once, ``generate`` per job."""
+
+    def __init__(self, config: GeneratorConfig):
+        from .components import load_components
+        from .layout import setup_layout
+
+        self.config = config
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        if config.memory_fraction is not None:
+            if not 0 < config.memory_fraction <= 1:
+                raise ValueError(f"memory_fraction must be in (0, 1], got {config.memory_fraction}")
+            if self.device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(config.memory_fraction, self.device)
+        if config.fsdp and config.offload:
+            raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
+        if config.fsdp and not self.distributed:
+            raise ValueError("fsdp needs several ranks in an initialized process group")
+
+        load_start = time.perf_counter()
+        self.parts = load_components(config, self.device, self.dtype, rank=self.rank)
+        self.variant: VariantSpec = self.parts.variant
+        self.layout = setup_layout(config, self.variant, self.world_size, self.distributed)
+        for model in self.parts.experts.values():
+            model.set_parallel(self.layout.sharding, self.layout.attention)
+        if config.fsdp:
+            from .fsdp import shard_transformer
+
+            for model in self.parts.experts.values():
+                shard_transformer(model, self.device)
+        self.load_s = time.perf_counter() - load_start
+        self._lora: Optional[tuple[str, float]] = None
+        # The last job's final latents (float32, CPU, every rank) and decoded frames (uint8, rank 0).
+        self.last_latents: Optional[torch.Tensor] = None
+        self.last_frames = None
+
+    # --- the job -------------------------------------------------------------------------------
+
+    def layout_string(self) -> str:
+        lay = self.layout
+        return (f"world={self.world_size} cfg={lay.cfg_parallel} ulysses={lay.ulysses} ring={lay.ring} "
+                f"fsdp={'on' if self.config.fsdp else 'off'} offload={'on' if self.config.offload else 'off'} "
+                f"attention={lay.attention_name()} dtype={str(self.dtype).replace('torch.', '')} "
+                f"device={self.device.type}")
+
+    def validate(self, request: GenerationRequest) -> ResolvedJob:
+        """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""
+        return resolve_request(request, self.variant)
+
+    def generate(self, request: GenerationRequest,
+                 progress_callback: Optional[ProgressCallback] = None) -> Optional[GenerationResult]:
+        """Run one job on every rank; rank 0 writes ``video.mp4`` + ``preview.png`` and returns the result."""
+        job = self.validate(request)
+        total_start = time.perf_counter()
+        timings: dict = {}
+
+        def report(progress: Progress) -> bool:
+            wish = progress_callback(progress) if progress_callback is not None else None
+            return broadcast_cancel(bool(wish) and self.rank == 0, self.device)
+
+        def stage(name: str) -> None:
+            if report(Progress(stage=name, elapsed_s=time.perf_counter() - total_start)):
+                raise JobCancelled(f"cancelled before {name}")
+
+        try:
+            self._apply_lora(job.lora, job.lora_scale)
+            stage("text_encode")
+            start = time.perf_counter()
+            cond, uncond = self._encode_text(job)
+            self._sync()
+            timings["text_encode"] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            latent_shape = job.latent_shape(self.variant)
+            lock = self._condition_on_image(job, cond, uncond, latent_shape)
+            timings["image_encode"] = time.perf_counter() - start
+
+            # The noise depends on the seed only: the same on every rank, whatever the layout.
+            noise_gen = torch.Generator(device="cpu").manual_seed(job.seed)
+            latents = torch.randn(latent_shape, generator=noise_gen, dtype=torch.float32).to(self.device)
+
+            stage("denoise")
+            start = time.perf_counter()
+            plan = ExpertPlan(names=self.variant.experts, guidance=job.guidance, boundary=self.variant.boundary)
+            outcome = denoise(
+                get_model=self._expert, plan=plan, sampler=make_sampler(job.sampler, job.steps, job.shift),
+                latents=latents, cond=cond, uncond=uncond, cfg=self.layout.cfg_split, dtype=self.dtype,
+                progress=report, lock=lock,
+            )
+            self._sync()
+            timings["denoise"] = time.perf_counter() - start
+            timings["step_s"] = outcome.step_s
+            self.last_latents = outcome.latents.detach().float().cpu()
+        finally:
+            self._park_experts()
+
+        # Past the last step nothing can be cancelled any more: these reports are for display only.
+        def done(stage_name: str) -> Progress:
+            return Progress(stage=stage_name, step=job.steps, total_steps=job.steps,
+                            elapsed_s=time.perf_counter() - total_start)
+
+        report(done("decode"))
+        if self.rank != 0:
+            return None
+        start = time.perf_counter()
+        video = self._decode(outcome.latents)
+        timings["decode"] = time.perf_counter() - start
+        if progress_callback is not None:
+            progress_callback(done("encode"))
+        start = time.perf_counter()
+        frames = frames_to_uint8(video)
+        self.last_frames = frames
+        result = self._write(request, job, frames)
+        timings["encode"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - total_start
+        result.timings = timings
+        result.experts_per_step = list(outcome.experts_per_step) if self.variant.is_moe else []
+        result.layout = self.layout_string()
+        return result
+
+    # --- stages --------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _encode_text(self, job: ResolvedJob) -> tuple[Branch, Optional[Branch]]:
+        negative = job.negative_prompt if job.negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT
+        needs_uncond = any(scale != 1.0 for scale in job.guidance.values())
+        prompts = [job.prompt, negative] if needs_uncond else [job.prompt]
+        with torch.no_grad():
+            context = self.parts.text_encoder.encode(prompts).to(self.device)
+        cond = Branch(context=context[:1])
+        uncond = Branch(context=context[1:2]) if needs_uncond else None
+        return cond, uncond
+
+    def _vae_on_device(self):
+        """The VAE (rank 0 only) on the device; with offload it waits on the CPU between uses."""
+        vae = self.parts.vae
+        if self.config.offload:
+            vae.model.to(self.device)
+            vae.device = self.device
+        return vae
+
+    def _vae_park(self) -> None:
+        if self.config.offload:
+            self.parts.vae.model.to("cpu")
+            self.parts.vae.device = torch.device("cpu")
+
+    def _condition_on_image(self, job: ResolvedJob, cond: Branch, uncond: Optional[Branch],
+                            latent_shape: tuple[int, ...]) -> Optional[FirstFrameLock]:
+        """Fill ``y``/``clip_fea`` on the branches (I2V) or build the first-frame lock (TI2V)."""
+        if job.image is None:
+            return None
+        from .conditioning import i2v_condition, image_to_tensor, ti2v_lock
+
+        image = image_to_tensor(job.image, job.width, job.height).to(self.device)
+        lock = None
+        # Rank 0 encodes the image and broadcasts, so every rank conditions on identical latents.
+        with torch.no_grad():
+            if self.variant.task == "i2v":
+                if self.rank == 0:
+                    vae = self._vae_on_device()
+                    y = i2v_condition(image, job.num_frames, vae.encode, self.variant.vae_stride).float()
+                    self._vae_park()
+                else:
+                    y_shape = (1, 4 + latent_shape[1], *latent_shape[2:])
+                    y = torch.empty(y_shape, dtype=torch.float32, device=self.device)
+                y = self._broadcast(y)
+                clip_fea = None
+                if self.variant.uses_clip:
+                    clip_fea = self.parts.clip.encode(image.unsqueeze(0)).float()
+                for branch in (cond, uncond):
+                    if branch is not None:
+                        branch.y, branch.clip_fea = y, clip_fea
+            else:
+                if self.rank == 0:
+                    vae = self._vae_on_device()
+                    lock = ti2v_lock(image, latent_shape, vae.encode, self.variant.transformer.patch_size)
+                    image_latent = lock.image_latent
+                    self._vae_park()
+                else:
+                    image_latent = torch.empty((*latent_shape[:2], 1, *latent_shape[3:]), device=self.device)
+                image_latent = self._broadcast(image_latent.float())
+                mask = torch.ones(latent_shape, dtype=torch.float32, device=self.device)
+                mask[:, :, 0] = 0
+                lock = FirstFrameLock(image_latent=image_latent, mask=mask,
+                                      patch_size=self.variant.transformer.patch_size)
+        return lock
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed and self.world_size > 1:
+            tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def _expert(self, name: str) -> torch.nn.Module:
+        """The expert ``name`` on the device; with offload, the other experts go back to the CPU."""
+        experts = self.parts.experts
+        if self.config.offload:
+            for other, model in experts.items():
+                if other != name:
+                    model.to("cpu")
+            experts[name].to(self.device)
+        return experts[name]
+
+    def _park_experts(self) -> None:
+        if self.config.offload:
+            for model in self.parts.experts.values():
+                model.to("cpu")
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._vae_on_device()
+        with torch.no_grad():
+            video = vae.decode(latents)[0].float()  # [3, F, H, W] in [-1, 1]
+        self._vae_park()
+        return video
+
+    def _write(self, request: GenerationRequest, job: ResolvedJob, frames) -> GenerationResult:
+        os.makedirs(request.output_dir, exist_ok=True)
+        video_path = write_mp4(frames, os.path.join(request.output_dir, "video.mp4"), self.variant.fps)
+        preview_path = write_png(frames[0], os.path.join(request.output_dir, "preview.png"))
+        return GenerationResult(
+            video_path=video_path, preview_path=preview_path, width=frames.shape[2], height=frames.shape[1],
+            num_frames=frames.shape[0], fps=self.variant.fps, seed=job.seed,
+        )
+
+    # --- LoRA ----------------------------------------------------------------------------------
+
+    def _apply_lora(self, path: Optional[str], scale: float) -> None:
+        """Keep the merged LoRA cached by (path, scale): merge on change, unmerge when dropped."""
+        wanted = (os.path.abspath(path), scale) if path else None
+        if wanted == self._lora:
+            return
+        from wan_model.lora import merge_lora, unmerge_lora
+
+        if self.config.fsdp and wanted is not None:
+            raise ValueError("LoRA merging is not supported together with fsdp (weights are sharded)")
+        if self._lora is not None:
+            for model in self.parts.experts.values():
+                unmerge_lora(model)
+            self._lora = None
+        if wanted is not None:
+            for name, file in _lora_files(wanted[0], self.variant).items():
+                merge_lora(self.parts.experts[name], file, scale)
+            self._lora = wanted
+
+
+def _lora_files(path: str, variant: VariantSpec) -> dict[str, str]:
+    """expert -> LoRA file. A file applies to every expert; a folder holds one file per A14B expert
+    (its name contains the expert name, e.g. ``high_noise_model.safetensors``)."""
+    if os.path.isfile(path):
+        return {name: path for name in variant.experts}
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".pt", ".pth", ".bin")))
+    if not variant.is_moe:
+        if len(files) != 1:
+            raise ValueError(f"LoRA folder {path} must hold exactly one weights file for {variant.name}, has {files}")
+        return {variant.experts[0]: os.path.join(path, files[0])}
+    chosen = {}
+    for name in variant.experts:
+        matches = [f for f in files if name in f]
+        if len(matches) != 1:
+            raise ValueError(f"LoRA folder {path}: expected one file naming expert {name!r}, found {matches}")
+        chosen[name] = os.path.join(path, matches[0])
+    return chosen
+
+
+def build_generator(config: dict, rank: int, world_size: int) -> Generator:
+    """The service's factory: ``config`` is a ``GeneratorConfig`` as a dict.
+
+    The caller has initialized the process group when ``world_size > 1``; with one rank and no
+    group, the generator runs without one.
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    if world_size > 1 and not initialized:
+        raise RuntimeError(f"world_size {world_size} needs an initialized process group before build_generator")
+    if initialized and (dist.get_rank() != rank or dist.get_world_size() != world_size):
+        raise RuntimeError(f"build_generator(rank={rank}, world_size={world_size}) does not match the process "
+                           f"group (rank {dist.get_rank()} of {dist.get_world_size()})")
+    return Generator(GeneratorConfig.from_dict(dict(config)))

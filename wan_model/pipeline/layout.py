@@ -1,0 +1,79 @@
+"""How this rank takes part in a job: its sequence sharding, attention backend and CFG half."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wan_model.attention import AttentionBackend, LocalAttention
+from wan_model.config import VariantSpec
+from wan_model.sequence import SequenceSharding
+
+from .denoise import CfgSplit
+
+
+@dataclass
+class Layout:
+    ulysses: int
+    ring: int
+    cfg_parallel: int
+    sharding: SequenceSharding
+    attention: AttentionBackend
+    cfg_split: CfgSplit
+    state: object = None  # wan_model.parallel.ParallelState, when distributed
+
+    def attention_name(self) -> str:
+        ran = getattr(self.attention, "kernel_name", None)  # the kernel that ran last, once known
+        if ran:
+            return ran
+        kernel = getattr(self.attention, "kernel", None)
+        return kernel if isinstance(kernel, str) else getattr(self.attention, "name", type(self.attention).__name__)
+
+
+def choose_degrees(config, variant: VariantSpec, world_size: int):
+    """The ``ParallelConfig`` for ``world_size`` ranks: explicit degrees, or auto.
+
+    Auto: CFG-parallel on an even world (the two branches need no communication but one
+    all-gather per step), then the largest Ulysses degree dividing the heads, the rest ring.
+    """
+    from wan_model.parallel import ParallelConfig, pick_parallel_degrees
+
+    heads = variant.transformer.num_heads
+    manual = config.ulysses is not None or config.ring is not None or config.cfg_parallel is not None
+    if config.parallel == "auto" and not manual:
+        return pick_parallel_degrees(world_size, heads, cfg_parallel=world_size > 1 and world_size % 2 == 0)
+    if config.parallel not in ("auto", "manual"):
+        raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
+    cfg = 2 if config.cfg_parallel else 1
+    if world_size % cfg:
+        raise ValueError(f"cfg_parallel needs an even number of ranks, got {world_size}")
+    sp_world = world_size // cfg
+    if config.ulysses is None and config.ring is None:
+        picked = pick_parallel_degrees(world_size, heads, cfg_parallel=cfg == 2)
+        ulysses, ring = picked.ulysses, picked.ring
+    else:
+        ulysses = config.ulysses or sp_world // (config.ring or 1)
+        ring = config.ring or sp_world // ulysses
+    degrees = ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg)
+    if degrees.world_size != world_size:
+        raise ValueError(f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {degrees.world_size} ranks, "
+                         f"but the world has {world_size}")
+    degrees.check_heads(heads)
+    return degrees
+
+
+def setup_layout(config, variant: VariantSpec, world_size: int, distributed: bool) -> Layout:
+    """Create the process groups (collective when distributed) and this rank's backends."""
+    if world_size == 1:
+        if (config.ulysses or 1) * (config.ring or 1) * (2 if config.cfg_parallel else 1) != 1:
+            raise ValueError("ulysses/ring/cfg_parallel degrees above 1 need more than one rank")
+        # One rank: plain SDPA (PyTorch picks flash/cuDNN/efficient itself); the layout string says so.
+        return Layout(1, 1, 1, SequenceSharding(), LocalAttention(), CfgSplit())
+    if not distributed:
+        raise RuntimeError(f"world size {world_size} needs an initialized process group")
+    from wan_model.parallel import setup_sequence_parallel
+
+    degrees = choose_degrees(config, variant, world_size)
+    state = setup_sequence_parallel(degrees)
+    cfg_split = CfgSplit(group=state.cfg_group, half=state.cfg_rank) if degrees.cfg_parallel > 1 else CfgSplit()
+    kernel = "auto" if config.attention == "sdpa" else config.attention
+    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, state.sharding(), state.attention(kernel=kernel),
+                  cfg_split, state)
