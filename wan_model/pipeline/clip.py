@@ -132,14 +132,23 @@ def _key_prefix(model: nn.Module) -> str:
 
 
 def load_clip_vision(path: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A ``CLIPVisionModel`` on CPU, eval mode, from the official ``.pth`` or an HF folder."""
+    """A ``CLIPVisionModel`` (or ``...WithProjection``) on CPU, eval mode, from the official ``.pth`` or an HF folder."""
     from transformers import CLIPVisionModel
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CLIP image encoder checkpoint not found: {path}")
     if path.is_dir():
-        model = CLIPVisionModel.from_pretrained(path, dtype=dtype)
+        import json
+
+        from transformers import CLIPVisionModelWithProjection
+
+        # diffusers' Wan I2V release stores CLIPVisionModelWithProjection; its projection is unused
+        # but loading the stored class keeps the load free of "unexpected key" reports.
+        config_file = path / "config.json"
+        architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
+        cls = CLIPVisionModelWithProjection if "CLIPVisionModelWithProjection" in architectures else CLIPVisionModel
+        model = cls.from_pretrained(path, dtype=dtype)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if "visual.patch_embedding.weight" not in state:

@@ -106,6 +106,17 @@ def _tiny_clip(width: int):
     return CLIPVisionModel(config).eval()
 
 
+def _with_projection(clip, seed: int):
+    """The same vision tower as ``CLIPVisionModelWithProjection``, the class diffusers' Wan I2V release stores."""
+    from transformers import CLIPVisionModelWithProjection
+
+    full = CLIPVisionModelWithProjection(clip.config).eval()
+    vision = getattr(clip, "vision_model", clip)
+    full.vision_model.load_state_dict(vision.state_dict(), strict=True)
+    _randomize(full.visual_projection, seed)
+    return full
+
+
 def _tiny_vae(kind: str):
     from diffusers import AutoencoderKLWan
 
@@ -167,7 +178,7 @@ def _write_components(root: Path, variant: str, layout: str, seed: int) -> None:
         if diffusers:
             from .clip import CLIP_MEAN, CLIP_STD
 
-            clip.save_pretrained(root / "image_encoder")
+            _with_projection(clip, seed * 1000 + 4).save_pretrained(root / "image_encoder")
             # Written by hand: CLIPImageProcessor itself wants torchvision, which this project does not need.
             (root / "image_processor").mkdir()
             (root / "image_processor" / "preprocessor_config.json").write_text(json.dumps({
@@ -199,7 +210,7 @@ def _write_diffusers_index(root: Path, spec) -> None:
         "tokenizer": ["transformers", "T5Tokenizer"],
         "vae": ["diffusers", "AutoencoderKLWan"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "image_encoder": ["transformers", "CLIPVisionModel"] if spec.uses_clip else none,
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"] if spec.uses_clip else none,
         "image_processor": ["transformers", "CLIPImageProcessor"] if spec.uses_clip else none,
         "boundary_ratio": spec.boundary,
         "expand_timesteps": spec.task == "ti2v",
