@@ -1,0 +1,35 @@
+"""``build_app``: the one builder of the Serve application (CLI, ``serve build``, ``serve deploy``).
+
+    serve run service.app:build_app gpus=2 model=/models/Wan2.1-T2V-1.3B
+    # or in a Serve config file: import_path: service.app:build_app, args: {config_file: wanserve.yaml}
+
+The application is three deployments composed by handles:
+``Ingress`` (HTTP, CPU) -> ``JobQueue`` (durable queue + dispatcher, one replica) -> ``EngineReplica``
+(one per model instance: a placement group of N ``GenerationWorker`` actors).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from service.config import ServiceSettings
+from service.dispatcher import JobQueueService
+from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
+from service.ingress import Ingress
+
+
+def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.Application:
+    settings = ServiceSettings.coerce(args)
+    settings.variant_spec  # fail here, not in a replica, on an unknown variant
+    settings.resolved_auth_token()  # and on an unreadable token file
+    plain = settings.to_args()
+    engine = serve.deployment(EngineReplica).options(**engine_options(settings)).bind(plain)
+    queue = serve.deployment(JobQueueService).options(
+        name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
+        health_check_period_s=settings.health_check_period_s,
+    ).bind(plain, engine)
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress", max_ongoing_requests=200, ray_actor_options={"num_cpus": 0},
+    ).bind(plain, queue)
+    return ingress

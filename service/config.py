@@ -1,0 +1,178 @@
+"""``ServiceSettings``: the one settings model shared by the CLI, ``serve build`` and ``serve deploy``.
+
+Sources, highest priority first: explicit arguments (the builder's ``args`` dict), the
+environment (``WANSERVE_*``, e.g. ``WANSERVE_GPUS=4``), a YAML file (``ServiceSettings.from_yaml``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from wan_model.config import VARIANTS, VariantSpec, get_variant
+
+Degree = Union[int, Literal["auto"]]
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WANSERVE_", extra="forbid", validate_assignment=True)
+
+    # --- model ---
+    model: str = "tiny"  # a model folder, or "tiny" for random tiny weights (noise videos)
+    variant: Optional[str] = None  # a name from wan_model.config.VARIANTS; None: detected / "tiny-t2v"
+    gpus: int = Field(0, ge=0)  # workers per engine replica on GPUs; 0 = CPU workers (gloo)
+    cpu_workers: int = Field(2, ge=1)  # workers per engine replica when gpus == 0
+    ulysses: Degree = "auto"
+    ring: Degree = "auto"
+    cfg_parallel: Degree = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    offload: bool = False
+    memory_fraction: float = Field(0.95, gt=0.0, le=1.0)
+    generator_factory: str = "wan_model.pipeline.generator:build_generator"
+    generator_options: dict[str, Any] = Field(default_factory=dict)  # passed through to the factory
+
+    # --- service ---
+    app_name: str = "wanserve"
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    engine_replicas: int = Field(1, ge=1)
+    queue_size: int = Field(64, ge=1)  # queued + running jobs; more gets 429
+    data_dir: str = "./wanserve-data"
+    lora_dir: Optional[str] = None
+    auth_token: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    max_tokens: int = Field(75_600, ge=1)  # latent tokens F'*H'*W' per request (1280x720x81 on 14B)
+    max_steps: int = Field(100, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_attempts: int = Field(2, ge=1)  # a job that was running on a replica that died runs again once
+
+    # --- timeouts and periods (seconds) ---
+    nccl_timeout_s: float = Field(600.0, gt=0)
+    health_timeout_s: float = Field(30.0, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+    job_timeout_s: float = Field(3600.0, gt=0)
+    progress_interval_s: float = Field(0.5, ge=0)  # rank 0 reports progress at most this often
+    worker_init_timeout_s: float = Field(900.0, gt=0)
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            get_variant(value)  # raises naming the known variants
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceSettings":
+        if self.auth_token and self.auth_token_file:
+            raise ValueError("set auth_token or auth_token_file, not both")
+        if self.model == "tiny" and self.variant is not None and not get_variant(self.variant).tiny:
+            raise ValueError(f"model 'tiny' needs a tiny variant, got {self.variant!r}")
+        return self
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "ServiceSettings":
+        """Settings from a YAML mapping; the environment and ``overrides`` win over the file."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a YAML mapping of settings, got {type(data).__name__}")
+        env_set = {name for name in cls.model_fields if f"WANSERVE_{name.upper()}" in os.environ}
+        data = {k: v for k, v in data.items() if k not in env_set}
+        return cls(**{**data, **overrides})
+
+    @classmethod
+    def coerce(cls, args: "dict | ServiceSettings | None") -> "ServiceSettings":
+        """The builder's ``args``: settings, a dict of fields, or a dict with ``config_file``."""
+        if isinstance(args, ServiceSettings):
+            return args
+        args = dict(args or {})
+        config_file = args.pop("config_file", None)
+        if config_file:
+            return cls.from_yaml(config_file, **args)
+        return cls(**args)
+
+    # ---------------------------------------------------------------- derived
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus if self.gpus > 0 else self.cpu_workers
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus > 0
+
+    @property
+    def variant_name(self) -> str:
+        if self.variant:
+            return self.variant
+        if self.model == "tiny":
+            return "tiny-t2v"
+        detected = _variant_from_model_dir(self.model)
+        if detected is None:
+            raise ValueError(f"cannot tell the variant of model folder {self.model!r}; set 'variant' "
+                             f"(one of {', '.join(sorted(VARIANTS))})")
+        return detected
+
+    @property
+    def variant_spec(self) -> VariantSpec:
+        return get_variant(self.variant_name)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.data_dir) / "results"
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.data_dir) / "jobs.sqlite3"
+
+    def resolved_auth_token(self) -> Optional[str]:
+        """The bearer token, read from the file when one is configured (stripped of whitespace)."""
+        if self.auth_token_file:
+            token = Path(self.auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"auth token file {self.auth_token_file} is empty")
+            return token
+        return self.auth_token or None
+
+    def generator_config(self) -> dict[str, Any]:
+        """What the generator factory receives as ``config``."""
+        return {
+            "model": self.model,
+            "variant": self.variant_name,
+            "gpus": self.gpus,
+            "ulysses": self.ulysses,
+            "ring": self.ring,
+            "cfg_parallel": self.cfg_parallel,
+            "dtype": self.dtype,
+            "offload": self.offload,
+            "memory_fraction": self.memory_fraction,
+            "device": "cuda" if self.use_gpu else "cpu",
+            **self.generator_options,
+        }
+
+    def to_args(self) -> dict[str, Any]:
+        """A plain dict that ``build_app`` / ``serve deploy`` accept back."""
+        return self.model_dump(mode="json")
+
+
+def _variant_from_model_dir(model_dir: str) -> Optional[str]:
+    """The variant named in ``<model_dir>/wanserve.json`` or the folder's name, if any."""
+    path = Path(model_dir)
+    marker = path / "wanserve.json"
+    if marker.is_file():
+        import json
+
+        name = json.loads(marker.read_text()).get("variant")
+        if name in VARIANTS:
+            return name
+    lowered = path.name.lower()
+    for name, spec in VARIANTS.items():
+        if not spec.tiny and name.replace("wan", "wan") in lowered.replace("_", "-"):
+            return name
+    return None

@@ -1,0 +1,194 @@
+"""``JobQueueService``: the Serve deployment around ``JobQueue`` (one replica: the single writer).
+
+It records jobs for the ingress, takes progress from the engines' rank 0, and dispatches queued
+jobs to engine replicas in FIFO order, at most one per engine replica at a time, so that a job
+waits in the durable queue (cancellable, survives restarts) rather than in Serve's memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from typing import Any, Optional
+
+from service.config import ServiceSettings
+from service.lora import resolve_lora
+from service.queue import FAILED, RUNNING, JobQueue, QueueFull
+
+logger = logging.getLogger("ray.serve")
+
+ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
+
+
+class JobQueueService:
+    def __init__(self, args: dict[str, Any], engine: Any):
+        self.settings = ServiceSettings.coerce(args)
+        self.engine = engine
+        self.queue = JobQueue(self.settings.db_path, max_size=self.settings.queue_size,
+                              max_attempts=self.settings.max_attempts)
+        recovered = self.queue.recover_interrupted()
+        for job in recovered:
+            logger.warning("job %s was running when the service stopped: now %s", job["id"], job["status"])
+        self.settings.results_dir.mkdir(parents=True, exist_ok=True)
+        self.engines: dict[str, dict[str, Any]] = {}
+        self.inflight: dict[str, asyncio.Task] = {}
+        self._wake: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._ensure_dispatcher()
+
+    # ---------------------------------------------------------------- dispatch loop
+
+    def _ensure_dispatcher(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on the event loop yet; the first async call starts it
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = loop.create_task(self._dispatch_loop())
+
+    def _poke(self) -> None:
+        self._ensure_dispatcher()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            try:
+                if len(self.inflight) < self.settings.engine_replicas:
+                    job = self.queue.next_queued()
+                    if job is not None:
+                        job = self.queue.mark_running(job["id"])
+                        if job is not None:
+                            self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
+                            continue
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                logger.exception("dispatch loop error")
+                await asyncio.sleep(1.0)
+
+    def _engine_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The stored API request -> ``GenerationRequest`` fields for the workers."""
+        req = dict(job["request"])
+        out_dir = self.settings.results_dir / job["id"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fields: dict[str, Any] = {
+            "prompt": req["prompt"], "output_dir": str(out_dir), "job_id": job["id"],
+            "negative_prompt": req.get("negative_prompt") or "", "seed": req["seed"],
+        }
+        for name in ("width", "height", "num_frames", "steps", "shift", "sampler"):
+            if req.get(name) is not None:
+                fields[name] = req[name]
+        if req.get("guidance") is not None:
+            g = req["guidance"]
+            fields["guidance"] = tuple(g) if isinstance(g, list) else g
+        if req.get("image"):
+            fields["image"] = base64.b64decode(req["image"])
+        if req.get("lora"):
+            fields["lora"] = str(resolve_lora(self.settings.lora_dir, req["lora"]["name"]))
+            fields["lora_scale"] = float(req["lora"].get("scale", 1.0))
+        return {"id": job["id"], "request": fields, "progress_interval_s": self.settings.progress_interval_s}
+
+    async def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        try:
+            try:
+                engine_job = self._engine_job(job)
+            except Exception as exc:  # noqa: BLE001 - e.g. the LoRA file was removed since submission
+                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}")
+                return
+            try:
+                outcome = await self.engine.run.remote(engine_job)
+            except Exception as exc:  # noqa: BLE001 - the engine replica itself died
+                job = self.queue.requeue(job_id, f"engine replica failed: {type(exc).__name__}: {exc}")
+                logger.warning("job %s: engine replica failed (%s); job is now %s", job_id, exc, job["status"])
+                return
+            self._apply_outcome(job_id, outcome)
+            if outcome["status"] == "unavailable":
+                await asyncio.sleep(1.0)  # the replica waits for Serve to replace it
+        except Exception:  # noqa: BLE001
+            logger.exception("job %s: dispatch error", job_id)
+            self.queue.requeue(job_id, "dispatch error")
+        finally:
+            self.inflight.pop(job_id, None)
+            self._poke()
+
+    def _apply_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
+        status = outcome["status"]
+        if status == "succeeded":
+            result = outcome.get("result") or {}
+            video = result.get("video_path")
+            size = os.path.getsize(video) if video and os.path.exists(video) else None
+            if size is None:
+                self.queue.finish(job_id, FAILED, error=f"the generator reported success but wrote no video ({video})")
+                return
+            self.queue.finish(job_id, "succeeded", result=result, result_path=video,
+                              preview_path=result.get("preview_path"), result_bytes=size)
+        elif status == "cancelled":
+            self.queue.finish(job_id, "cancelled", error="cancelled while running")
+        elif status == "failed":
+            self.queue.finish(job_id, FAILED, error=outcome.get("error") or "failed")
+        elif status == "crashed":
+            job = self.queue.requeue(job_id, outcome.get("error") or "worker died")
+            logger.warning("job %s: %s; job is now %s", job_id, outcome.get("error"), job["status"])
+        elif status == "unavailable":
+            self.queue.requeue(job_id, outcome.get("error") or "engine unavailable", count_attempt=False)
+        else:
+            self.queue.finish(job_id, FAILED, error=f"unknown engine outcome {status!r}")
+
+    # ---------------------------------------------------------------- API for the ingress
+
+    async def submit(self, request: dict[str, Any], idempotency_key: Optional[str] = None,
+                     priority: int = 0) -> dict[str, Any]:
+        """``{"job": ..., "created": bool}`` or ``{"full": True, "retry_after_s": n, "error": ...}``."""
+        try:
+            job, created = self.queue.submit(request, idempotency_key=idempotency_key, priority=priority)
+        except QueueFull as exc:
+            return {"full": True, "retry_after_s": exc.retry_after_s, "error": str(exc)}
+        self._poke()
+        return {"job": job, "created": created}
+
+    async def get(self, job_id: str) -> Optional[dict[str, Any]]:
+        self._ensure_dispatcher()
+        return self.queue.get(job_id)
+
+    async def list(self, status: Optional[str] = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        jobs, total = self.queue.list(status=status, limit=limit, offset=offset)
+        return {"jobs": jobs, "total": total}
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.queue.cancel(job_id)
+        self._poke()
+        return job
+
+    async def report_progress(self, job_id: str, progress: dict[str, Any]) -> bool:
+        return self.queue.report_progress(job_id, stage=progress["stage"], step=progress.get("step", 0),
+                                          total_steps=progress.get("total_steps", 0),
+                                          elapsed_s=progress.get("elapsed_s", 0.0), step_s=progress.get("step_s"))
+
+    async def report_engine(self, replica_id: str, info: dict[str, Any]) -> None:
+        self._ensure_dispatcher()
+        self.engines[replica_id] = {**self.engines.get(replica_id, {}), **info, "seen_at": time.time()}
+
+    async def state(self) -> dict[str, Any]:
+        """Engines, counts and counters for /models, /readyz and /metrics."""
+        self._ensure_dispatcher()
+        now = time.time()
+        fresh = {rid: e for rid, e in self.engines.items()
+                 if now - e["seen_at"] < max(ENGINE_STALE_S, 3 * self.settings.health_check_period_s)}
+        self.engines = fresh
+        return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
+                "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
+                "running": [jid for jid in self.inflight]}
+
+    async def check_health(self) -> None:
+        self._ensure_dispatcher()
+        if self._loop_task is None or self._loop_task.done():
+            raise RuntimeError("the dispatch loop is not running")
+

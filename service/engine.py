@@ -1,0 +1,177 @@
+"""``EngineReplica``: one model instance = one Serve replica owning a placement group of N workers.
+
+Bundle 0 holds the replica itself (1 CPU); bundle ``i + 1`` holds worker rank ``i`` (1 GPU, or
+1 CPU for gloo workers). ``max_ongoing_requests=1``: a replica runs one job at a time, so Serve's
+queue length is the real load. A worker that dies or hangs makes the replica unhealthy, and
+Serve replaces it (the placement group and the workers go with it).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+import ray
+from ray import serve
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from service.config import ServiceSettings
+from service.worker import GenerationWorker
+
+logger = logging.getLogger("ray.serve")
+
+QUEUE_DEPLOYMENT = "JobQueue"
+
+
+def engine_bundles(settings: ServiceSettings) -> list[dict[str, float]]:
+    """``[{"CPU": 1}] + [{"GPU": 1}] * N`` on GPUs; ``[{"CPU": 1}] * (N + 1)`` on CPU."""
+    worker = {"GPU": 1} if settings.use_gpu else {"CPU": 1}
+    return [{"CPU": 1}] + [dict(worker) for _ in range(settings.world_size)]
+
+
+def engine_options(settings: ServiceSettings) -> dict[str, Any]:
+    return {
+        "name": "EngineReplica",
+        "num_replicas": settings.engine_replicas,
+        "max_ongoing_requests": 1,
+        "ray_actor_options": {"num_cpus": 1},
+        "placement_group_bundles": engine_bundles(settings),
+        "placement_group_strategy": "STRICT_PACK",
+        "health_check_period_s": settings.health_check_period_s,
+        "health_check_timeout_s": settings.health_timeout_s + 5,
+        "graceful_shutdown_timeout_s": 5,
+    }
+
+
+class EngineReplica:
+    def __init__(self, args: dict[str, Any]):
+        self.settings = ServiceSettings.coerce(args)
+        self.broken: Optional[str] = None
+        self.busy_job: Optional[str] = None
+        self.jobs_done = 0
+        started = time.monotonic()
+        context = serve.get_replica_context()
+        self.app_name = context.app_name
+        self.replica_id = context.replica_id.unique_id
+        self.queue = serve.get_deployment_handle(QUEUE_DEPLOYMENT, app_name=self.app_name)
+        pg = ray.util.get_current_placement_group()
+        if pg is None:
+            raise RuntimeError("EngineReplica must run in its placement group (placement_group_bundles)")
+        world = self.settings.world_size
+        use_gpu = self.settings.use_gpu
+        actor = ray.remote(GenerationWorker)
+        self.workers = [
+            actor.options(
+                name=f"wanserve-worker:{self.app_name}:{self.replica_id}:{rank}",
+                num_cpus=0 if use_gpu else 1,
+                num_gpus=1 if use_gpu else 0,
+                max_concurrency=4,  # health() must answer while run() is busy
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank + 1),
+            ).remote(rank, world)
+            for rank in range(world)
+        ]
+        timeout = self.settings.worker_init_timeout_s
+        master_addr, master_port = ray.get(self.workers[0].rendezvous.remote(), timeout=timeout)
+        infos = ray.get([
+            w.init.remote(master_addr=master_addr, master_port=master_port, use_gpu=use_gpu,
+                          timeout_s=self.settings.nccl_timeout_s, factory=self.settings.generator_factory,
+                          config=self.settings.generator_config(),
+                          progress_target={"deployment": QUEUE_DEPLOYMENT, "app": self.app_name})
+            for w in self.workers
+        ], timeout=timeout)
+        self.layout = infos[0].get("layout", "")
+        self.backend = "nccl" if use_gpu else "gloo"
+        self.init_s = time.monotonic() - started
+        logger.info("engine replica %s ready: %d %s workers in %.1f s (%s)", self.replica_id, world,
+                    self.backend, self.init_s, self.layout)
+        self._report({"ready": True})
+
+    # ---------------------------------------------------------------- info
+
+    def _info(self, workers: Optional[list[dict]] = None) -> dict[str, Any]:
+        return {
+            "replica": self.replica_id, "variant": self.settings.variant_name, "model": self.settings.model,
+            "world_size": self.settings.world_size, "gpus": self.settings.gpus, "backend": self.backend,
+            "layout": self.layout, "init_s": self.init_s, "busy_job": self.busy_job, "broken": self.broken,
+            "jobs_done": self.jobs_done, "workers": workers or [], "reported_at": time.time(),
+        }
+
+    def _report(self, extra: dict[str, Any], workers: Optional[list[dict]] = None) -> None:
+        """Tell the queue deployment about this replica (for /models, /readyz, /metrics); best effort."""
+        try:
+            self.queue.report_engine.remote(self.replica_id, {**self._info(workers), **extra})
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not report engine state: %s", exc)
+
+    # ---------------------------------------------------------------- Serve hooks
+
+    async def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"engine replica unhealthy: {self.broken}")
+        refs = [w.health.remote() for w in self.workers]
+        try:
+            workers = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.settings.health_timeout_s)
+        except asyncio.TimeoutError:
+            self.broken = f"a worker did not answer the health check within {self.settings.health_timeout_s} s"
+            raise RuntimeError(self.broken) from None
+        except Exception as exc:  # noqa: BLE001
+            self.broken = f"a worker failed its health check: {type(exc).__name__}: {exc}"
+            raise RuntimeError(self.broken) from None
+        self._report({"ready": True}, workers)
+
+    async def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run one job on all ranks. Outcome ``status``: succeeded | cancelled | failed (the job's
+        fault or a generator error) | crashed (a worker died or hung: run it again) | unavailable."""
+        if self.broken:
+            return {"status": "unavailable", "error": self.broken}
+        self.busy_job = job["id"]
+        try:
+            return await self._run_on_all_ranks(job)
+        finally:
+            self.busy_job = None
+            self.jobs_done += 1
+
+    async def _run_on_all_ranks(self, job: dict[str, Any]) -> dict[str, Any]:
+        futures = {asyncio.ensure_future(_await_ref(w.run.remote(job))): rank for rank, w in enumerate(self.workers)}
+        outcomes: dict[int, dict] = {}
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        pending = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                self.broken = f"job {job['id']} did not finish within {self.settings.job_timeout_s} s"
+                return {"status": "failed", "error": self.broken}
+            for fut in done:
+                rank = futures[fut]
+                try:
+                    outcomes[rank] = fut.result()
+                except Exception as exc:  # noqa: BLE001 - the actor died (ray.kill, OOM, segfault)
+                    self.broken = f"worker rank {rank} died during job {job['id']}: {type(exc).__name__}"
+                    logger.error("%s: %s", self.broken, exc)
+                    for other in pending:
+                        other.cancel()
+                    return {"status": "crashed", "error": self.broken}
+        failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
+        if failed:
+            if any(o.get("fatal") for o in failed):
+                # An unexpected exception can leave the process group out of step: start afresh.
+                self.broken = f"generator error: {failed[0]['error']}"
+            return {"status": "failed", "error": failed[0]["error"]}
+        if any(o["status"] == "cancelled" for o in outcomes.values()):
+            return {"status": "cancelled"}
+        return {"status": "succeeded", "result": outcomes[0].get("result")}
+
+    def __del__(self) -> None:
+        for w in getattr(self, "workers", []):
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+async def _await_ref(ref: ray.ObjectRef) -> Any:
+    return await ref

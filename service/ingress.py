@@ -1,0 +1,329 @@
+"""The HTTP API (FastAPI behind ``@serve.ingress``): validation, auth, jobs through the queue."""
+# No "from __future__ import annotations": FastAPI must see real annotation objects, because Serve
+# ships this class by value and its functions keep only the globals their bodies use.
+
+import asyncio
+import base64
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from service.config import ServiceSettings
+from service.metrics import render_metrics
+from service.queue import STATUSES, TERMINAL
+from service.schemas import (GenerateRequest, VideoCreateRequest, check_generate, field_errors, from_openai,
+                             pydantic_errors, to_job_request)
+
+api = FastAPI(title="wanserve", description="Wan2.1/Wan2.2 video generation jobs")
+
+OPEN_ROUTES = {"/healthz", "/readyz"}
+SSE_POLL_S = 0.2
+SSE_KEEPALIVE_S = 15.0
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+# -------------------------------------------------------------------- views
+
+
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    result = job.get("result") or {}
+    view = {
+        "id": job["id"], "status": job["status"], "queue_position": job["queue_position"],
+        "created_at": job["created_at"], "started_at": job["started_at"], "finished_at": job["finished_at"],
+        "attempts": job["attempts"], "cancel_requested": job["cancel_requested"],
+        "progress": {"stage": job["stage"], "step": job["step"], "total_steps": job["total_steps"]},
+        "eta_s": job["eta_s"], "error": job["error"], "request": _public_request(job["request"]),
+    }
+    if job["status"] == "succeeded":
+        view["result"] = {
+            "video_url": f"/jobs/{job['id']}/video", "preview_url": f"/jobs/{job['id']}/preview.png",
+            "size_bytes": job["result_bytes"],
+            **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout")},
+        }
+        view["timings"] = result.get("timings", {})
+    return view
+
+
+def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
+    status = {"queued": "queued", "running": "in_progress", "succeeded": "completed"}.get(job["status"], "failed")
+    req = job["request"]
+    spec = settings.variant_spec
+    width, height = req.get("width") or spec.default_size[0], req.get("height") or spec.default_size[1]
+    frames = req.get("num_frames") or spec.default_frames
+    progress = 100 if status == "completed" else (
+        int(100 * job["step"] / job["total_steps"]) if job["total_steps"] else 0)
+    view = {"id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": status,
+            "model": spec.name, "progress": progress, "size": f"{width}x{height}",
+            "seconds": f"{frames / spec.fps:.2f}"}
+    if status == "failed":
+        view["error"] = {"code": job["status"], "message": job["error"] or job["status"]}
+    if job["finished_at"]:
+        view["completed_at"] = int(job["finished_at"])
+    return view
+
+
+def _public_request(req: dict[str, Any]) -> dict[str, Any]:
+    out = dict(req)
+    if out.get("image"):
+        out["image"] = f"<{len(out['image'])} base64 characters>"
+    return out
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, args: dict[str, Any], queue: Any):
+        self.settings = ServiceSettings.coerce(args)
+        self.queue = queue
+        self.token = self.settings.resolved_auth_token()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token or request.url.path in OPEN_ROUTES:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, request: Request) -> dict[str, Any]:
+        """JSON or multipart form (the image as a file upload); 413 past ``max_body_bytes``."""
+        limit = self.settings.max_body_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise HTTPException(413, f"request body of {length} bytes is over the limit of {limit} bytes")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_part_size=limit)
+            data: dict[str, Any] = {}
+            for key, value in form.multi_items():
+                if hasattr(value, "read"):  # an uploaded file
+                    raw = await value.read()
+                    if len(raw) > limit:
+                        raise HTTPException(413, f"upload {key!r} is over the limit of {limit} bytes")
+                    data[key] = base64.b64encode(raw).decode()
+                elif key in ("lora", "guidance"):
+                    data[key] = _maybe_json(value)
+                else:
+                    data[key] = value
+            return data
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+        try:
+            data = json.loads(body or b"null")
+        except ValueError as exc:
+            raise HTTPException(422, f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise HTTPException(422, "body must be a JSON object")
+        return data
+
+    async def _job(self, job_id: str) -> dict[str, Any]:
+        job = await self.queue.get.remote(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    async def _submit(self, req: GenerateRequest, request: Request, extra: Optional[dict] = None):
+        errors = check_generate(req, self.settings)
+        if extra:
+            errors = {**extra, **errors}
+        if errors:
+            return JSONResponse({"detail": field_errors(errors)}, status_code=422)
+        key = request.headers.get("idempotency-key") or None
+        if key is not None and len(key) > 255:
+            return JSONResponse({"detail": field_errors({"Idempotency-Key": "longer than 255 characters"})}, 422)
+        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority)
+        if answer.get("full"):
+            return _error(429, answer["error"], headers={"Retry-After": str(answer["retry_after_s"])})
+        return answer
+
+    # ---------------------------------------------------------------- jobs
+
+    @api.post("/generate", status_code=202)
+    async def generate(self, request: Request):
+        self._authorize(request)
+        data = await self._read_body(request)
+        try:
+            req = GenerateRequest.model_validate(data)
+        except ValidationError as exc:
+            return JSONResponse({"detail": pydantic_errors(exc)}, status_code=422)
+        answer = await self._submit(req, request)
+        if isinstance(answer, Response):
+            return answer
+        job = answer["job"]
+        return JSONResponse(
+            {"id": job["id"], "status": job["status"], "status_url": f"/jobs/{job['id']}",
+             "events_url": f"/jobs/{job['id']}/events", "queue_position": job["queue_position"],
+             "created": answer["created"]},
+            status_code=202, headers={"Location": f"/jobs/{job['id']}"})
+
+    @api.get("/jobs/{job_id}")
+    async def job_status(self, job_id: str, request: Request):
+        self._authorize(request)
+        return job_view(await self._job(job_id))
+
+    @api.get("/jobs")
+    async def jobs(self, request: Request, status: Optional[str] = None, limit: int = 50, offset: int = 0):
+        self._authorize(request)
+        errors = {}
+        if status is not None and status not in STATUSES:
+            errors["status"] = f"unknown status {status!r}; one of {', '.join(STATUSES)}"
+        if not 1 <= limit <= 500:
+            errors["limit"] = "limit must be between 1 and 500"
+        if offset < 0:
+            errors["offset"] = "offset must be >= 0"
+        if errors:
+            return JSONResponse({"detail": [{"loc": ["query", k], "msg": v, "type": "value_error"}
+                                            for k, v in errors.items()]}, status_code=422)
+        page = await self.queue.list.remote(status, limit, offset)
+        return {"jobs": [job_view(j) for j in page["jobs"]], "total": page["total"], "limit": limit, "offset": offset}
+
+    @api.delete("/jobs/{job_id}")
+    async def cancel(self, job_id: str, request: Request):
+        self._authorize(request)
+        await self._job(job_id)
+        return job_view(await self.queue.cancel.remote(job_id))
+
+    @api.get("/jobs/{job_id}/events")
+    async def events(self, job_id: str, request: Request):
+        self._authorize(request)
+        await self._job(job_id)
+        return StreamingResponse(self._event_stream(job_id, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _event_stream(self, job_id: str, request: Request):
+        last: Optional[tuple] = None
+        last_sent = time.monotonic()
+        while True:
+            job = await self.queue.get.remote(job_id)
+            if job is None:
+                yield _sse("error", {"detail": f"job {job_id} disappeared"})
+                return
+            view = job_view(job)
+            key = (view["status"], view["progress"]["stage"], view["progress"]["step"], view["queue_position"])
+            if key != last:
+                last, last_sent = key, time.monotonic()
+                yield _sse("progress", view)
+            if job["status"] in TERMINAL:
+                yield _sse("end", view)
+                return
+            if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(SSE_POLL_S)
+
+    @api.get("/jobs/{job_id}/video")
+    async def video(self, job_id: str, request: Request):
+        self._authorize(request)
+        return self._file(await self._job(job_id), "video")
+
+    @api.get("/jobs/{job_id}/preview.png")
+    async def preview(self, job_id: str, request: Request):
+        self._authorize(request)
+        return self._file(await self._job(job_id), "preview")
+
+    def _file(self, job: dict[str, Any], kind: str) -> Response:
+        if job["status"] != "succeeded":
+            return _error(404, f"job {job['id']} is {job['status']}: no {kind} (only succeeded jobs have one)")
+        path = job["result_path"] if kind == "video" else job["preview_path"]
+        if not path or not Path(path).is_file():
+            return _error(410, f"the {kind} of job {job['id']} is gone from the server")
+        media = "video/mp4" if kind == "video" else "image/png"
+        name = f"{job['id']}.mp4" if kind == "video" else f"{job['id']}.png"
+        return FileResponse(path, media_type=media, filename=name, content_disposition_type="inline")
+
+    # ---------------------------------------------------------------- service
+
+    @api.get("/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        state = await self.queue.state.remote()
+        spec = self.settings.variant_spec
+        return {"models": [{
+            "id": spec.name, "model": self.settings.model, "task": spec.task, "tiny": spec.tiny,
+            "defaults": {"width": spec.default_size[0], "height": spec.default_size[1],
+                         "num_frames": spec.default_frames, "steps": spec.steps, "fps": spec.fps},
+            "size_multiple": spec.size_multiple, "max_tokens": self.settings.max_tokens,
+            "gpus_per_replica": self.settings.gpus, "world_size": self.settings.world_size,
+            "backend": "nccl" if self.settings.use_gpu else "gloo",
+            "replicas": [{k: e.get(k) for k in ("replica", "layout", "ready", "busy_job", "broken", "init_s",
+                                                 "workers")} for e in state["engines"]],
+        }]}
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        try:
+            state = await asyncio.wait_for(self._queue_state(), timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            return _error(503, f"job queue not answering: {type(exc).__name__}: {exc}")
+        ready = [e for e in state["engines"] if e.get("ready") and not e.get("broken")]
+        if not ready:
+            return _error(503, "no engine replica is ready yet")
+        return {"status": "ready", "engines": len(ready)}
+
+    async def _queue_state(self) -> dict[str, Any]:
+        return await self.queue.state.remote()
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request):
+        self._authorize(request)
+        state = await self.queue.state.remote()
+        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    # ---------------------------------------------------------------- OpenAI-style video API
+
+    @api.post("/v1/videos")
+    async def openai_create(self, request: Request):
+        self._authorize(request)
+        data = await self._read_body(request)
+        try:
+            oreq = VideoCreateRequest.model_validate(data)
+            req, extra = from_openai(oreq, self.settings)
+        except ValidationError as exc:
+            return JSONResponse({"detail": pydantic_errors(exc)}, status_code=422)
+        answer = await self._submit(req, request, extra)
+        if isinstance(answer, Response):
+            return answer
+        return openai_view(answer["job"], self.settings)
+
+    @api.get("/v1/videos/{job_id}")
+    async def openai_get(self, job_id: str, request: Request):
+        self._authorize(request)
+        return openai_view(await self._job(job_id), self.settings)
+
+    @api.get("/v1/videos/{job_id}/content")
+    async def openai_content(self, job_id: str, request: Request, variant: str = "video"):
+        self._authorize(request)
+        if variant not in ("video", "thumbnail"):
+            return _error(422, "variant must be 'video' or 'thumbnail'")
+        return self._file(await self._job(job_id), "video" if variant == "video" else "preview")

@@ -1,0 +1,309 @@
+"""``JobQueue``: the durable record of every job, in SQLite (WAL). No Ray here.
+
+Life of a job: ``queued -> running -> succeeded | failed | cancelled``. The queue is bounded
+(queued + running); a full queue raises ``QueueFull`` before anything is written. Jobs leave in
+FIFO order within a priority (higher priority first). A job whose replica died goes back to the
+queue once (``max_attempts`` = 2 runs in all), then fails with the reason; a job never stays
+``running`` across a restart (``recover_interrupted``).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATUSES = ACTIVE + TERMINAL
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    request TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    stage TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    step_s REAL,
+    eta_s REAL,
+    error TEXT,
+    result_path TEXT,
+    preview_path TEXT,
+    result_bytes INTEGER,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
+"""
+
+
+class QueueFull(RuntimeError):
+    """The queue holds ``limit`` active jobs; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"job queue is full ({limit} queued or running jobs); retry after {retry_after_s} s")
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+def new_job_id() -> str:
+    """128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+class JobQueue:
+    def __init__(self, db_path: str | Path, *, max_size: int = 64, max_attempts: int = 2):
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_size = max_size
+        self.max_attempts = max_attempts
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self)
+
+    def _row(self, job_id: str) -> Optional[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    def _require(self, job_id: str) -> sqlite3.Row:
+        row = self._row(job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return row
+
+    def _position(self, row: sqlite3.Row) -> Optional[int]:
+        if row["status"] != QUEUED:
+            return None
+        (ahead,) = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = ? AND (priority > ? OR (priority = ? AND seq < ?))",
+            (QUEUED, row["priority"], row["priority"], row["seq"]),
+        ).fetchone()
+        return ahead
+
+    def _to_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        job = {k: row[k] for k in row.keys() if k not in ("request", "result", "cancel_requested", "seq")}
+        job["request"] = json.loads(row["request"])
+        job["result"] = json.loads(row["result"]) if row["result"] else None
+        job["cancel_requested"] = bool(row["cancel_requested"])
+        job["queue_position"] = self._position(row)
+        return job
+
+    def _add_counter(self, name: str, value: float) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+            (name, value, value),
+        )
+
+    # ------------------------------------------------------------------ submit / read
+
+    def submit(self, request: dict[str, Any], *, idempotency_key: Optional[str] = None,
+               priority: int = 0) -> tuple[dict[str, Any], bool]:
+        """Add a job; returns ``(job, created)``. A known idempotency key returns its job unchanged."""
+        payload = json.dumps(request)
+        with self._tx():
+            if idempotency_key:
+                row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    return self._to_dict(row), False
+            (active,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE).fetchone()
+            if active >= self.max_size:
+                raise QueueFull(self.max_size, self.retry_after_s(active))
+            now = time.time()
+            job_id = new_job_id()
+            self._db.execute(
+                "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, priority, payload, idempotency_key, now, now),
+            )
+            return self._to_dict(self._require(job_id)), True
+
+    def retry_after_s(self, active: Optional[int] = None) -> int:
+        """A guess of when a slot frees up: the mean job time, or 5 s before any job finished."""
+        counters = self.counters()
+        done = counters.get("jobs_finished", 0.0)
+        mean = counters.get("job_seconds", 0.0) / done if done else 5.0
+        return max(1, int(round(mean)))
+
+    def get(self, job_id: str) -> Optional[dict[str, Any]]:
+        with self._lock:
+            row = self._row(job_id)
+            return None if row is None else self._to_dict(row)
+
+    def list(self, *, status: Optional[str] = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+        """Jobs newest first, optionally of one status; returns ``(page, total)``."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+        with self._lock:
+            (total,) = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset)
+            ).fetchall()
+            return [self._to_dict(r) for r in rows], total
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        counts = {s: 0 for s in STATUSES}
+        counts.update({status: n for status, n in rows})
+        return counts
+
+    def counters(self) -> dict[str, float]:
+        with self._lock:
+            return {name: value for name, value in self._db.execute("SELECT name, value FROM counters")}
+
+    # ------------------------------------------------------------------ the engine's side
+
+    def next_queued(self) -> Optional[dict[str, Any]]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY priority DESC, seq ASC LIMIT 1", (QUEUED,)
+            ).fetchone()
+            return None if row is None else self._to_dict(row)
+
+    def mark_running(self, job_id: str) -> Optional[dict[str, Any]]:
+        """queued -> running (one more attempt); ``None`` when the job is no longer queued."""
+        with self._tx():
+            now = time.time()
+            cur = self._db.execute(
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, updated_at = ?, "
+                "stage = NULL, step = 0, total_steps = 0, eta_s = NULL WHERE id = ? AND status = ?",
+                (RUNNING, now, now, job_id, QUEUED),
+            )
+            return self._to_dict(self._require(job_id)) if cur.rowcount else None
+
+    def report_progress(self, job_id: str, *, stage: str, step: int = 0, total_steps: int = 0,
+                        elapsed_s: float = 0.0, step_s: Optional[float] = None) -> bool:
+        """Record progress of a running job; returns whether its cancellation was requested."""
+        with self._tx():
+            row = self._row(job_id)
+            if row is None:
+                return True
+            if row["status"] != RUNNING:
+                return row["status"] == CANCELLED
+            eta = (total_steps - step) * step_s if step_s is not None and total_steps else row["eta_s"]
+            self._db.execute(
+                "UPDATE jobs SET stage = ?, step = ?, total_steps = ?, step_s = COALESCE(?, step_s), eta_s = ?, "
+                "updated_at = ? WHERE id = ?",
+                (stage, step, total_steps, step_s, eta, time.time(), job_id),
+            )
+            return bool(row["cancel_requested"])
+
+    def finish(self, job_id: str, status: str, *, result: Optional[dict[str, Any]] = None,
+               error: Optional[str] = None, result_path: Optional[str] = None,
+               preview_path: Optional[str] = None, result_bytes: Optional[int] = None) -> dict[str, Any]:
+        """running -> succeeded | failed | cancelled. A job already terminal is left as it is."""
+        if status not in TERMINAL:
+            raise ValueError(f"finish() needs a terminal status, got {status!r}")
+        with self._tx():
+            row = self._require(job_id)
+            if row["status"] in TERMINAL:
+                return self._to_dict(row)
+            now = time.time()
+            self._db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ?, result = ?, "
+                "result_path = ?, preview_path = ?, result_bytes = ?, eta_s = NULL WHERE id = ?",
+                (status, now, now, error, json.dumps(result) if result is not None else None,
+                 result_path, preview_path, result_bytes, job_id),
+            )
+            if status == SUCCEEDED and row["started_at"]:
+                self._add_counter("jobs_finished", 1)
+                self._add_counter("job_seconds", now - row["started_at"])
+                steps = (result or {}).get("timings", {}).get("step_s") or []
+                self._add_counter("steps", len(steps))
+                self._add_counter("step_seconds", float(sum(steps)))
+            return self._to_dict(self._require(job_id))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """queued -> cancelled at once; running -> flag (the engine stops between steps)."""
+        with self._tx():
+            row = self._require(job_id)
+            now = time.time()
+            if row["status"] == QUEUED:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
+                    (CANCELLED, now, now, "cancelled while queued", job_id))
+            elif row["status"] == RUNNING:
+                self._db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
+            return self._to_dict(self._require(job_id))
+
+    def requeue(self, job_id: str, reason: str, *, count_attempt: bool = True) -> dict[str, Any]:
+        """A running job whose replica failed goes back to the queue, or fails once out of attempts.
+
+        ``count_attempt=False`` when the job never started (the replica was unavailable).
+        """
+        with self._tx():
+            row = self._require(job_id)
+            if row["status"] != RUNNING:
+                return self._to_dict(row)
+            now = time.time()
+            attempts = row["attempts"] if count_attempt else max(0, row["attempts"] - 1)
+            if row["cancel_requested"]:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
+                    (CANCELLED, now, now, f"cancelled; the run ended with: {reason}", job_id))
+            elif attempts >= self.max_attempts:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, attempts = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
+                    (FAILED, attempts, now, now, f"{reason} (after {attempts} attempts)", job_id))
+            else:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, attempts = ?, updated_at = ?, error = ?, stage = NULL, "
+                    "step = 0, eta_s = NULL WHERE id = ?",
+                    (QUEUED, attempts, now, f"re-queued: {reason}", job_id))
+            return self._to_dict(self._require(job_id))
+
+    def recover_interrupted(self, reason: str = "the service stopped while the job was running") -> list[dict]:
+        """At start: every job left ``running`` by a previous run is re-queued once or failed."""
+        with self._lock:
+            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
+        return [self.requeue(job_id, reason) for job_id in ids]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the queue's lock: all of a change, or none of it."""
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+
+    def __enter__(self) -> None:
+        self.queue._lock.acquire()
+        self.queue._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.queue._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.queue._lock.release()

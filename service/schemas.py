@@ -1,0 +1,165 @@
+"""Request models and the checks that need the service's settings; errors are per field (422)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.config import ServiceSettings
+from service.lora import resolve_lora
+from wan_model.config import VariantSpec
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    scale: float = Field(1.0, ge=-10.0, le=10.0)
+
+
+class GenerateRequest(BaseModel):
+    """``POST /generate``. Fields left out take the served variant's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str
+    negative_prompt: str = ""
+    width: Optional[int] = None
+    height: Optional[int] = None
+    num_frames: Optional[int] = None
+    steps: Optional[int] = None
+    guidance: Optional[Union[float, tuple[float, float]]] = None
+    shift: Optional[float] = Field(None, gt=0.0)
+    sampler: Optional[Literal["unipc", "euler"]] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    lora: Optional[LoraRef] = None
+    image: Optional[str] = None  # base64 PNG/JPEG
+    priority: int = Field(0, ge=-100, le=100)
+
+
+class VideoCreateRequest(BaseModel):
+    """``POST /v1/videos`` (OpenAI-style): ``size`` "WxH" and ``seconds`` besides the native fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str
+    size: Optional[str] = None
+    seconds: Optional[Union[str, float]] = None
+    negative_prompt: str = ""
+    steps: Optional[int] = None
+    guidance: Optional[Union[float, tuple[float, float]]] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    input_reference: Optional[str] = None  # base64 image
+
+
+def field_errors(errors: dict[str, str]) -> list[dict[str, Any]]:
+    """FastAPI's 422 body shape: one entry per field."""
+    return [{"loc": ["body", name], "msg": msg, "type": "value_error"} for name, msg in errors.items()]
+
+
+def pydantic_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": ["body", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def latent_tokens(spec: VariantSpec, width: int, height: int, num_frames: int) -> int:
+    """Transformer tokens F' * H' * W' for a video of this size on this variant."""
+    st, sh, sw = spec.vae_stride
+    pt, ph, pw = spec.transformer.patch_size
+    frames = (num_frames - 1) // st + 1
+    return (frames // pt) * (height // sh // ph) * (width // sw // pw)
+
+
+def served_model_names(settings: ServiceSettings) -> set[str]:
+    return {settings.variant_name, settings.model}
+
+
+def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str, str]:
+    """Everything the served model and settings rule out, as ``{field: message}`` (empty: fine)."""
+    spec = settings.variant_spec
+    errors: dict[str, str] = {}
+    if req.model is not None and req.model not in served_model_names(settings):
+        errors["model"] = f"unknown model {req.model!r}; this server serves {settings.variant_name!r}"
+    if not req.prompt.strip():
+        errors["prompt"] = "prompt is empty"
+    elif len(req.prompt) > settings.max_prompt_chars:
+        errors["prompt"] = f"prompt has {len(req.prompt)} characters; the maximum is {settings.max_prompt_chars}"
+    if len(req.negative_prompt) > settings.max_prompt_chars:
+        errors["negative_prompt"] = f"negative_prompt is longer than {settings.max_prompt_chars} characters"
+    width, height = req.width or spec.default_size[0], req.height or spec.default_size[1]
+    frames = req.num_frames or spec.default_frames
+    multiple = spec.size_multiple
+    for name, value in (("width", width), ("height", height)):
+        if value < multiple or value % multiple:
+            errors[name] = f"{name} {value} must be a positive multiple of {multiple} for {spec.name}"
+    if frames < 1 or (frames - 1) % 4:
+        errors["num_frames"] = f"num_frames {frames} must be 4n+1 (e.g. 5, 17, 81)"
+    if not errors.keys() & {"width", "height", "num_frames"}:
+        tokens = latent_tokens(spec, width, height, frames)
+        if tokens > settings.max_tokens:
+            errors["num_frames"] = (f"{width}x{height}x{frames} is {tokens} latent tokens; this server allows "
+                                    f"{settings.max_tokens} (fewer frames or a smaller size)")
+    if req.steps is not None and not 1 <= req.steps <= settings.max_steps:
+        errors["steps"] = f"steps {req.steps} must be between 1 and {settings.max_steps}"
+    if isinstance(req.guidance, tuple) and not spec.is_moe:
+        errors["guidance"] = f"a (low-noise, high-noise) pair needs a two-expert model; {spec.name} takes one number"
+    if req.image is not None:
+        if spec.task == "t2v":
+            errors["image"] = f"{spec.name} is text-to-video and takes no image"
+        elif _decode_image(req.image) is None:
+            errors["image"] = "image is not valid base64 PNG/JPEG data"
+    elif spec.task == "i2v":
+        errors["image"] = f"{spec.name} is image-to-video: an image is required"
+    if req.lora is not None:
+        try:
+            resolve_lora(settings.lora_dir, req.lora.name)
+        except ValueError as exc:
+            errors["lora"] = str(exc)
+    return errors
+
+
+def _decode_image(data: str) -> Optional[bytes]:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if raw.startswith(b"\x89PNG\r\n\x1a\n") or raw.startswith(b"\xff\xd8\xff") or raw[8:12] == b"WEBP":
+        return raw
+    return None
+
+
+def to_job_request(req: GenerateRequest) -> dict[str, Any]:
+    """What the queue stores: the validated request with a seed fixed (random if not given)."""
+    data = req.model_dump(exclude={"priority"})
+    if data["seed"] is None:
+        data["seed"] = secrets.randbelow(2**31)
+    if isinstance(data.get("guidance"), tuple):
+        data["guidance"] = list(data["guidance"])
+    return data
+
+
+def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[GenerateRequest, dict[str, str]]:
+    """``POST /v1/videos`` body -> a native request; ``size``/``seconds`` errors per field."""
+    spec = settings.variant_spec
+    errors: dict[str, str] = {}
+    fields: dict[str, Any] = {"model": req.model, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                              "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
+                              "image": req.input_reference}
+    if req.size is not None:
+        try:
+            w, h = (int(v) for v in req.size.lower().split("x"))
+            fields.update(width=w, height=h)
+        except ValueError:
+            errors["size"] = f"size {req.size!r} must look like '832x480'"
+    if req.seconds is not None:
+        try:
+            seconds = float(req.seconds)
+            if seconds <= 0:
+                raise ValueError
+            fields["num_frames"] = 4 * max(1, round(seconds * spec.fps / 4)) + 1
+        except ValueError:
+            errors["seconds"] = f"seconds {req.seconds!r} must be a positive number"
+    return GenerateRequest(**fields), errors

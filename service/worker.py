@@ -1,0 +1,174 @@
+"""``GenerationWorker``: one rank of an engine's process group, as a Ray actor.
+
+Narrow interface (like vLLM's workers): ``init`` (join the process group, build the generator
+once), ``run(job)`` (one job, SPMD on every rank; rank 0 returns the result), ``health``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger("wanserve.worker")
+
+
+def load_factory(path: str) -> Callable[..., Any]:
+    """``"package.module:function"`` -> the function."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"generator_factory must look like 'package.module:function', got {path!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def init_process_group(*, backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
+                       timeout_s: float) -> None:
+    """Join the group through ``wan_model.parallel.init_distributed`` when present, else torch directly."""
+    try:
+        from wan_model.parallel import init_distributed  # type: ignore[attr-defined]
+    except ImportError:
+        init_distributed = None
+    if init_distributed is not None:
+        init_distributed(backend=backend, master_addr=master_addr, master_port=master_port, rank=rank,
+                         world_size=world_size, timeout_s=timeout_s)
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
+class GenerationWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.generator: Any = None
+        self.device = "cpu"
+        self.busy_job: Optional[str] = None
+        self.started_at = time.time()
+
+    # ---------------------------------------------------------------- set-up
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0's answer is everyone's rendezvous."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ip, port
+
+    def init(self, *, master_addr: str, master_port: int, use_gpu: bool, timeout_s: float,
+             factory: str, config: dict[str, Any], progress_target: Optional[dict[str, str]] = None) -> dict:
+        """Join the process group (NCCL on GPUs, gloo on CPU) and build the generator once."""
+        if use_gpu:
+            import torch
+
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's one GPU
+            self.device = "cuda:0"
+        init_process_group(backend="nccl" if use_gpu else "gloo", master_addr=master_addr,
+                           master_port=master_port, rank=self.rank, world_size=self.world_size,
+                           timeout_s=timeout_s)
+        self.progress_target = progress_target
+        self.generator = load_factory(factory)(dict(config), self.rank, self.world_size)
+        return {"rank": self.rank, "pid": os.getpid(), "device": self.device,
+                "layout": getattr(self.generator, "layout", "")}
+
+    # ---------------------------------------------------------------- jobs
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run one job; every rank returns an outcome, rank 0's carries the result."""
+        from wan_model.pipeline.request import GenerationRequest, InvalidRequest, JobCancelled
+
+        self.busy_job = job["id"]
+        reporter = _ProgressReporter(job["id"], self.progress_target, job.get("progress_interval_s", 0.5)) \
+            if self.rank == 0 else None
+        try:
+            request = GenerationRequest(**job["request"])
+            result = self.generator.generate(request, reporter if reporter else _no_cancel)
+            out = {"status": "succeeded", "rank": self.rank}
+            if result is not None:
+                out["result"] = result.to_dict()
+            return out
+        except JobCancelled:
+            return {"status": "cancelled", "rank": self.rank}
+        except InvalidRequest as exc:
+            return {"status": "failed", "rank": self.rank, "error": f"invalid request: {exc}", "fatal": False}
+        except Exception as exc:  # noqa: BLE001 - reported to the job record, then the replica restarts
+            logger.error("rank %d: job %s failed:\n%s", self.rank, job["id"], traceback.format_exc())
+            return {"status": "failed", "rank": self.rank, "error": f"{type(exc).__name__}: {exc}", "fatal": True}
+        finally:
+            self.busy_job = None
+            if reporter is not None:
+                reporter.flush()
+
+    def health(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"rank": self.rank, "ready": self.generator is not None, "busy_job": self.busy_job}
+        if self.device.startswith("cuda"):
+            import torch
+
+            info["gpu_memory_allocated"] = torch.cuda.memory_allocated()
+            info["gpu_memory_reserved"] = torch.cuda.memory_reserved()
+        return info
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _no_cancel(progress: Any) -> bool:
+    return False
+
+
+class _ProgressReporter:
+    """Rank 0's progress callback: sends progress to the job queue at most every ``interval_s``
+    (and at each stage change), and returns the latest cancel flag it got back."""
+
+    def __init__(self, job_id: str, target: Optional[dict[str, str]], interval_s: float):
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self.cancel = False
+        self.last_sent = 0.0
+        self.last_stage: Optional[str] = None
+        self.last_step_time: Optional[float] = None
+        self.step_s: Optional[float] = None
+        self.pending: Optional[dict] = None
+        self.handle = None
+        if target is not None:
+            from ray import serve
+
+            self.handle = serve.get_deployment_handle(target["deployment"], app_name=target["app"])
+
+    def __call__(self, progress: Any) -> bool:
+        now = time.monotonic()
+        if progress.stage == "denoise" and progress.step > 0:
+            if self.last_step_time is not None:
+                self.step_s = now - self.last_step_time
+            self.last_step_time = now
+        elif progress.stage == "denoise":
+            self.last_step_time = now
+        self.pending = {"stage": progress.stage, "step": progress.step, "total_steps": progress.total_steps,
+                        "elapsed_s": progress.elapsed_s, "step_s": self.step_s}
+        if progress.stage != self.last_stage or now - self.last_sent >= self.interval_s:
+            self._send(now)
+        return self.cancel
+
+    def _send(self, now: float) -> None:
+        if self.handle is None or self.pending is None:
+            return
+        self.last_sent, self.last_stage = now, self.pending["stage"]
+        try:
+            self.cancel = bool(self.handle.report_progress.remote(self.job_id, self.pending).result(timeout_s=10))
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
+            logger.warning("progress report for job %s failed: %s", self.job_id, exc)
+        self.pending = None
+
+    def flush(self) -> None:
+        self._send(time.monotonic())
