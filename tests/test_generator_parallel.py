@@ -1,0 +1,65 @@
+"""N ranks give the 1-rank result: Ulysses 2, CFG-parallel 2, FSDP x Ulysses 2 (gloo, CPU).
+
+Tolerance: final latents (float32) within 1e-5, decoded frames within 1 level of 255.
+One pair of spawned ranks runs every layout in turn (process start-up is the big cost).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _dist import run_ranks
+from test_generator import tiny_cache
+from wan_model.pipeline.generator import Generator, GeneratorConfig
+from wan_model.pipeline.request import GenerationRequest
+
+pytestmark = pytest.mark.slow
+
+LATENT_ATOL = 1e-5
+LAYOUTS = {
+    "ulysses2": dict(parallel="manual", ulysses=2),
+    "cfg2": dict(parallel="manual", cfg_parallel=True),
+    "fsdp_ulysses2": dict(parallel="manual", ulysses=2, fsdp=True),
+}
+
+
+def request(output_dir: str) -> GenerationRequest:
+    # 3 steps cross the tiny-a14b boundary (t >= 875 -> high-noise expert) at shift 12.
+    return GenerationRequest(prompt="a cat surfing a wave", output_dir=output_dir, steps=3, seed=11, width=48)
+
+
+def run_layouts(rank: int, world_size: int, cache: str, out: str) -> dict:
+    results = {}
+    for name, settings in LAYOUTS.items():
+        generator = Generator(GeneratorConfig(model="tiny-a14b", cache_dir=cache, **settings))
+        result = generator.generate(request(f"{out}/{name}"))
+        results[name] = dict(
+            latents=generator.last_latents.numpy(),
+            frames=generator.last_frames if rank == 0 else None,
+            layout=result.layout if result is not None else None,
+            experts=result.experts_per_step if result is not None else None,
+            returned=result is not None,
+        )
+    return results
+
+
+def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
+    cache = tiny_cache(tmp_path_factory)
+    reference = Generator(GeneratorConfig(model="tiny-a14b", cache_dir=cache))
+    ref_result = reference.generate(request(str(tmp_path / "ref")))
+    ref_latents, ref_frames = reference.last_latents.numpy(), reference.last_frames
+    assert set(ref_result.experts_per_step) == {"high_noise", "low_noise"}
+
+    ranks = run_ranks(run_layouts, 2, cache, str(tmp_path), timeout=400)
+    for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2"), ("cfg2", "cfg=2 ulysses=1"),
+                                  ("fsdp_ulysses2", "cfg=1 ulysses=2")]:
+        rank0, rank1 = ranks[0][name], ranks[1][name]
+        assert rank0["returned"] and not rank1["returned"], "only rank 0 returns the result"
+        assert expected_layout in rank0["layout"] and "world=2" in rank0["layout"]
+        assert ("fsdp=on" in rank0["layout"]) == name.startswith("fsdp")
+        assert rank0["experts"] == ref_result.experts_per_step
+        for rank in (rank0, rank1):
+            np.testing.assert_allclose(rank["latents"], ref_latents, rtol=0, atol=LATENT_ATOL, err_msg=name)
+        diff = np.abs(rank0["frames"].astype(int) - ref_frames.astype(int)).max()
+        assert diff <= 1, f"{name}: frames differ by {diff}/255"
+        assert (tmp_path / name / "video.mp4").is_file()
