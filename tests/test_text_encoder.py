@@ -119,3 +119,34 @@ def test_fsdp_on_two_gloo_ranks_equals_replicated(tiny_dirs):
     for out in fsdp:
         for b, n in enumerate(lengths.tolist()):
             assert torch.all(out[b, n:] == 0)
+
+
+def test_release_size_umt5_xxl_names_map_both_ways():
+    """The real UMT5-XXL encoder (built on meta) has exactly the official checkpoint's 24-block key set."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    hf = model.state_dict()
+    official = hf_t5_to_official(hf)
+    assert len(official) == 2 + 24 * 10
+    assert official["blocks.23.pos_embedding.embedding.weight"].shape == (32, 64)
+    assert official["blocks.0.ffn.gate.0.weight"].shape == (10240, 4096)
+    assert set(official_t5_to_hf(official)) == set(hf)
+    derived = umt5_config_from_official(official)
+    assert (derived.d_model, derived.num_layers, derived.num_heads, derived.d_kv, derived.d_ff, derived.vocab_size) == (
+        4096, 24, 64, 64, 10240, 256384)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_replicated_close_to_cpu_fp32(tiny_dirs):
+    files = tiny_dirs["official"]
+    cpu = _load(files).encode(PROMPTS)
+    gpu = TextEncoder.load(files.text_encoder, files.tokenizer, device="cuda").encode(PROMPTS)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
+    torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=5e-2, atol=5e-2)
+    cpu_placed = TextEncoder.load(files.text_encoder, files.tokenizer, device="cuda", placement="cpu")
+    assert cpu_placed.encode(PROMPTS).device.type == "cuda"

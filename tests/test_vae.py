@@ -168,3 +168,38 @@ def test_clip_key_names_round_trip(dirs):
     assert all(torch.equal(back[k], state[k]) for k in back)
     config = clip_config_from_official(state)
     assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.patch_size) == (32, 3, 224, 14)
+
+
+def test_release_size_clip_vit_h_names_map_both_ways():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
+                              image_size=224, patch_size=14, hidden_act="gelu")
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in model.state_dict()) else ""
+    hf = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    official = hf_clip_to_official(hf, prefix)
+    assert official["visual.transformer.31.attn.to_qkv.weight"].shape == (3840, 1280)
+    assert official["visual.pos_embedding"].shape == (1, 257, 1280)
+    assert set(official_clip_to_hf(official, prefix)) == set(hf)
+    derived = clip_config_from_official(official)
+    assert (derived.hidden_size, derived.num_attention_heads, derived.num_hidden_layers, derived.intermediate_size) == (
+        1280, 16, 32, 5120)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_vae_and_clip_close_to_cpu(dirs):
+    for variant in ("tiny-t2v", "tiny-ti2v"):
+        files = dirs[variant, "official"]
+        latents = torch.randn(1, 48 if variant == "tiny-ti2v" else 16, 2, 2, 2, generator=torch.Generator().manual_seed(9))
+        cpu = WanVAE.load(files.vae).decode(latents)
+        gpu = WanVAE.load(files.vae, device="cuda").decode(latents)
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+    files = dirs["tiny-i2v", "official"]
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    cpu = CLIPImageEncoder.load(files.clip).encode(images)
+    gpu = CLIPImageEncoder.load(files.clip, device="cuda").encode(images)
+    assert gpu.dtype == torch.float16
+    torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=2e-2, atol=2e-2)
