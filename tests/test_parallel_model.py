@@ -9,10 +9,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from _dist import run_ranks
 from wan_model.config import get_variant
 from wan_model.model import WanModel
+from test_parallel_attention import TOL as ATTENTION_TOL
+from test_parallel_attention import make_inputs as attention_inputs
+from test_parallel_attention import reference_attention
 from wan_model.parallel import ParallelConfig, setup_sequence_parallel
 
 TOL = 1e-5
@@ -105,8 +109,59 @@ def test_model_four_ranks_ulysses2_ring2_and_ulysses4():
     assert {name for _, _, _, name in results[0]} == {"cpu", "sdpa"}  # ring used the LSE kernel
 
 
+# 8 ranks (tiny dims, 8 heads): attention and model level share one pool of ranks, since
+# starting 8 processes costs more than the checks.
+def _eight_rank_attention(rank, world_size):
+    """Attention level on 8 ranks, 8 heads: ulysses 8, ulysses 4 x ring 2, CFG 2 x ulysses 4."""
+    heads, out = 8, {}
+    for ulysses, ring in [(8, 1), (4, 2)]:
+        state = setup_sequence_parallel(ParallelConfig(ulysses=ulysses, ring=ring))
+        errs = []
+        for length in (32, 27, 13):
+            sharding = state.sharding()
+            q, k, v = attention_inputs(length, sharding.padded_len(length), heads=heads)
+            local = [sharding.shard(x, 1) for x in (q, k, v)]
+            full = sharding.gather(state.attention()(*local, valid_len=length), length, 1)
+            errs.append((full.double() - reference_attention(q, k, v, length)[:, :length]).abs().max().item())
+        out[(ulysses, ring)] = max(errs)
+
+    state = setup_sequence_parallel(ParallelConfig(ulysses=4, ring=1, cfg_parallel=2))
+    sharding = state.sharding()
+    length = 27
+    # Each CFG half attends over its own inputs (cond / uncond).
+    q, k, v = attention_inputs(length, sharding.padded_len(length), heads=heads, seed=100 + state.cfg_rank)
+    local = [sharding.shard(x, 1) for x in (q, k, v)]
+    local_out = state.attention()(*local, valid_len=length)
+    full = sharding.gather(local_out, length, 1)
+    out["cfg"] = (full.double() - reference_attention(q, k, v, length)[:, :length]).abs().max().item()
+    # The CFG group pairs the ranks holding the same chunk in both halves: gathering over it gives
+    # this chunk of both halves' outputs, as the pipeline's per-step all-gather does.
+    both = [torch.empty_like(local_out) for _ in range(2)]
+    dist.all_gather(both, local_out.contiguous(), group=state.cfg_group)
+    out["cfg_layout"] = dict(sp_ranks=state.sp_ranks, cfg_ranks=state.cfg_ranks, sp_rank=state.sp_rank,
+                             cfg_rank=state.cfg_rank, ulysses_rank=state.ulysses_rank, ring_rank=state.ring_rank)
+    out["cfg_gather_self"] = torch.equal(both[state.cfg_rank], local_out)
+    out["cfg_gather_other_differs"] = not torch.equal(both[1 - state.cfg_rank], local_out)
+    return out
+
+
+def _eight_rank_cases(rank, world_size, model_cases):
+    return _eight_rank_attention(rank, world_size), _run_model_cases(rank, world_size, model_cases, 8)
+
+
 @pytest.mark.slow
-def test_model_eight_ranks_eight_heads():
-    """8 heads (tiny dims): ulysses 8; ulysses 4 x ring 2; CFG 2 x ulysses 4."""
-    cases = [("tiny-t2v", 8, 1, 1), ("tiny-t2v", 4, 2, 1), ("tiny-t2v", 4, 1, 2)]
-    _check(run_ranks(_run_model_cases, 8, cases, 8, timeout=300))
+def test_eight_ranks_eight_heads_attention_and_model():
+    """8 heads: ulysses 8; ulysses 4 x ring 2; CFG 2 x ulysses 4 -- attention and the tiny model."""
+    model_cases = [("tiny-t2v", 8, 1, 1), ("tiny-t2v", 4, 2, 1), ("tiny-t2v", 4, 1, 2)]
+    attention_results, model_results = zip(*run_ranks(_eight_rank_cases, 8, model_cases, timeout=300))
+    _check(model_results)
+    for rank, res in enumerate(attention_results):
+        tol = ATTENTION_TOL
+        assert res[(8, 1)] <= tol and res[(4, 2)] <= tol and res["cfg"] <= tol, res
+        layout = res["cfg_layout"]
+        half = rank // 4
+        assert layout["sp_ranks"] == list(range(4 * half, 4 * half + 4))
+        assert layout["cfg_ranks"] == [rank % 4, rank % 4 + 4]
+        assert (layout["cfg_rank"], layout["sp_rank"]) == (half, rank % 4)
+        assert (layout["ulysses_rank"], layout["ring_rank"]) == (rank % 4, 0)
+        assert res["cfg_gather_self"] and res["cfg_gather_other_differs"]

@@ -22,8 +22,10 @@ LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Ten
 
 
 def _lse_shape(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    # cuDNN returns [B, H, L, 1] in some versions; everything else [B, H, L].
-    return lse.reshape(q.shape[:3]).float()
+    # cuDNN returns [B, H, L, 1] in some versions; some kernels pad L up to a block size.
+    if lse.dim() == 4:
+        lse = lse.squeeze(-1)
+    return lse[..., : q.shape[2]].float()
 
 
 def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,268 @@
+"""GPU check of USP sequence parallelism (Ulysses x Ring) on NCCL.
+
+    torchrun --nproc-per-node N bench/check_parallel_gpu.py        # or
+    python bench/check_parallel_gpu.py --nproc N                    # spawns N ranks itself
+
+For every (ulysses, ring) with ulysses * ring = N:
+
+* attention level: ``UlyssesRingAttention`` with the cuDNN and flash kernels (bf16, fp16) and the
+  fp32 math kernel, on inputs whose chunks differ (keys sharpen and values shift along the
+  sequence) and with garbage in the padded tail, against a float64 one-device reference on the
+  same (dtype-rounded) inputs; the one-device SDPA error of the same dtype is reported next to it.
+  Lengths: 32760 tokens (Wan 1.3B at 832x480, 81 frames) and 9999 (not a multiple of N).
+* model level: a tiny ``WanModel`` (8 heads) on N ranks against the same model on one GPU.
+
+Prints a table on rank 0 and writes JSON lines to ``$OUT/parallel_gpu.jsonl`` when ``$OUT`` is set.
+Needs only torch, yunchang and this repo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wan_model.parallel import ParallelConfig, init_distributed, setup_sequence_parallel  # noqa: E402
+from wan_model.parallel.kernels import get_lse_kernel, resolve_kernel_name  # noqa: E402
+
+HEADS, HEAD_DIM, BATCH = 24, 128, 1
+LENGTHS = (32760, 9999)
+KERNEL_DTYPES = [("cudnn", torch.bfloat16), ("cudnn", torch.float16), ("flash", torch.bfloat16),
+                 ("flash", torch.float16), ("cudnn", torch.float32), ("math", torch.float32)]
+MATH_MAX_LEN = 10000  # the fp32 math kernel materializes the score matrix
+
+
+def use_smoke_settings() -> None:
+    """--smoke: the same code path on CPU/gloo at toy sizes (to test this script without a GPU)."""
+    global HEAD_DIM, LENGTHS, KERNEL_DTYPES
+    HEAD_DIM, LENGTHS = 16, (96, 99)
+    KERNEL_DTYPES = [("cpu", torch.float32), ("math", torch.float32), ("cudnn", torch.bfloat16)]
+
+
+def make_inputs(length: int, padded_len: int, device, dtype, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(BATCH, padded_len, HEADS, HEAD_DIM, generator=gen, device=device) for _ in range(3))
+    position = torch.linspace(0.0, 1.0, padded_len, device=device).view(1, -1, 1, 1)
+    k = k * (0.25 + 3.0 * position)
+    v = v + 4.0 * position
+    k[:, length:] = 50.0
+    v[:, length:] = 1e3
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def reference_attention(q, k, v, valid_len):
+    """Float64 attention over the first valid_len keys, one head at a time, [B, L, H, D]."""
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for h in range(q.shape[2]):
+        qh, kh, vh = q[:, :, h].double(), k[:, :valid_len, h].double(), v[:, :valid_len, h].double()
+        scores = qh @ kh.transpose(-1, -2) * q.shape[-1] ** -0.5
+        out[:, :, h] = scores.softmax(-1) @ vh
+        del scores
+    return out
+
+
+def errors(out, ref):
+    diff = out.double() - ref
+    return diff.abs().max().item(), (diff.norm() / ref.norm()).item()
+
+
+def all_ranks_ok(flag: bool, device) -> bool:
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def kernel_runs_here(kernel: str, dtype, device) -> str | None:
+    """None if the kernel runs on this device/dtype (tried locally, no collectives); else why not."""
+    try:
+        name = resolve_kernel_name(kernel, device, dtype)
+        x = torch.randn(1, 2, 64, HEAD_DIM, device=device, dtype=dtype)
+        get_lse_kernel(name)(x, x, x)
+        synchronize(device)
+        return None
+    except Exception as err:  # report, never fall back
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats=5):
+    """(result, median milliseconds); ranks are lined up with a barrier before each run."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        dist.barrier()
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return result, sorted(times)[len(times) // 2]
+
+
+def attention_checks(world, device, emit):
+    layouts = [(u, world // u) for u in range(1, world + 1) if world % u == 0 and HEADS % u == 0]
+    for ulysses, ring in layouts:
+        state = setup_sequence_parallel(ParallelConfig(ulysses=ulysses, ring=ring))
+        sharding = state.sharding()
+        for length in LENGTHS:
+            padded = sharding.padded_len(length)
+            for kernel, dtype in KERNEL_DTYPES:
+                row = dict(check="attention", world=world, ulysses=ulysses, ring=ring, length=length,
+                           kernel=kernel, dtype=str(dtype).removeprefix("torch."))
+                if kernel == "math" and length > MATH_MAX_LEN:
+                    continue
+                why_not = kernel_runs_here(kernel, dtype, device)
+                if not all_ranks_ok(why_not is None, device):
+                    emit(dict(row, status="unsupported", reason=why_not or "unsupported on another rank"))
+                    continue
+                q, k, v = make_inputs(length, padded, device, dtype)
+                ref = reference_attention(q, k, v, length)[:, :length]
+                attention = state.attention(kernel=kernel)
+                local = [sharding.shard(x, 1) for x in (q, k, v)]
+                out, ms = timed(lambda: attention(*local, valid_len=length), device)
+                full = sharding.gather(out, length, 1)
+                max_abs, rel = errors(full, ref)
+                # The same dtype on one device, through PyTorch's SDPA, as the yardstick for rounding error.
+                one = torch.nn.functional.scaled_dot_product_attention(
+                    *(x.transpose(1, 2) for x in (q, k[:, :length], v[:, :length]))
+                ).transpose(1, 2)[:, :length]
+                one_abs, one_rel = errors(one, ref)
+                flops = 4 * BATCH * HEADS * length * length * HEAD_DIM
+                emit(dict(row, status="ok", kernel_ran=attention.kernel_name, max_abs=max_abs, rel=rel,
+                          one_device_sdpa_max_abs=one_abs, one_device_sdpa_rel=one_rel, ms=ms,
+                          tflops_per_gpu=flops / (ms * 1e-3) / world / 1e12))
+                del q, k, v, ref, local, out, full, one
+                torch.cuda.empty_cache()
+
+
+def model_checks(world, device, emit):
+    from wan_model.config import get_variant
+    from wan_model.model import WanModel
+
+    config = replace(get_variant("tiny-t2v").transformer, dim=128, ffn_dim=256, num_heads=8)
+    torch.manual_seed(0)
+    model = WanModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    model.to(device)
+    gen = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(1, config.in_dim, 5, 10, 14, generator=gen, device=device)  # 175 tokens
+    context = torch.randn(1, 7, config.text_dim, generator=gen, device=device)
+    t = torch.tensor([700.0], device=device)
+    layouts = [(u, world // u) for u in range(1, world + 1) if world % u == 0 and config.num_heads % u == 0]
+    for dtype, kernels in ((torch.float32, ("auto",)), (torch.bfloat16, ("cudnn", "flash"))):
+        model.to(dtype)
+        with torch.no_grad():
+            from wan_model.attention import LocalAttention
+            from wan_model.sequence import SequenceSharding
+
+            model.set_parallel(SequenceSharding(), LocalAttention())
+            reference = model(x, t, context)
+            for ulysses, ring in layouts:
+                state = setup_sequence_parallel(ParallelConfig(ulysses=ulysses, ring=ring))
+                for kernel in kernels:
+                    row = dict(check="model", world=world, ulysses=ulysses, ring=ring, length=175, kernel=kernel,
+                               dtype=str(dtype).removeprefix("torch."))
+                    why_not = None if kernel == "auto" else kernel_runs_here(kernel, dtype, device)
+                    if not all_ranks_ok(why_not is None, device):
+                        emit(dict(row, status="unsupported", reason=why_not or "unsupported on another rank"))
+                        continue
+                    attention = state.attention(kernel=kernel)
+                    model.set_parallel(state.sharding(), attention)
+                    out = model(x, t, context)
+                    max_abs = (out - reference).abs().max().item()
+                    rel = ((out - reference).norm() / reference.norm()).item()
+                    # fp32 must match 1 GPU up to summation order; bf16 is reported (rounding differs by kernel).
+                    passed = max_abs <= 1e-4 if dtype == torch.float32 else None
+                    emit(dict(row, status="ok", kernel_ran=attention.kernel_name, max_abs=max_abs, rel=rel,
+                              passed=passed))
+                model.set_parallel(SequenceSharding(), LocalAttention())
+
+
+def main_rank(rank: int, world: int, local_rank: int, addr: str, port: int, smoke: bool = False) -> None:
+    if smoke:
+        use_smoke_settings()
+    device = init_distributed(rank, world, addr, port, backend="gloo" if smoke else "nccl", timeout_s=900,
+                              local_rank=local_rank)
+    rows = []
+    out_dir = os.environ.get("OUT")
+
+    def emit(row):
+        rows.append(row)
+        if rank == 0:
+            print(format_row(row), flush=True)
+            if out_dir:
+                with open(Path(out_dir) / "parallel_gpu.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    if rank == 0:
+        import yunchang
+
+        emit(dict(check="env", world=world, torch=torch.__version__, cuda=torch.version.cuda,
+                  cudnn=torch.backends.cudnn.version(), yunchang=yunchang.__version__,
+                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
+    start = time.time()
+    attention_checks(world, device, emit)
+    model_checks(world, device, emit)
+    if rank == 0:
+        print(f"done in {time.time() - start:.0f} s", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def format_row(row) -> str:
+    if row["check"] == "env":
+        return " ".join(f"{k}={v}" for k, v in row.items())
+    head = (f"{row['check']:9s} U{row['ulysses']}xR{row['ring']} L={row['length']:<6d} "
+            f"{row['kernel']:>5s}/{row['dtype']:<8s}")
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {row['reason']}"
+    text = f"{head} ran={row['kernel_ran']:<5s} max_abs={row['max_abs']:.3g} rel={row['rel']:.3g}"
+    if row.get("one_device_sdpa_rel") is not None:
+        text += f" | 1-GPU sdpa max_abs={row['one_device_sdpa_max_abs']:.3g} rel={row['one_device_sdpa_rel']:.3g}"
+    if row.get("passed") is not None:
+        text += " PASS" if row["passed"] else " FAIL"
+    if "ms" in row:
+        text += f" | {row['ms']:.2f} ms {row['tflops_per_gpu']:.0f} TFLOP/s/GPU"
+    return text
+
+
+def _spawned(local_rank: int, world: int, port: int, smoke: bool) -> None:
+    main_rank(local_rank, world, local_rank, "127.0.0.1", port, smoke)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=None, help="spawn this many ranks (when not under torchrun)")
+    parser.add_argument("--smoke", action="store_true", help="CPU/gloo at toy sizes: tests this script, not the GPU")
+    args = parser.parse_args()
+    if "RANK" in os.environ:  # torchrun
+        main_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
+                  os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), args.smoke)
+        return
+    world = args.nproc or torch.cuda.device_count()
+    if world < 1:
+        raise SystemExit("no CUDA device: pass --nproc N (and --smoke to run on CPU)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_spawned, args=(world, port, args.smoke), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main()
