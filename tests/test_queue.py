@@ -1,0 +1,155 @@
+"""JobQueue without Ray: FIFO, bound, idempotency, state transitions, requeue-once, restart recovery."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from service.queue import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobNotFound, JobQueue, QueueFull
+
+
+@pytest.fixture()
+def queue(tmp_path):
+    q = JobQueue(tmp_path / "jobs.sqlite3", max_size=4, max_attempts=2)
+    yield q
+    q.close()
+
+
+def submit(q: JobQueue, prompt: str, **kw) -> dict:
+    job, created = q.submit({"prompt": prompt}, **kw)
+    assert created
+    return job
+
+
+def test_ids_are_128_bit_random_hex(queue):
+    ids = {submit(queue, f"p{i}")["id"] for i in range(3)}
+    assert len(ids) == 3
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_fifo_with_priority_and_positions(queue):
+    a, b = submit(queue, "a"), submit(queue, "b")
+    c = submit(queue, "c", priority=5)
+    assert [queue.get(j["id"])["queue_position"] for j in (c, a, b)] == [0, 1, 2]
+    order = []
+    while (job := queue.next_queued()) is not None:
+        order.append(job["request"]["prompt"])
+        assert queue.mark_running(job["id"])["status"] == RUNNING
+        queue.finish(job["id"], SUCCEEDED, result={"timings": {"step_s": [0.5, 0.25]}}, result_bytes=10)
+    assert order == ["c", "a", "b"]
+    counters = queue.counters()
+    assert counters["steps"] == 6 and counters["step_seconds"] == pytest.approx(2.25)
+    assert counters["jobs_finished"] == 3
+
+
+def test_bound_raises_queue_full_and_writes_nothing(queue):
+    jobs = [submit(queue, f"p{i}") for i in range(4)]
+    with pytest.raises(QueueFull) as info:
+        queue.submit({"prompt": "one too many"})
+    assert info.value.retry_after_s >= 1
+    assert queue.list()[1] == 4
+    # A finished job frees its slot (the bound counts queued + running only).
+    queue.mark_running(jobs[0]["id"])
+    queue.finish(jobs[0]["id"], SUCCEEDED)
+    submit(queue, "fits now")
+    assert queue.counts()[QUEUED] == 4
+
+
+def test_idempotency_key_returns_the_same_job(queue):
+    first = submit(queue, "a", idempotency_key="key-1")
+    again, created = queue.submit({"prompt": "a"}, idempotency_key="key-1")
+    assert not created and again["id"] == first["id"]
+    other = submit(queue, "a", idempotency_key="key-2")
+    assert other["id"] != first["id"]
+    # Even with the queue full, a retried POST gets its job back rather than a 429.
+    submit(queue, "x"), submit(queue, "y")
+    assert queue.submit({"prompt": "a"}, idempotency_key="key-1")[0]["id"] == first["id"]
+
+
+def test_state_transitions_and_progress(queue):
+    job = submit(queue, "a")
+    assert queue.mark_running(job["id"])["attempts"] == 1
+    assert queue.mark_running(job["id"]) is None  # not queued any more
+    assert queue.report_progress(job["id"], stage="denoise", step=2, total_steps=10, step_s=0.5) is False
+    running = queue.get(job["id"])
+    assert (running["stage"], running["step"], running["total_steps"]) == ("denoise", 2, 10)
+    assert running["eta_s"] == pytest.approx(4.0)
+    done = queue.finish(job["id"], SUCCEEDED, result={"seed": 3}, result_path="/x/video.mp4", result_bytes=99)
+    assert done["status"] == SUCCEEDED and done["result"] == {"seed": 3} and done["finished_at"] >= done["started_at"]
+    # Terminal states stay terminal.
+    assert queue.finish(job["id"], FAILED, error="late")["status"] == SUCCEEDED
+    assert queue.cancel(job["id"])["status"] == SUCCEEDED
+    with pytest.raises(ValueError):
+        queue.finish(job["id"], RUNNING)
+    with pytest.raises(JobNotFound):
+        queue.cancel("0" * 32)
+
+
+def test_cancel_queued_at_once_running_by_flag(queue):
+    queued, running = submit(queue, "q"), submit(queue, "r")
+    queue.mark_running(running["id"])
+    assert queue.cancel(queued["id"])["status"] == CANCELLED
+    flagged = queue.cancel(running["id"])
+    assert flagged["status"] == RUNNING and flagged["cancel_requested"]
+    assert queue.report_progress(running["id"], stage="denoise", step=1, total_steps=4) is True
+    assert queue.finish(running["id"], CANCELLED)["status"] == CANCELLED
+    assert queue.next_queued() is None
+
+
+def test_requeue_once_then_fail_with_reason(queue):
+    job = submit(queue, "a")
+    later = submit(queue, "b")
+    queue.mark_running(job["id"])
+    again = queue.requeue(job["id"], "worker rank 1 died")
+    assert again["status"] == QUEUED and "worker rank 1 died" in again["error"]
+    assert queue.next_queued()["id"] == job["id"]  # keeps its place ahead of later jobs
+    queue.mark_running(job["id"])
+    failed = queue.requeue(job["id"], "worker rank 0 died")
+    assert failed["status"] == FAILED and "worker rank 0 died" in failed["error"] and failed["attempts"] == 2
+    # A replica that was unavailable does not use up an attempt.
+    queue.mark_running(later["id"])
+    assert queue.requeue(later["id"], "replica restarting", count_attempt=False)["attempts"] == 0
+
+
+def test_restart_recovers_running_jobs(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    q = JobQueue(path, max_size=4)
+    once, twice, waiting = submit(q, "once"), submit(q, "twice"), submit(q, "waiting")
+    q.mark_running(twice["id"]), q.requeue(twice["id"], "crash"), q.mark_running(twice["id"])
+    q.mark_running(once["id"])
+    q.close()  # the service stops with two jobs "running"
+    q2 = JobQueue(path, max_size=4)
+    recovered = {j["id"]: j for j in q2.recover_interrupted()}
+    assert recovered[once["id"]]["status"] == QUEUED
+    assert recovered[twice["id"]]["status"] == FAILED and "stopped" in recovered[twice["id"]]["error"]
+    assert q2.get(waiting["id"])["status"] == QUEUED
+    assert q2.counts()[RUNNING] == 0
+    q2.close()
+
+
+def test_concurrent_submits_respect_the_bound(queue):
+    results: list = []
+
+    def worker(i: int) -> None:
+        try:
+            results.append(queue.submit({"prompt": str(i)})[0]["id"])
+        except QueueFull:
+            results.append(None)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sum(r is not None for r in results) == 4 and queue.list()[1] == 4
+
+
+def test_list_filters_and_pages(queue):
+    ids = [submit(queue, f"p{i}")["id"] for i in range(3)]
+    queue.cancel(ids[1])
+    page, total = queue.list(limit=2)
+    assert total == 3 and [j["id"] for j in page] == [ids[2], ids[1]]
+    cancelled, n = queue.list(status=CANCELLED)
+    assert n == 1 and cancelled[0]["id"] == ids[1]
+    with pytest.raises(ValueError):
+        queue.list(status="bogus")
