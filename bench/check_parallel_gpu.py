@@ -5,10 +5,10 @@
 
 For every (ulysses, ring) with ulysses * ring = N:
 
-* attention level: ``UlyssesRingAttention`` with the cuDNN and flash kernels (bf16, fp16) and the
-  fp32 math kernel, on inputs whose chunks differ (keys sharpen and values shift along the
-  sequence) and with garbage in the padded tail, against a float64 one-device reference on the
-  same (dtype-rounded) inputs; the one-device SDPA error of the same dtype is reported next to it.
+* attention level: ``UlyssesRingAttention`` with the cuDNN and flash kernels (bf16, fp16), the
+  memory-efficient kernel (fp32, bf16) and the fp32 math kernel (short sequence only), on inputs
+  whose chunks differ (keys sharpen and values shift along the sequence) and with garbage in the
+  padded tail, against a float64 one-device reference on the same (dtype-rounded) inputs; the one-device SDPA error of the same dtype is reported next to it.
   Lengths: 32760 tokens (Wan 1.3B at 832x480, 81 frames) and 9999 (not a multiple of N).
 * model level: a tiny ``WanModel`` (8 heads) on N ranks against the same model on one GPU.
 
@@ -37,7 +37,8 @@ from wan_model.parallel.kernels import get_lse_kernel, resolve_kernel_name  # no
 HEADS, HEAD_DIM, BATCH = 24, 128, 1
 LENGTHS = (32760, 9999)
 KERNEL_DTYPES = [("cudnn", torch.bfloat16), ("cudnn", torch.float16), ("flash", torch.bfloat16),
-                 ("flash", torch.float16), ("cudnn", torch.float32), ("math", torch.float32)]
+                 ("flash", torch.float16), ("cudnn", torch.float32), ("efficient", torch.float32),
+                 ("efficient", torch.bfloat16), ("math", torch.float32)]
 MATH_MAX_LEN = 10000  # the fp32 math kernel materializes the score matrix
 
 
@@ -45,7 +46,8 @@ def use_smoke_settings() -> None:
     """--smoke: the same code path on CPU/gloo at toy sizes (to test this script without a GPU)."""
     global HEAD_DIM, LENGTHS, KERNEL_DTYPES
     HEAD_DIM, LENGTHS = 16, (96, 99)
-    KERNEL_DTYPES = [("cpu", torch.float32), ("math", torch.float32), ("cudnn", torch.bfloat16)]
+    KERNEL_DTYPES = [("cpu", torch.float32), ("math", torch.float32), ("cudnn", torch.bfloat16),
+                     ("efficient", torch.float32)]
 
 
 def make_inputs(length: int, padded_len: int, device, dtype, seed: int = 0):
@@ -165,7 +167,7 @@ def model_checks(world, device, emit):
     context = torch.randn(1, 7, config.text_dim, generator=gen, device=device)
     t = torch.tensor([700.0], device=device)
     layouts = [(u, world // u) for u in range(1, world + 1) if world % u == 0 and config.num_heads % u == 0]
-    for dtype, kernels in ((torch.float32, ("auto",)), (torch.bfloat16, ("cudnn", "flash"))):
+    for dtype, kernels in ((torch.float32, ("auto", "math")), (torch.bfloat16, ("cudnn", "flash"))):
         model.to(dtype)
         with torch.no_grad():
             from wan_model.attention import LocalAttention

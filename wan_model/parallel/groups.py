@@ -13,6 +13,7 @@ with ``use_ulysses_low=True``:
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ def init_distributed(
 ) -> torch.device:
     """Join the default process group and return this rank's device.
 
-    NCCL on CUDA (device = local rank), gloo on CPU. ``timeout_s`` bounds every collective,
+    NCCL on CUDA (device = ``local_rank``, else ``$LOCAL_RANK``, else ``rank % device_count``),
+    gloo on CPU. ``timeout_s`` bounds every collective,
     so a rank that never arrives turns into an error instead of a hang.
     """
     if backend is None:
@@ -41,7 +43,8 @@ def init_distributed(
         if not torch.cuda.is_available():
             raise RuntimeError("backend 'nccl' needs CUDA, but torch.cuda.is_available() is False")
         if local_rank is None:
-            local_rank = rank % torch.cuda.device_count()
+            # torchrun and our own launchers set LOCAL_RANK; otherwise ranks fill the visible GPUs in order.
+            local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif backend == "gloo":

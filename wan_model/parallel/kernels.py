@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-KERNEL_NAMES = ("auto", "cudnn", "flash", "cpu", "math")
+KERNEL_NAMES = ("auto", "cudnn", "flash", "efficient", "cpu", "math")
 
 # (q, k, v) -> (out, lse)
 LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -38,6 +38,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     return out, _lse_shape(lse, q)
 
 
+def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory-efficient (xformers-style) CUDA kernel: the one LSE-returning CUDA kernel with float32."""
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)[:2]
+    return out, _lse_shape(lse, q)
+
+
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
     return out, _lse_shape(lse, q)
@@ -54,6 +60,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
 _LSE_KERNELS: dict[str, LseKernel] = {
     "cudnn": cudnn_attention,
     "flash": flash_attention,
+    "efficient": efficient_attention,
     "cpu": cpu_attention,
     "math": math_attention,
 }
@@ -66,13 +73,15 @@ def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype) -
     if kernel == "auto":
         if device.type == "cuda":
             # cuDNN is the fastest LSE-returning kernel on Hopper for half precision; it has no fp32.
-            return "cudnn" if dtype in (torch.float16, torch.bfloat16) else "math"
+            return "cudnn" if dtype in (torch.float16, torch.bfloat16) else "efficient"
         return "cpu" if device.type == "cpu" else "math"
     if kernel in ("cudnn", "flash"):
         if device.type != "cuda":
             raise ValueError(f"attention kernel {kernel!r} needs CUDA tensors, got {device.type}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}")
+    if kernel == "efficient" and device.type != "cuda":
+        raise ValueError(f"attention kernel 'efficient' needs CUDA tensors, got {device.type}")
     if kernel == "cpu" and device.type != "cpu":
         raise ValueError(f"attention kernel 'cpu' needs CPU tensors, got {device.type}")
     return kernel
@@ -88,6 +97,8 @@ def plain_attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
     if name == "flash":
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[0]
+    if name == "efficient":
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, False)[0]
     if name == "math":
         return math_attention(q, k, v)[0]
     # "sdpa" / "cpu": PyTorch's own dispatch.

@@ -23,8 +23,9 @@ class UlyssesRingAttention:
        Ring degree > 1: ring attention over the ring group, merged with the true LSE.
     3. The reverse all-to-all.
 
-    ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``flash``, ``cpu``,
-    ``math``) or is a callable ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout;
+    ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``flash``, ``efficient``,
+    ``cpu``, ``math``; ``auto`` = cuDNN for bf16/fp16 on CUDA, ``efficient`` for fp32 on CUDA,
+    ``cpu`` on CPU, and plain SDPA when the ring degree is 1) or is a callable ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout;
     ``kernel_name`` says which kernel ran in the last call.
     """
 
