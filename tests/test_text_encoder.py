@@ -150,3 +150,61 @@ def test_gpu_bf16_replicated_close_to_cpu_fp32(tiny_dirs):
     torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=5e-2, atol=5e-2)
     cpu_placed = TextEncoder.load(files.text_encoder, files.tokenizer, device="cuda", placement="cpu")
     assert cpu_placed.encode(PROMPTS).device.type == "cuda"
+
+
+def _official_t5_reference(state, ids, mask, eps=1e-6, max_dist=128):
+    """Official wan/modules/t5.py semantics written out on the official names (float32)."""
+    import math
+
+    import torch.nn.functional as F
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+    def buckets(length, num_buckets):
+        rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]
+        half = num_buckets // 2
+        out = (rel > 0).long() * half
+        rel = rel.abs()
+        exact = half // 2
+        large = exact + (torch.log(rel.float().clamp(min=1) / exact) / math.log(max_dist / exact)
+                         * (half - exact)).long()
+        large = large.clamp(max=half - 1)
+        return out + torch.where(rel < exact, rel, large)
+
+    w = {k: v.float() for k, v in state.items()}
+    x = w["token_embedding.weight"][ids]
+    b, length, _ = x.shape
+    num_layers = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
+    for i in range(num_layers):
+        p = f"blocks.{i}."
+        table = w[p + "pos_embedding.embedding.weight"]
+        heads = table.shape[1]
+        bias = table[buckets(length, table.shape[0])].permute(2, 0, 1)[None]
+        h = rms(x, w[p + "norm1.weight"])
+        q, k, v = (F.linear(h, w[p + f"attn.{n}.weight"]).view(b, length, heads, -1) for n in "qkv")
+        scores = torch.einsum("binc,bjnc->bnij", q, k) + bias  # T5: no 1/sqrt(d) scaling
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        attn = torch.einsum("bnij,bjnc->binc", scores.softmax(-1), v).reshape(b, length, -1)
+        x = x + F.linear(attn, w[p + "attn.o.weight"])
+        h = rms(x, w[p + "norm2.weight"])
+        ffn = F.linear(h, w[p + "ffn.fc1.weight"]) * gelu_tanh(F.linear(h, w[p + "ffn.gate.0.weight"]))
+        x = x + F.linear(ffn, w[p + "ffn.fc2.weight"])
+    return rms(x, w["norm.weight"])
+
+
+def test_matches_official_t5_semantics_on_official_weights(tiny_dirs):
+    """Peer check of the name mapping: the official forward written out on the .pth gives the same context."""
+    files = tiny_dirs["official"]
+    enc = _load(files)
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 3  # > 16 tokens: log-spaced buckets used
+    prompts = PROMPTS + [long_prompt]
+    out, lengths = enc.encode_with_lengths(prompts)
+    ids, mask = enc.tokenize(prompts)
+    assert ids.shape[1] > 16
+    ref = _official_t5_reference(torch.load(files.text_encoder, weights_only=True), ids, mask)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out[b, :n], ref[b, :n], rtol=1e-4, atol=1e-4)

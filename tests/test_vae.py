@@ -203,3 +203,64 @@ def test_gpu_vae_and_clip_close_to_cpu(dirs):
     gpu = CLIPImageEncoder.load(files.clip, device="cuda").encode(images)
     assert gpu.dtype == torch.float16
     torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=2e-2, atol=2e-2)
+
+
+def test_clip_matches_official_visual_semantics_on_official_weights(dirs):
+    """Peer check of the name mapping: official VisionTransformer(use_31_block=True) written out on the .pth."""
+    import torch.nn.functional as F
+
+    files = dirs["tiny-i2v", "official"]
+    enc = CLIPImageEncoder.load(files.clip)
+    w = {k: v.float() for k, v in torch.load(files.clip, weights_only=True).items()}
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    pixels = enc.preprocess(images)
+    b, heads = pixels.shape[0], 2  # tiny tower: width 32, 2 heads
+    x = F.conv2d(pixels, w["visual.patch_embedding.weight"], stride=14).flatten(2).transpose(1, 2)
+    x = torch.cat([w["visual.cls_embedding"].expand(b, -1, -1), x], dim=1) + w["visual.pos_embedding"]
+    ln = lambda t, name: F.layer_norm(t, t.shape[-1:], w[name + ".weight"], w[name + ".bias"], 1e-5)  # noqa: E731
+    x = ln(x, "visual.pre_norm")
+    layers = len({k.split(".")[2] for k in w if k.startswith("visual.transformer.")})
+    for i in range(layers - 1):  # use_31_block: all blocks but the last
+        p = f"visual.transformer.{i}."
+        h = ln(x, p + "norm1")
+        qkv = F.linear(h, w[p + "attn.to_qkv.weight"], w[p + "attn.to_qkv.bias"]).view(b, x.shape[1], 3, heads, -1)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
+        x = x + F.linear(attn, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
+        h = F.gelu(F.linear(ln(x, p + "norm2"), w[p + "mlp.0.weight"], w[p + "mlp.0.bias"]))
+        x = x + F.linear(h, w[p + "mlp.2.weight"], w[p + "mlp.2.bias"])
+    torch.testing.assert_close(enc.encode(images), x, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_key_mapping_facts():
+    """Individual renames stated by diffusers' convert_wan_to_diffusers.py (convert_vae / convert_vae_22)."""
+    facts21 = {
+        "encoder.middle.0.residual.2.weight": "encoder.mid_block.resnets.0.conv1.weight",
+        "decoder.middle.2.residual.3.gamma": "decoder.mid_block.resnets.1.norm2.gamma",
+        "encoder.middle.1.to_qkv.weight": "encoder.mid_block.attentions.0.to_qkv.weight",
+        "encoder.head.0.gamma": "encoder.norm_out.gamma",
+        "decoder.head.2.bias": "decoder.conv_out.bias",
+        "conv1.weight": "quant_conv.weight",
+        "conv2.bias": "post_quant_conv.bias",
+        "encoder.conv1.weight": "encoder.conv_in.weight",
+        "encoder.downsamples.3.shortcut.weight": "encoder.down_blocks.3.conv_shortcut.weight",
+        "encoder.downsamples.5.time_conv.weight": "encoder.down_blocks.5.time_conv.weight",
+        "decoder.upsamples.6.residual.6.weight": "decoder.up_blocks.1.resnets.2.conv2.weight",
+        "decoder.upsamples.4.shortcut.weight": "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+        "decoder.upsamples.7.resample.1.weight": "decoder.up_blocks.1.upsamplers.0.resample.1.weight",
+        "decoder.upsamples.11.resample.1.bias": "decoder.up_blocks.2.upsamplers.0.resample.1.bias",
+        "decoder.upsamples.3.time_conv.weight": "decoder.up_blocks.0.upsamplers.0.time_conv.weight",
+        "decoder.upsamples.14.residual.0.gamma": "decoder.up_blocks.3.resnets.2.norm1.gamma",
+    }
+    facts22 = {
+        "encoder.downsamples.0.downsamples.1.residual.6.bias": "encoder.down_blocks.0.resnets.1.conv2.bias",
+        "encoder.downsamples.1.downsamples.2.time_conv.weight": "encoder.down_blocks.1.downsampler.time_conv.weight",
+        "encoder.downsamples.0.downsamples.2.resample.1.weight": "encoder.down_blocks.0.downsampler.resample.1.weight",
+        "decoder.upsamples.0.upsamples.3.resample.1.weight": "decoder.up_blocks.0.upsampler.resample.1.weight",
+        "decoder.upsamples.1.upsamples.0.shortcut.weight": "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+        "decoder.middle.1.proj.bias": "decoder.mid_block.attentions.0.proj.bias",
+    }
+    for kind, facts in (("wan2.1", facts21), ("wan2.2", facts22)):
+        for official, diffusers in facts.items():
+            assert official_vae_to_diffusers_key(official, kind) == diffusers, (kind, official)
+            assert diffusers_vae_to_official_key(diffusers, kind) == official, (kind, diffusers)
