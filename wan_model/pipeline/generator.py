@@ -90,7 +90,9 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Generator:
     """One rank's share of the pipeline: weights loaded once, ``generate`` per job."""
 
-    def __init__(self, config: GeneratorConfig):
+    def __init__(self, config: GeneratorConfig, components=None):
+        """Load everything ``config.model`` names; or take prebuilt ``components`` (a
+        ``components.Components``, e.g. random weights at real shapes for a benchmark)."""
         from .components import load_components
         from .layout import setup_layout
 
@@ -111,7 +113,9 @@ class Generator:
             raise ValueError("fsdp needs several ranks in an initialized process group")
 
         load_start = time.perf_counter()
-        self.parts = load_components(config, self.device, self.dtype, rank=self.rank)
+        if components is None:
+            components = load_components(config, self.device, self.dtype, rank=self.rank)
+        self.parts = components
         self.variant: VariantSpec = self.parts.variant
         self.layout = setup_layout(config, self.variant, self.world_size, self.distributed)
         for model in self.parts.experts.values():
