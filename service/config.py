@@ -29,11 +29,13 @@ class ServiceSettings(BaseSettings):
     ulysses: Degree = "auto"
     ring: Degree = "auto"
     cfg_parallel: Degree = "auto"
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
     offload: bool = False
-    memory_fraction: float = Field(0.95, gt=0.0, le=1.0)
+    fsdp: bool = False
+    memory_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     generator_factory: str = "wan_model.pipeline.generator:build_generator"
-    generator_options: dict[str, Any] = Field(default_factory=dict)  # passed through to the factory
+    # Extra fields for the factory's config (e.g. text_encoder, attention, cache_dir for the real one).
+    generator_options: dict[str, Any] = Field(default_factory=dict)
 
     # --- service ---
     app_name: str = "wanserve"
@@ -141,20 +143,32 @@ class ServiceSettings(BaseSettings):
         return self.auth_token or None
 
     def generator_config(self) -> dict[str, Any]:
-        """What the generator factory receives as ``config``."""
-        return {
+        """What the generator factory receives as ``config`` (``GeneratorConfig`` fields)."""
+        degrees = {"ulysses": self.ulysses, "ring": self.ring, "cfg_parallel": self.cfg_parallel}
+        manual = any(v != "auto" for v in degrees.values())
+        config: dict[str, Any] = {
             "model": self.model,
             "variant": self.variant_name,
-            "gpus": self.gpus,
-            "ulysses": self.ulysses,
-            "ring": self.ring,
-            "cfg_parallel": self.cfg_parallel,
+            "device": "auto" if self.use_gpu else "cpu",
             "dtype": self.dtype,
+            "parallel": "manual" if manual else "auto",
+            "fsdp": self.fsdp,
             "offload": self.offload,
-            "memory_fraction": self.memory_fraction,
-            "device": "cuda" if self.use_gpu else "cpu",
-            **self.generator_options,
+            "memory_fraction": self.memory_fraction if self.use_gpu else None,
         }
+        if manual:
+            # "auto" for one degree next to explicit others: the rest of the world goes to it.
+            known = {k: v for k, v in degrees.items() if v != "auto"}
+            cfg = int(known.get("cfg_parallel", 1))
+            ulysses, ring = known.get("ulysses"), known.get("ring")
+            sp_world = self.world_size // cfg
+            if ulysses is None:
+                ulysses = sp_world // int(ring or 1)
+            if ring is None:
+                ring = sp_world // int(ulysses)
+            config.update(ulysses=int(ulysses), ring=int(ring), cfg_parallel=cfg == 2)
+        config.update(self.generator_options)
+        return config
 
     def to_args(self) -> dict[str, Any]:
         """A plain dict that ``build_app`` / ``serve deploy`` accept back."""
@@ -173,6 +187,6 @@ def _variant_from_model_dir(model_dir: str) -> Optional[str]:
             return name
     lowered = path.name.lower()
     for name, spec in VARIANTS.items():
-        if not spec.tiny and name.replace("wan", "wan") in lowered.replace("_", "-"):
+        if not spec.tiny and name in lowered.replace("_", "-"):
             return name
     return None

@@ -114,7 +114,7 @@ class Ingress:
         if length and length.isdigit() and int(length) > limit:
             raise HTTPException(413, f"request body of {length} bytes is over the limit of {limit} bytes")
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+        if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             form = await request.form(max_part_size=limit)
             data: dict[str, Any] = {}
             for key, value in form.multi_items():

@@ -11,7 +11,6 @@ import os
 import socket
 import time
 import traceback
-from datetime import timedelta
 from typing import Any, Callable, Optional
 
 logger = logging.getLogger("wanserve.worker")
@@ -25,21 +24,13 @@ def load_factory(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def init_process_group(*, backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
+def init_process_group(*, use_gpu: bool, master_addr: str, master_port: int, rank: int, world_size: int,
                        timeout_s: float) -> None:
-    """Join the group through ``wan_model.parallel.init_distributed`` when present, else torch directly."""
-    try:
-        from wan_model.parallel import init_distributed  # type: ignore[attr-defined]
-    except ImportError:
-        init_distributed = None
-    if init_distributed is not None:
-        init_distributed(backend=backend, master_addr=master_addr, master_port=master_port, rank=rank,
-                         world_size=world_size, timeout_s=timeout_s)
-        return
-    import torch.distributed as dist
+    """NCCL on GPUs (Ray gives each worker its one GPU as device 0), gloo on CPU; finite timeout."""
+    from wan_model.parallel import init_distributed
 
-    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    init_distributed(rank, world_size, master_addr=master_addr, master_port=master_port,
+                     backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s, local_rank=0 if use_gpu else None)
 
 
 class GenerationWorker:
@@ -66,18 +57,15 @@ class GenerationWorker:
     def init(self, *, master_addr: str, master_port: int, use_gpu: bool, timeout_s: float,
              factory: str, config: dict[str, Any], progress_target: Optional[dict[str, str]] = None) -> dict:
         """Join the process group (NCCL on GPUs, gloo on CPU) and build the generator once."""
-        if use_gpu:
-            import torch
-
-            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's one GPU
-            self.device = "cuda:0"
-        init_process_group(backend="nccl" if use_gpu else "gloo", master_addr=master_addr,
+        self.device = "cuda:0" if use_gpu else "cpu"
+        init_process_group(use_gpu=use_gpu, master_addr=master_addr,
                            master_port=master_port, rank=self.rank, world_size=self.world_size,
                            timeout_s=timeout_s)
         self.progress_target = progress_target
         self.generator = load_factory(factory)(dict(config), self.rank, self.world_size)
-        return {"rank": self.rank, "pid": os.getpid(), "device": self.device,
-                "layout": getattr(self.generator, "layout", "")}
+        layout = self.generator.layout_string() if hasattr(self.generator, "layout_string") else \
+            str(getattr(self.generator, "layout", ""))
+        return {"rank": self.rank, "pid": os.getpid(), "device": self.device, "layout": layout}
 
     # ---------------------------------------------------------------- jobs
 
