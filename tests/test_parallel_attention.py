@@ -86,16 +86,27 @@ def test_one_rank_equals_reference():
     assert results[0][0][2] == "sdpa"
 
 
+def _wrong_world(rank, world_size):
+    try:
+        setup_sequence_parallel(ParallelConfig(ulysses=2, ring=2))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _two_rank_cases(rank, world_size, cases):
-    # One pool of ranks for both checks: spawning ranks costs more than the checks.
-    return _run_cases(rank, world_size, cases), _wrong_heads(rank, world_size)
+    # One pool of ranks for all checks: spawning ranks costs more than the checks.
+    return _run_cases(rank, world_size, cases), _wrong_heads(rank, world_size), _wrong_world(rank, world_size)
 
 
 @pytest.mark.slow
 def test_two_ranks_ulysses_and_ring_and_wrong_head_split():
     cases = [(u, r, n, kern) for u, r in [(2, 1), (1, 2)] for n in LENGTHS for kern in ("auto", "math")]
-    results, messages = zip(*run_ranks(_two_rank_cases, 2, cases, timeout=180))
+    results, messages, world_messages = zip(*run_ranks(_two_rank_cases, 2, cases, timeout=180))
     _check(results)
+    for message in world_messages:
+        assert message is not None and "needs cfg_parallel * ulysses * ring = 4 ranks" in message
+        assert "process group has 2" in message
     # A Ulysses degree that does not divide the heads raises the clear error on every rank.
     for message in messages:
         assert message is not None and "ulysses degree 2 does not divide the 3 attention heads" in message
@@ -154,6 +165,29 @@ def test_degree_errors_list_working_degrees():
         ParallelConfig(ulysses=1, ring=1, cfg_parallel=3)
     with pytest.raises(ValueError, match="unknown attention kernel 'fast'"):
         UlyssesRingAttention(None, kernel="fast")
+
+
+def test_init_distributed_rejects_bad_backend_before_connecting():
+    from wan_model.parallel import init_distributed
+
+    with pytest.raises(ValueError, match="unknown backend 'mpi'"):
+        init_distributed(0, 1, "127.0.0.1", 1, backend="mpi")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'nccl' needs CUDA"):
+            init_distributed(0, 1, "127.0.0.1", 1, backend="nccl")
+
+
+def test_kernel_names_resolve_without_silent_fallback():
+    from wan_model.parallel.kernels import resolve_kernel_name
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_kernel_name("auto", cpu, torch.float32) == "cpu"
+    assert resolve_kernel_name("auto", cuda, torch.bfloat16) == "cudnn"
+    assert resolve_kernel_name("auto", cuda, torch.float32) == "efficient"
+    with pytest.raises(ValueError, match="'cudnn' supports float16/bfloat16 only"):
+        resolve_kernel_name("cudnn", cuda, torch.float32)
+    with pytest.raises(ValueError, match="'flash' needs CUDA tensors"):
+        resolve_kernel_name("flash", cpu, torch.bfloat16)
 
 
 @pytest.mark.parametrize(
