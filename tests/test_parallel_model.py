@@ -12,12 +12,14 @@ import torch
 import torch.distributed as dist
 
 from _dist import run_ranks
-from wan_model.config import get_variant
-from wan_model.model import WanModel
 from test_parallel_attention import TOL as ATTENTION_TOL
 from test_parallel_attention import make_inputs as attention_inputs
 from test_parallel_attention import reference_attention
+from wan_model.attention import LocalAttention
+from wan_model.config import get_variant
+from wan_model.model import WanModel
 from wan_model.parallel import ParallelConfig, setup_sequence_parallel
+from wan_model.sequence import SequenceSharding
 
 TOL = 1e-5
 LATENT_SHAPE = (3, 6, 6)  # F, H, W -> 3 * 3 * 3 = 27 tokens with patch (1, 2, 2)
@@ -65,7 +67,7 @@ def _run_model_cases(rank, world_size, cases, num_heads=None):
         # Each CFG half runs its own branch (different inputs), as CFG-parallel does.
         inputs = make_inputs(model, seed=10 + state.cfg_rank, per_token_t=variant == "tiny-ti2v")
         with torch.no_grad():
-            model.set_parallel(model_default_sharding(), model_default_attention())
+            model.set_parallel(SequenceSharding(), LocalAttention())  # one rank
             reference = model(*inputs)
             model.set_parallel(state.sharding(), state.attention())
             parallel = model(*inputs)
@@ -74,18 +76,6 @@ def _run_model_cases(rank, world_size, cases, num_heads=None):
         err = (parallel - reference).abs().max().item()
         results.append(((variant, ulysses, ring, cfg), err, scale, model.attention.kernel_name))
     return results
-
-
-def model_default_sharding():
-    from wan_model.sequence import SequenceSharding
-
-    return SequenceSharding()
-
-
-def model_default_attention():
-    from wan_model.attention import LocalAttention
-
-    return LocalAttention()
 
 
 def _check(results_per_rank):
