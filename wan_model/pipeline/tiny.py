@@ -9,13 +9,16 @@ Every component is written the way the real release stores it, at toy width: the
 z_dim and latent mean/std), a 3-layer CLIP vision tower for tiny-i2v (width = ``image_dim``,
 224px / patch 14, so 257 tokens as the real one), and a SentencePiece unigram tokenizer trained
 in-process on a few sentences. Same seed, same weights. A finished folder carries
-``.tiny-complete`` (its recipe) and is reused; building goes to a temporary sibling that is renamed
-into place, so concurrent builders (several ranks) do not see half-written folders.
+``.tiny-complete`` (its recipe) and is reused; one with another recipe (seed, builder version) is
+rebuilt; a non-empty folder without the marker is never touched. Building goes to a temporary
+sibling that is renamed into place, so concurrent builders (several ranks) never see half-written
+folders.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,7 +33,9 @@ from .model_dir import OFFICIAL_CLIP_TOKENIZER_DIR, OFFICIAL_EXPERT_DIRS, OFFICI
 from .text_encoder import OFFICIAL_T5_FILE, hf_t5_to_official
 from .vae import OFFICIAL_VAE_FILES, save_official_vae, vae_config
 
-BUILDER_VERSION = 1
+logger = logging.getLogger(__name__)
+
+BUILDER_VERSION = 2
 MARKER = ".tiny-complete"
 TINY_VAE_BASE_DIM = 8
 TINY_CLIP = dict(intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, image_size=224, patch_size=14)
@@ -124,12 +129,15 @@ def _tiny_vae(kind: str):
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter from a seeded generator (independent of global RNG and init code)."""
+    """Fill every parameter from a seeded generator (independent of global RNG and init code).
+
+    Norm scales near 1, everything else ~ N(0, 1/fan_in): activations stay O(1) through the layers.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layer_norm.weight", "gamma",
-                              "layernorm.weight", "layrnorm.weight", "layer_norm1.weight", "layer_norm2.weight")):
+            owner = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            if "norm" in owner.lower() and (name.endswith(".weight") or name.endswith(".gamma")):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 fan_in = p[0].numel() if p.ndim > 1 else p.numel()
@@ -243,30 +251,40 @@ def build_tiny_model_dir(path: str | Path | None = None, variant: str = "tiny-t2
         raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
     root = Path(path).expanduser() if path is not None else default_tiny_dir(variant, layout)
     recipe = _recipe(variant, layout, seed)
-    marker = root / MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == recipe:
-                return root
-        except json.JSONDecodeError:
-            pass
-        raise FileExistsError(f"{root} holds a different tiny model ({marker.read_text().strip()}); "
-                              f"remove it or pick another path")
-    if root.exists() and any(root.iterdir()):
+    found = _read_marker(root)
+    if found == recipe:
+        return root
+    replacing = found is not None  # a tiny folder of ours with another recipe (seed, builder version)
+    if not replacing and root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists, is not empty and is not a finished tiny model folder")
+    if replacing:
+        logger.warning("rebuilding tiny model folder %s: it holds %s, %s was asked for", root, found, recipe)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    old = None
     try:
         _write_components(tmp, variant, layout, seed)
         (tmp / MARKER).write_text(json.dumps(recipe) + "\n")
-        if root.exists():
+        if replacing:
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.rename(root, old / "dir")
+        elif root.exists():
             root.rmdir()  # empty (checked above); a concurrent builder may have finished meanwhile
         os.rename(tmp, root)
     except OSError:
-        if (root / MARKER).is_file() and json.loads((root / MARKER).read_text()) == recipe:
+        if _read_marker(root) == recipe:
             return root  # another process built it first
         raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return root
+
+
+def _read_marker(root: Path) -> dict | None:
+    """The recipe a finished tiny folder was built from, or None when ``root`` is not one."""
+    try:
+        return json.loads((root / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
