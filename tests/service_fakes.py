@@ -1,7 +1,7 @@
 """A fast fake ``Generator`` for the service tests: real SPMD control flow (a gloo broadcast of
 the cancel flag every step, like the real generator), noise frames written as a real MP4.
 
-Fault injection through the prompt: "fail" raises on every rank; "slow" makes steps 4x longer.
+Fault injection through the prompt: "inject-failure" raises on every rank; "slow" makes steps 4x longer.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class FakeGenerator:
         for i in range(steps):
             ts = time.monotonic()
             time.sleep(step_s)
-            if "fail" in request.prompt and i == 1:
+            if "inject-failure" in request.prompt and i == 1:
                 raise RuntimeError("injected failure")
             cancel = progress_callback(Progress("denoise", i + 1, steps, time.monotonic() - t0))
             flag = torch.tensor([1 if (self.rank == 0 and cancel) else 0])
