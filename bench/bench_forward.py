@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=90.0,
                    help="per case: fewer timed iterations (at least 1) if warmup shows they would not fit")
-    p.add_argument("--deadline", type=float, default=540.0,
+    p.add_argument("--deadline", type=float, default=480.0,
                    help="whole command: no world starts after this many seconds, a running one is killed")
     p.add_argument("--attn", default=None, help="our kernel: cudnn, flash, sdpa (default cudnn; cpu on --device cpu)")
     p.add_argument("--diffusers-attn", default=None,
