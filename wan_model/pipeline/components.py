@@ -20,14 +20,23 @@ class Components:
     clip: Optional[object]  # CLIPImageEncoder, Wan2.1 I2V only
 
 
-def tiny_variant_name(model: str) -> Optional[str]:
-    """``"tiny"`` -> ``"tiny-t2v"``; ``"tiny-<x>"`` -> itself if it is a tiny variant; else None."""
+def tiny_variant_name(model: str, variant: Optional[str] = None) -> Optional[str]:
+    """The tiny variant ``model`` names, or None for a model folder.
+
+    ``"tiny"`` -> ``variant`` when that is a tiny variant, else ``"tiny-t2v"``; ``"tiny-<x>"`` -> itself.
+    """
+    tiny = sorted(n for n, v in VARIANTS.items() if v.tiny)
     if model == "tiny":
-        return "tiny-t2v"
+        if variant is None:
+            return "tiny-t2v"
+        if variant in VARIANTS and VARIANTS[variant].tiny:
+            return variant
+        raise ValueError(f"model 'tiny' runs tiny variants only ({', '.join(tiny)}); got variant {variant!r}")
     if model.startswith("tiny-"):
         if model not in VARIANTS or not VARIANTS[model].tiny:
-            tiny = sorted(n for n, v in VARIANTS.items() if v.tiny)
             raise ValueError(f"unknown tiny model {model!r}; choose one of tiny, {', '.join(tiny)}")
+        if variant is not None and variant != model:
+            raise ValueError(f"model {model!r} is variant {model}, but variant {variant!r} was requested")
         return model
     return None
 
@@ -53,10 +62,8 @@ def load_components(config, device: torch.device, dtype: torch.dtype, rank: int 
     from .text_encoder import TextEncoder
     from .vae import WanVAE
 
-    tiny = tiny_variant_name(config.model)
+    tiny = tiny_variant_name(config.model, config.variant)
     if tiny is not None:
-        if config.variant is not None and config.variant != tiny:
-            raise ValueError(f"model {config.model!r} is variant {tiny}, but variant {config.variant!r} was requested")
         model_dir = ensure_tiny_model_dir(tiny, config.cache_dir)
         files = detect_model_dir(model_dir, variant=tiny)
     else:

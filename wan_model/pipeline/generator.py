@@ -69,8 +69,8 @@ class GeneratorConfig:
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
-            return torch.device("cuda", local_rank)
+            # init_distributed (or the caller) has set this rank's device already.
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
