@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from yunchang.comm.all_to_all import SeqAllToAll4D
+from yunchang.comm.all_to_all import SeqAllToAll4D, SeqAllToAll5D
 
 from .groups import ParallelState
 from .kernels import KERNEL_NAMES, LseKernel, get_lse_kernel, plain_attention, resolve_kernel_name
@@ -15,18 +15,20 @@ class UlyssesRingAttention:
     Input and output: this SP rank's chunk ``[B, L_local, H, D]`` of a sequence padded to
     ``L_local * sp_world`` tokens, of which the first ``valid_len`` are real.
 
-    1. Ulysses all-to-all (yunchang ``SeqAllToAll4D``): scatter heads, gather the sequence of
-       the ulysses group -> ``[B, ulysses * L_local, H / ulysses, D]``. Because the SP chunks
-       of one ulysses group are consecutive, this is the contiguous span of global positions
-       starting at ``ring_rank * ulysses * L_local``.
+    1. Ulysses all-to-all (yunchang ``SeqAllToAll5D`` on stacked q/k/v, one collective):
+       scatter heads, gather the sequence of the ulysses group ->
+       ``[B, ulysses * L_local, H / ulysses, D]``. Because the SP chunks of one ulysses group
+       are consecutive, this is the contiguous span of global positions starting at
+       ``ring_rank * ulysses * L_local``.
     2. Ring degree 1: plain attention over that (whole) sequence, padding keys dropped.
        Ring degree > 1: ring attention over the ring group, merged with the true LSE.
-    3. The reverse all-to-all.
+    3. The reverse all-to-all (yunchang ``SeqAllToAll4D``).
 
     ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``flash``, ``efficient``,
     ``cpu``, ``math``; ``auto`` = cuDNN for bf16/fp16 on CUDA, ``efficient`` for fp32 on CUDA,
-    ``cpu`` on CPU, and plain SDPA when the ring degree is 1) or is a callable ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout;
-    ``kernel_name`` says which kernel ran in the last call.
+    ``cpu`` on CPU, and plain SDPA when the ring degree is 1) or is a callable
+    ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout. ``kernel_name`` says which kernel
+    ran in the last call; a named kernel that cannot run raises, it is never swapped.
     """
 
     def __init__(self, state: ParallelState, kernel: str | LseKernel = "auto") -> None:
@@ -59,7 +61,9 @@ class UlyssesRingAttention:
         name, kernel = self._kernel_for(q)
 
         if state.ulysses > 1:
-            q, k, v = (SeqAllToAll4D.apply(state.ulysses_group, x, 2, 1) for x in (q, k, v))
+            # One all-to-all for q, k and v together: [B, L_local, 3, H, D] -> [B, L_span, 3, H/U, D].
+            qkv = SeqAllToAll5D.apply(state.ulysses_group, torch.stack([q, k, v], dim=2), 3, 1)
+            q, k, v = qkv.unbind(dim=2)
         if state.ring == 1:
             # This rank holds the whole sequence (for its heads): padding is the tail, drop it.
             k, v = k[:, :valid_len], v[:, :valid_len]
