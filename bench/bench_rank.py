@@ -351,7 +351,8 @@ def rank_main(args: argparse.Namespace, cases: list[dict], check_here: bool, emi
 
 
 def one_line(r: dict) -> str:
-    where = f"{r.get('model', '')} {r.get('width', '')}x{r.get('height', '')}x{r.get('frames', '')} gpus={r.get('gpus')}"
+    size = f" {r['width']}x{r['height']}x{r['frames']}" if "width" in r else ""
+    where = f"{r.get('model', '')}{size} gpus={r.get('gpus')}"
     if r.get("status") == "error" or r["kind"] in ("world_error", "skip"):
         return f"[{r['kind']}] {r.get('impl', '')} {where}: {r.get('error') or r.get('reason')}"
     if r["kind"] == "check":
