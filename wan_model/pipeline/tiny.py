@@ -261,6 +261,7 @@ def build_tiny_model_dir(path: str | Path | None = None, variant: str = "tiny-t2
         logger.warning("rebuilding tiny model folder %s: it holds %s, %s was asked for", root, found, recipe)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
     old = None
     try:
         _write_components(tmp, variant, layout, seed)

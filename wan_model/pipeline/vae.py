@@ -217,7 +217,9 @@ def load_vae_model(path: str | Path, *, kind: str | None = None, dtype: torch.dt
         model = AutoencoderKLWan(**_config_from_official(state, found))
         renamed = {official_vae_to_diffusers_key(k, found): v for k, v in state.items()}
         model.load_state_dict(renamed, strict=True)
-    return model.to(dtype).eval().requires_grad_(False)
+    if next(model.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
 
 
 def save_official_vae(model: nn.Module, path: str | Path, kind: str) -> None:
