@@ -31,8 +31,8 @@ def start_ray(settings: ServiceSettings) -> bool:
         return True
 
 
-def run_app(settings: ServiceSettings, *, timeout_s: float = 900.0) -> str:
-    """Deploy the app (non-blocking) and wait until it answers /readyz's conditions; returns the URL."""
+def run_app(settings: ServiceSettings) -> str:
+    """Deploy the app with ``serve.run(..., blocking=False)``; returns the URL."""
     if settings.use_gpu and ray.cluster_resources().get("GPU", 0) < settings.gpus:
         raise RuntimeError(f"settings ask for {settings.gpus} GPUs per replica but the Ray cluster has "
                            f"{ray.cluster_resources().get('GPU', 0):g}")
@@ -65,9 +65,12 @@ def serve_forever(settings: ServiceSettings, stop: Optional[threading.Event] = N
             logger.info("the tiny model has random weights: it makes noise videos (for trying the API)")
         stop.wait()
     finally:
+        # Our app goes; Serve itself (and other apps on it) only when this process started Ray.
         try:
             serve.delete(settings.app_name)
-            serve.shutdown()
+            if started_ray:
+                serve.shutdown()
         finally:
             if started_ray:
                 ray.shutdown()
+        logger.info("wanserve stopped")
