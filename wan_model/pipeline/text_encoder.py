@@ -151,7 +151,8 @@ class TextEncoder:
     placement:
       "replicated": full weights on ``device`` on every rank.
       "fsdp": weights sharded over the default process group with FSDP2 ``fully_shard`` (one unit
-              per UMT5 block); ``encode`` is then collective: call it on every rank, same order.
+              per UMT5 block, so only one block is ever gathered whole); ``encode`` is then
+              collective: call it on every rank the same number of times (the prompts may differ).
       "cpu": weights and compute on CPU; the result is moved to ``device``.
     """
 
