@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default $OUT, else .out/bench)")
     p.add_argument("--tag", default="", help="free text stored in every record (e.g. which lever is on)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned cases and budgets, run nothing")
     p.add_argument("--world-timeout", type=float, default=None,
                    help="seconds one world may run (default: cases x (max-seconds + 60) + 120)")
     args = p.parse_args(argv)
@@ -98,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if "--model" not in " ".join(argv if argv is not None else sys.argv):
             args.model = ["1.3b"]
     for name in args.model:
-        get_model_config(name)
+        if name not in MODELS:
+            p.error(f"unknown --model {name!r}; choose from {', '.join(MODELS)}")
     for impl in args.impl:
         if impl not in ("ours", "diffusers"):
             p.error(f"unknown --impl {impl!r}; choose ours, diffusers")
@@ -224,7 +226,10 @@ def finish(sink: Sink, out_dir: Path, md_name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
-    cases = plan_cases(args)
+    try:
+        cases = plan_cases(args)
+    except ValueError as exc:
+        sys.exit(f"bench_forward.py: error: {exc}")
     out_dir = Path(args.out)
     stem = "bench_sweep" if args.sweep else "bench"
 
@@ -240,11 +245,17 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     worlds = args.gpus or [1]
+    per_world = args.world_timeout or len(cases) * (args.max_seconds + 60) + 120
+    if args.dry_run:
+        for case in cases:
+            print(f"case: {case}")
+        print(f"worlds {worlds}; per world at most {per_world:.0f} s; whole command at most {args.deadline:.0f} s; "
+              f"check: {args.check} (auto: on the largest world); output {out_dir / (stem + '.jsonl')}")
+        return
     sink = Sink(out_dir, f"{stem}.jsonl")
     sink(environment(args.device) | dict(argv=sys.argv, worlds=worlds, cases=len(cases)))
     available = torch.cuda.device_count() if args.device == "cuda" else max(worlds)
     check_world = max(w for w in worlds if w <= available) if any(w <= available for w in worlds) else None
-    per_world = args.world_timeout or len(cases) * (args.max_seconds + 60) + 120
     for world in worlds:
         remaining = args.deadline - (time.monotonic() - started)
         if world > available:

@@ -325,8 +325,18 @@ def environment(device_type: str) -> dict:
 def rank_main(args: argparse.Namespace, cases: list[dict], check_here: bool, emit, rank: int, world: int,
               port: int | None, local_rank: int | None = None) -> None:
     """One rank of one world: join the group, run every case, leave."""
+    import warnings
+
     import torch.distributed as dist
 
+    # Keep the output tail readable: diffusers warns on every forward under CP (timestep not split).
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    except Exception:  # diffusers missing: its cases report that themselves
+        pass
     if args.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
     if port is None:  # torchrun: its env:// store
