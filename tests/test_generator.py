@@ -63,6 +63,10 @@ class CallRecorder:
             h.remove()
 
 
+# Tests that look at latents or model calls, not at the video: one frame, small, cheap to decode.
+SMALL = dict(num_frames=1, width=32, height=32)
+
+
 @pytest.fixture(scope="module")
 def t2v(tmp_path_factory):
     return Generator(GeneratorConfig(model="tiny", cache_dir=tiny_cache(tmp_path_factory)))
@@ -161,7 +165,7 @@ def test_tiny_t2v_writes_a_playable_mp4(t2v, tmp_path):
 
 
 def test_same_seed_same_video_other_seed_other_video(t2v, tmp_path):
-    request = GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "a"), steps=2, seed=5)
+    request = GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "a"), steps=2, seed=5, **SMALL)
     t2v.generate(request)
     first = t2v.last_latents.clone()
     t2v.generate(replace(request, output_dir=str(tmp_path / "b")))
@@ -173,10 +177,10 @@ def test_same_seed_same_video_other_seed_other_video(t2v, tmp_path):
 def test_guidance_one_skips_the_unconditional_pass(t2v, tmp_path):
     recorder = CallRecorder(t2v)
     try:
-        t2v.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path / "g1"), steps=2, guidance=1.0))
+        t2v.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path / "g1"), steps=2, guidance=1.0, **SMALL))
         assert len(recorder.calls) == 2
         recorder.calls.clear()
-        t2v.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path / "g5"), steps=2, guidance=5.0))
+        t2v.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path / "g5"), steps=2, guidance=5.0, **SMALL))
         assert len(recorder.calls) == 4
     finally:
         recorder.close()
@@ -187,7 +191,7 @@ def test_lightning_preset_fields_run_euler_without_cfg(t2v, tmp_path):
 
     recorder = CallRecorder(t2v)
     try:
-        result = t2v.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path), **LIGHTNING_PRESET))
+        result = t2v.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path), **SMALL, **LIGHTNING_PRESET))
     finally:
         recorder.close()
     assert len(recorder.calls) == 4 and len(result.timings["step_s"]) == 4
@@ -218,7 +222,7 @@ def test_lora_is_merged_for_the_job_and_taken_out_after(t2v, tmp_path):
     }
     path = tmp_path / "lora.safetensors"
     save_file(lora, str(path))
-    request = GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "o"), steps=2, seed=1)
+    request = GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "o"), steps=2, seed=1, **SMALL)
     t2v.generate(request)
     plain = t2v.last_latents.clone()
     t2v.generate(replace(request, lora=str(path)))
@@ -242,7 +246,7 @@ def test_a14b_switches_expert_at_the_boundary_with_its_own_guidance(tmp_path_fac
     try:
         # Guidance (low, high) = (1, 4): low-noise steps run one pass, high-noise steps two.
         result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), steps=steps, shift=shift,
-                                              guidance=(1.0, 4.0)))
+                                              guidance=(1.0, 4.0), **SMALL))
     finally:
         recorder.close()
     assert result.experts_per_step == expected
@@ -262,16 +266,16 @@ def test_wan21_i2v_feeds_clip_features_and_mask_latent_condition(tmp_path_factor
     recorder = CallRecorder(g)
     try:
         result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), image=png_bytes(),
-                                              num_frames=9, steps=2))
+                                              num_frames=5, width=32, height=32, steps=2))
     finally:
         recorder.close()
     frames, *_ = read_video_pyav(result.video_path)
-    assert frames.shape == (9, 64, 64, 3)
+    assert frames.shape == (5, 32, 32, 3)
     call = recorder.calls[0]
     assert call["clip_fea"].shape == (1, 257, g.variant.transformer.image_dim)
     y = call["y"]
-    assert y.shape == (1, 4 + 16, 3, 8, 8)
-    torch.testing.assert_close(y[0, :4].float(), first_frame_mask(9, 8, 8))
+    assert y.shape == (1, 4 + 16, 2, 4, 4)
+    torch.testing.assert_close(y[0, :4].float(), first_frame_mask(5, 4, 4))
     # Frames after the first are zeros, encoded: the image latent differs from them.
     assert (y[0, 4:, 0] - y[0, 4:, 1]).abs().max() > 1e-3
     assert all(c["y"] is y or torch.equal(c["y"], y) for c in recorder.calls)
@@ -286,25 +290,27 @@ def test_wan22_i2v_a14b_conditions_on_y_without_clip(tmp_path_factory, tmp_path,
     assert g.parts.clip is None
     recorder = CallRecorder(g)
     try:
-        result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), image=png_bytes(), steps=3))
+        result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), image=png_bytes(), steps=3,
+                                              width=32, height=32))
     finally:
         recorder.close()
     assert set(result.experts_per_step) <= {"high_noise", "low_noise"}
-    assert all(c["clip_fea"] is None and c["y"].shape == (1, 20, 2, 8, 8) for c in recorder.calls)
+    assert all(c["clip_fea"] is None and c["y"].shape == (1, 20, 2, 4, 4) for c in recorder.calls)
 
 
 def test_ti2v_holds_the_image_latent_as_first_frame_at_timestep_zero(tmp_path_factory, tmp_path):
     g = Generator(GeneratorConfig(model="tiny-ti2v", cache_dir=tiny_cache(tmp_path_factory)))
     recorder = CallRecorder(g)
     try:
-        result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), image=png_bytes(), steps=2))
+        result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), image=png_bytes(), steps=2,
+                                              width=32, height=32))
     finally:
         recorder.close()
     assert result.fps == 24
     frames, _, _, fps = read_video_pyav(result.video_path)
-    assert frames.shape == (5, 64, 64, 3) and fps == 24.0
+    assert frames.shape == (5, 32, 32, 3) and fps == 24.0
     # Per-token timesteps [1, L]: 0 on the first latent frame's tokens, t elsewhere.
-    latents = g.last_latents  # [1, 48, 2, 4, 4] -> tokens per frame (4/2)*(4/2) = 4
+    latents = g.last_latents  # [1, 48, 2, 2, 2] -> tokens per frame (2/2)*(2/2) = 1
     tokens_per_frame = (latents.shape[3] // 2) * (latents.shape[4] // 2)
     for call in recorder.calls:
         t = call["t"]
@@ -316,7 +322,7 @@ def test_ti2v_holds_the_image_latent_as_first_frame_at_timestep_zero(tmp_path_fa
     # Without an image TI2V-5B is plain text-to-video: one timestep per sample.
     recorder = CallRecorder(g)
     try:
-        g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "t2v"), steps=1, guidance=1.0))
+        g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "t2v"), steps=1, guidance=1.0, **SMALL))
     finally:
         recorder.close()
     assert recorder.calls[0]["t"].shape == (1,)
