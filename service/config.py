@@ -68,6 +68,12 @@ class ServiceSettings(BaseSettings):
             get_variant(value)  # raises naming the known variants
         return value
 
+    @field_validator("data_dir", "lora_dir", "auth_token_file")
+    @classmethod
+    def _absolute(cls, value: Optional[str]) -> Optional[str]:
+        # Replicas and workers do not share the builder's working directory: store absolute paths.
+        return None if value is None else str(Path(value).expanduser().absolute())
+
     @model_validator(mode="after")
     def _check(self) -> "ServiceSettings":
         if self.auth_token and self.auth_token_file:

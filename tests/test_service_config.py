@@ -1,0 +1,51 @@
+"""ServiceSettings (YAML + WANSERVE_* env, the builder's args), request checks without Ray."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import ServiceSettings
+from service.schemas import GenerateRequest, check_generate, latent_tokens
+from wan_model.config import get_variant
+
+
+def test_yaml_env_and_overrides(tmp_path, monkeypatch):
+    path = tmp_path / "wanserve.yaml"
+    path.write_text("gpus: 4\nqueue_size: 9\nport: 9000\ndata_dir: data\n")
+    monkeypatch.setenv("WANSERVE_QUEUE_SIZE", "17")
+    settings = ServiceSettings.from_yaml(path, port=9100)
+    assert (settings.gpus, settings.queue_size, settings.port) == (4, 17, 9100)  # args > env > file
+    assert settings.data_dir.startswith("/") and settings.data_dir.endswith("data")
+    assert ServiceSettings.coerce({"config_file": str(path)}).gpus == 4
+    assert ServiceSettings.coerce(settings) is settings
+    again = ServiceSettings.coerce(settings.to_args())
+    assert again == settings
+
+
+def test_bad_settings_name_the_problem():
+    with pytest.raises(ValidationError, match="unknown model variant"):
+        ServiceSettings(variant="wan9")
+    with pytest.raises(ValidationError, match="queue_sise"):
+        ServiceSettings(queue_sise=3)
+    with pytest.raises(ValidationError, match="not both"):
+        ServiceSettings(auth_token="a", auth_token_file="/x")
+    with pytest.raises(ValueError, match="cannot tell the variant"):
+        ServiceSettings(model="/models/unknown").variant_name
+
+
+def test_generator_config_maps_parallel_degrees():
+    auto = ServiceSettings().generator_config()
+    assert auto["parallel"] == "auto" and auto["device"] == "cpu" and auto["variant"] == "tiny-t2v"
+    manual = ServiceSettings(model="/m/Wan2.1-T2V-14B", gpus=8, cfg_parallel=2, ulysses=2).generator_config()
+    assert manual["variant"] == "wan2.1-t2v-14b"
+    assert (manual["parallel"], manual["cfg_parallel"], manual["ulysses"], manual["ring"]) == ("manual", True, 2, 2)
+
+
+def test_token_count_and_size_multiple_follow_the_variant():
+    assert latent_tokens(get_variant("wan2.1-t2v-14b"), 1280, 720, 81) == 21 * 90 * 160 // 4
+    ti2v = ServiceSettings(model="tiny", variant="tiny-ti2v")
+    errors = check_generate(GenerateRequest(prompt="a cat", width=48, height=64), ti2v)
+    assert list(errors) == ["width"] and "multiple of 32" in errors["width"]
+    assert check_generate(GenerateRequest(prompt="a cat", width=64, height=64), ti2v) == {}
+    i2v = ServiceSettings(model="tiny", variant="tiny-i2v")
+    assert "image-to-video" in check_generate(GenerateRequest(prompt="a cat"), i2v)["image"]
