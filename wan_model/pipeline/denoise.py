@@ -156,6 +156,8 @@ def denoise(
             latents = sampler.step(velocity, t, latents)
             if lock is not None:
                 latents = lock.apply(latents)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # honest per-step times (kernels run asynchronously)
         outcome.experts_per_step.append(name)
         outcome.step_s.append(time.perf_counter() - step_start)
         if progress(Progress(stage="denoise", step=index + 1, total_steps=total,
