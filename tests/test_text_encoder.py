@@ -96,14 +96,19 @@ def test_bad_inputs_are_named(tiny_dirs, tmp_path):
 
 
 def _encode_on_rank(rank, world, checkpoint, tokenizer, placement, prompts):
-    enc = TextEncoder.load(checkpoint, tokenizer, dtype=torch.float32, placement=placement)
-    if placement == "fsdp":
-        from torch.distributed.tensor import DTensor
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
+    outs = []
+    # The default mesh (whole default group), then an explicit one built from a new group.
+    for mesh in (None, DeviceMesh.from_group(dist.new_group(backend="gloo"), "cpu")):
+        enc = TextEncoder.load(checkpoint, tokenizer, dtype=torch.float32, placement=placement, mesh=mesh)
         weight = enc.model.encoder.block[0].layer[0].SelfAttention.q.weight
         assert isinstance(weight, DTensor), type(weight)
         assert weight.to_local().shape[0] * world == weight.shape[0]  # each rank holds a shard
-    return enc.encode(prompts).numpy()  # numpy pickles by value (tensors would need the rank alive)
+        outs.append(enc.encode(prompts).numpy())  # numpy pickles by value (tensors would need the rank alive)
+    return outs
 
 
 @pytest.mark.slow
@@ -112,7 +117,8 @@ def test_fsdp_on_two_gloo_ranks_equals_replicated(tiny_dirs):
     args = (str(files.text_encoder), str(files.tokenizer))
     fsdp = run_ranks(_encode_on_rank, 2, *args, "fsdp", PROMPTS, timeout=120)
     replicated = _load(files).encode(PROMPTS)
-    fsdp = [torch.from_numpy(out) for out in fsdp]
+    fsdp = [torch.from_numpy(out) for per_rank in fsdp for out in per_rank]
+    assert len(fsdp) == 4
     for out in fsdp:
         torch.testing.assert_close(out, replicated, rtol=1e-5, atol=1e-5)
     lengths = _load(files).encode_with_lengths(PROMPTS)[1]
@@ -208,3 +214,27 @@ def test_matches_official_t5_semantics_on_official_weights(tiny_dirs):
     ref = _official_t5_reference(torch.load(files.text_encoder, weights_only=True), ids, mask)
     for b, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(out[b, :n], ref[b, :n], rtol=1e-4, atol=1e-4)
+
+
+def _nccl_fsdp_on_rank(rank, world, checkpoint, tokenizer, prompts):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    torch.cuda.set_device(rank)
+    nccl = dist.new_group(backend="nccl")  # the default group of run_ranks is gloo
+    mesh = DeviceMesh.from_group(nccl, "cuda")
+    enc = TextEncoder.load(checkpoint, tokenizer, dtype=torch.float32, device=f"cuda:{rank}", placement="fsdp",
+                           mesh=mesh)
+    return enc.encode(prompts).cpu().numpy()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_fsdp_on_two_nccl_ranks_equals_replicated(tiny_dirs):
+    files = tiny_dirs["official"]
+    outs = run_ranks(_nccl_fsdp_on_rank, 2, str(files.text_encoder), str(files.tokenizer), PROMPTS, timeout=300)
+    replicated = TextEncoder.load(files.text_encoder, files.tokenizer, dtype=torch.float32, device="cuda:0")
+    expected = replicated.encode(PROMPTS).cpu()
+    for out in outs:
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)

@@ -157,7 +157,7 @@ class TextEncoder:
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, text_len: int = TEXT_LEN, device: str | torch.device = "cpu",
-                 placement: str = "replicated"):
+                 placement: str = "replicated", mesh=None):
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown text encoder placement {placement!r}; expected one of {PLACEMENTS}")
         self.tokenizer = tokenizer
@@ -174,12 +174,16 @@ class TextEncoder:
             self.model = model.to(self.device)
         else:
             self.compute_device = self.device
-            self.model = _shard_fsdp(model, self.device)
+            self.model = _shard_fsdp(model, self.device, mesh)
 
     @classmethod
     def load(cls, checkpoint: str | Path, tokenizer: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-             device: str | torch.device = "cpu", placement: str = "replicated", text_len: int = TEXT_LEN) -> "TextEncoder":
-        """Load from an official ``.pth`` or an HF folder, and a tokenizer folder; see the class doc."""
+             device: str | torch.device = "cpu", placement: str = "replicated", text_len: int = TEXT_LEN,
+             mesh=None) -> "TextEncoder":
+        """Load from an official ``.pth`` or an HF folder, and a tokenizer folder; see the class doc.
+
+        ``mesh``: for "fsdp", a 1-D ``DeviceMesh`` to shard over (default: the whole default group).
+        """
         from transformers import AutoTokenizer
 
         if placement not in PLACEMENTS:
@@ -192,7 +196,7 @@ class TextEncoder:
         if len(tok) > model.config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer} has {len(tok)} tokens, more than the encoder's vocabulary "
                              f"({model.config.vocab_size}): they do not belong together")
-        return cls(model, tok, text_len=text_len, device=device, placement=placement)
+        return cls(model, tok, text_len=text_len, device=device, placement=placement, mesh=mesh)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) [B, L] on CPU, L = the longest prompt's token count (with the end token), <= text_len."""
@@ -221,8 +225,8 @@ class TextEncoder:
         return self.encode_with_lengths(prompts)[0]
 
 
-def _shard_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
-    """Shard ``model`` over the default process group with FSDP2, one unit per UMT5 block plus the root."""
+def _shard_fsdp(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
+    """Shard ``model`` over ``mesh`` (default: the whole default group) with FSDP2, one unit per block plus the root."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -231,7 +235,8 @@ def _shard_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
         raise RuntimeError('text encoder placement "fsdp" needs an initialized torch.distributed process group')
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in model.encoder.block:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
