@@ -238,7 +238,13 @@ def main(argv: list[str] | None = None) -> None:
         sink = Sink(out_dir, f"{stem}.jsonl") if rank == 0 else None
         if sink:
             sink(environment(args.device) | dict(argv=sys.argv, world=world))
-        emit = sink if sink else (lambda record: print(one_line(record), flush=True) if record.get("status") == "error" else None)
+
+        def emit(record: dict) -> None:  # rank 0 writes the file; the others print their own errors
+            if sink is not None:
+                sink(record)
+            elif record.get("status") == "error":
+                print(one_line(record), flush=True)
+
         rank_main(args, cases, args.check != "off", emit, rank, world, None, int(os.environ.get("LOCAL_RANK", 0)))
         if sink:
             finish(sink, out_dir, f"{stem}.md")

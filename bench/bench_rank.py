@@ -149,13 +149,18 @@ class Runner:
         else:
             model = build_diffusers(config, self.device, self.dtype, args.seed)
             self.parallelize_diffusers(model, ulysses, ring)
-        if args.compile:
-            if impl == "ours":
-                for block in model.blocks:
-                    block.compile()
-            else:
-                model.compile_repeated_blocks()
+        self.maybe_compile(impl, model)
         return model
+
+    def maybe_compile(self, impl: str, model) -> None:
+        """``--compile``: regional compilation, every transformer block on its own (both impls alike)."""
+        if not self.args.compile:
+            return
+        if impl == "ours":
+            for block in model.blocks:
+                block.compile()
+        else:
+            model.compile_repeated_blocks()
 
     def parallelize_ours(self, model, ulysses: int, ring: int) -> None:
         state = self.sp_state(ulysses, ring)
@@ -246,6 +251,8 @@ class Runner:
             ours = ours_from_diffusers(reference, config, self.device, self.dtype)
             self.parallelize_diffusers(reference, ulysses, ring)
             self.parallelize_ours(ours, ulysses, ring)
+            self.maybe_compile("diffusers", reference)  # with --compile, check the compiled code that was timed
+            self.maybe_compile("ours", ours)
             shape = Shape(case["width"], case["height"], case["frames"])
             inputs = make_inputs(config, shape, self.device, self.dtype, self.args.seed + 1)
             with torch.no_grad():
@@ -260,7 +267,7 @@ class Runner:
             if self.rank == 0:
                 self.emit(dict(kind="check", model=case["model"], width=case["width"], height=case["height"],
                                frames=case["frames"], tokens=case["tokens"], gpus=self.world, ulysses=ulysses,
-                               ring=ring, diffusers_attn=self.args.diffusers_attn, status="ok",
+                               ring=ring, diffusers_attn=self.args.diffusers_attn, compile=self.args.compile, status="ok",
                                rel_err_per_rank=rels, tag=self.args.tag, **fields))
             return True
         except Exception as exc:

@@ -104,7 +104,8 @@ def format_table(records: list[dict]) -> str:
     checks = [r for r in records if r.get("kind") == "check"]
     if checks:
         out += ["", "## Ours vs diffusers on the same random weights (bf16)", "",
-                "| model | size | frames | GPUs | status | rel err | max abs err | ref rms | finite |", "|---|---|---|---|---|---|---|---|---|"]
+                "| model | size | frames | GPUs | status | rel err | max abs err | ref rms | finite |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in checks:
             out.append(f"| {r['model']} | {r['width']}x{r['height']} | {r['frames']} | {r['gpus']} | {r['status']} "
                        f"| {_fmt(r.get('rel_err'), '.2e')} | {_fmt(r.get('max_abs_err'), '.2e')} "
