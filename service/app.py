@@ -19,10 +19,26 @@ from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
 from service.ingress import Ingress
 
 
+def check_parallel_degrees(settings: ServiceSettings) -> None:
+    """Explicit ulysses/ring/cfg_parallel must multiply to the workers per replica and split the heads."""
+    from wan_model.parallel import ParallelConfig
+
+    config = settings.generator_config()
+    if config.get("parallel") != "manual":
+        return  # "auto": the generator picks with wan_model.parallel.pick_parallel_degrees
+    layout = ParallelConfig(ulysses=config["ulysses"], ring=config["ring"],
+                            cfg_parallel=2 if config["cfg_parallel"] else 1)
+    if layout.world_size != settings.world_size:
+        raise ValueError(f"cfg_parallel {layout.cfg_parallel} x ulysses {layout.ulysses} x ring {layout.ring} = "
+                         f"{layout.world_size} ranks, but each engine replica has {settings.world_size} workers")
+    layout.check_heads(settings.variant_spec.transformer.num_heads)
+
+
 def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.Application:
     settings = ServiceSettings.coerce(args)
     settings.variant_spec  # fail here, not in a replica, on an unknown variant
     settings.resolved_auth_token()  # and on an unreadable token file
+    check_parallel_degrees(settings)
     plain = settings.to_args()
     engine = serve.deployment(EngineReplica).options(**engine_options(settings)).bind(plain)
     queue = serve.deployment(JobQueueService).options(

@@ -168,6 +168,10 @@ class ServiceSettings(BaseSettings):
             cfg = int(known.get("cfg_parallel", 1))
             ulysses, ring = known.get("ulysses"), known.get("ring")
             sp_world = self.world_size // cfg
+            for name, given in (("ulysses", ulysses), ("ring", ring)):
+                if given is not None and (sp_world % int(given) or self.world_size % cfg):
+                    raise ValueError(f"{name}={given} (with cfg_parallel={cfg}) does not divide the "
+                                     f"{self.world_size} workers of an engine replica")
             if ulysses is None:
                 ulysses = sp_world // int(ring or 1)
             if ring is None:

@@ -104,7 +104,13 @@ class JobQueueService:
                 self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}")
                 return
             try:
-                outcome = await self.engine.run.remote(engine_job)
+                # Bounded: with no replica able to start (constructor failing), a job must not stay "running".
+                limit = self.settings.job_timeout_s + self.settings.worker_init_timeout_s + 60
+                outcome = await asyncio.wait_for(self._call_engine(engine_job), timeout=limit)
+            except asyncio.TimeoutError:
+                job = self.queue.requeue(job_id, f"no engine replica finished the job within {limit:.0f} s")
+                logger.warning("job %s: engine call timed out; job is now %s", job_id, job["status"])
+                return
             except Exception as exc:  # noqa: BLE001 - the engine replica itself died
                 job = self.queue.requeue(job_id, f"engine replica failed: {type(exc).__name__}: {exc}")
                 logger.warning("job %s: engine replica failed (%s); job is now %s", job_id, exc, job["status"])
@@ -118,6 +124,9 @@ class JobQueueService:
         finally:
             self.inflight.pop(job_id, None)
             self._poke()
+
+    async def _call_engine(self, engine_job: dict[str, Any]) -> dict[str, Any]:
+        return await self.engine.run.remote(engine_job)
 
     def _apply_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
         status = outcome["status"]

@@ -49,3 +49,15 @@ def test_token_count_and_size_multiple_follow_the_variant():
     assert check_generate(GenerateRequest(prompt="a cat", width=64, height=64), ti2v) == {}
     i2v = ServiceSettings(model="tiny", variant="tiny-i2v")
     assert "image-to-video" in check_generate(GenerateRequest(prompt="a cat"), i2v)["image"]
+
+
+def test_builder_refuses_parallel_degrees_that_do_not_fit():
+    from service.app import build_app
+
+    with pytest.raises(ValueError, match="does not divide"):
+        build_app({"ulysses": 3})
+    with pytest.raises(ValueError, match="4 ranks"):
+        build_app({"ulysses": 2, "ring": 2})
+    with pytest.raises(ValueError, match="heads"):
+        build_app({"gpus": 8, "ulysses": 8})  # tiny has 4 heads
+    build_app({"gpus": 8, "ulysses": 4, "cfg_parallel": 2})
