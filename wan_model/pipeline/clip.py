@@ -132,7 +132,7 @@ def _key_prefix(model: nn.Module) -> str:
 
 
 def load_clip_vision(path: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A ``CLIPVisionModel`` (or ``...WithProjection``) on CPU, eval mode, from the official ``.pth`` or an HF folder."""
+    """A ``CLIPVisionModel`` (or ``...WithProjection``) on CPU, eval mode, from the official .pth or an HF folder."""
     from transformers import CLIPVisionModel
 
     path = Path(path)

@@ -164,8 +164,8 @@ def diffusers_vae_to_official_key(key: str, kind: str) -> str:
                 return f"decoder.upsamples.{group * _WAN21_UP_GROUP + _WAN21_UP_GROUP - 1}.{rest}"
             return f"decoder.upsamples.{group * _WAN21_UP_GROUP + int(m.group(3))}.{_RESIDUAL_RENAMES_INV[rest]}"
     elif kind == "wan2.2":
-        m = re.fullmatch(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.+)",
-                         key)
+        m = re.fullmatch(
+            r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.+)", key)
         if m:
             side, level, rest = m.group(1), m.group(3), m.group(6)
             stack = "downsamples" if side == "encoder" else "upsamples"
