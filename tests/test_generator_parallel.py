@@ -1,4 +1,5 @@
-"""N ranks give the 1-rank result: Ulysses 2, CFG-parallel 2, FSDP x Ulysses 2 (gloo, CPU).
+"""N ranks give the 1-rank result: Ulysses 2, Ring 2, CFG-parallel 2, FSDP x Ulysses 2, and on 4
+ranks CFG-parallel 2 x Ulysses 2 (gloo, CPU).
 
 Tolerance: final latents (float32) within 1e-5, decoded frames within 1 level of 255.
 One pair of spawned ranks runs every layout in turn (process start-up is the big cost).
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.slow
 LATENT_ATOL = 1e-5
 LAYOUTS = {
     "ulysses2": dict(parallel="manual", ulysses=2),
+    "ring2": dict(parallel="manual", ring=2, ulysses=1),
     "cfg2": dict(parallel="manual", cfg_parallel=True),
     "fsdp_ulysses2": dict(parallel="manual", ulysses=2, fsdp=True),
 }
@@ -30,9 +32,9 @@ def request(output_dir: str) -> GenerationRequest:
                              height=48, num_frames=9)
 
 
-def run_layouts(rank: int, world_size: int, cache: str, out: str) -> dict:
+def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict) -> dict:
     results = {}
-    for name, settings in LAYOUTS.items():
+    for name, settings in layouts.items():
         generator = Generator(GeneratorConfig(model="tiny-a14b", cache_dir=cache, **settings))
         result = generator.generate(request(f"{out}/{name}"))
         results[name] = dict(
@@ -52,9 +54,9 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
     ref_latents, ref_frames = reference.last_latents.numpy(), reference.last_frames
     assert set(ref_result.experts_per_step) == {"high_noise", "low_noise"}
 
-    ranks = run_ranks(run_layouts, 2, cache, str(tmp_path), timeout=400)
-    for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2"), ("cfg2", "cfg=2 ulysses=1"),
-                                  ("fsdp_ulysses2", "cfg=1 ulysses=2")]:
+    ranks = run_ranks(run_layouts, 2, cache, str(tmp_path), LAYOUTS, timeout=400)
+    for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2 ring=1"), ("ring2", "cfg=1 ulysses=1 ring=2"),
+                                  ("cfg2", "cfg=2 ulysses=1 ring=1"), ("fsdp_ulysses2", "cfg=1 ulysses=2 ring=1")]:
         rank0, rank1 = ranks[0][name], ranks[1][name]
         assert rank0["returned"] and not rank1["returned"], "only rank 0 returns the result"
         assert expected_layout in rank0["layout"] and "world=2" in rank0["layout"]
@@ -65,3 +67,18 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
         diff = np.abs(rank0["frames"].astype(int) - ref_frames.astype(int)).max()
         assert diff <= 1, f"{name}: frames differ by {diff}/255"
         assert (tmp_path / name / "video.mp4").is_file()
+
+
+def test_four_ranks_cfg_parallel_times_ulysses_equal_one_rank(tmp_path_factory, tmp_path):
+    cache = tiny_cache(tmp_path_factory)
+    reference = Generator(GeneratorConfig(model="tiny-a14b", cache_dir=cache))
+    ref_result = reference.generate(request(str(tmp_path / "ref")))
+    layouts = {"cfg2_ulysses2": dict(parallel="manual", cfg_parallel=True, ulysses=2)}
+    ranks = run_ranks(run_layouts, 4, cache, str(tmp_path), layouts, timeout=400)
+    assert "world=4 cfg=2 ulysses=2 ring=1" in ranks[0]["cfg2_ulysses2"]["layout"]
+    assert ranks[0]["cfg2_ulysses2"]["experts"] == ref_result.experts_per_step
+    for rank in ranks:
+        np.testing.assert_allclose(rank["cfg2_ulysses2"]["latents"], reference.last_latents.numpy(), rtol=0,
+                                   atol=LATENT_ATOL)
+    diff = np.abs(ranks[0]["cfg2_ulysses2"]["frames"].astype(int) - reference.last_frames.astype(int)).max()
+    assert diff <= 1
