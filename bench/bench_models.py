@@ -9,6 +9,7 @@ norm weights 1, modulation tables ~ N(0, 1/dim) (official's init for those).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,19 +88,25 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+# Gain of the q/k RMS norms: logits of std ~QK_NORM_GAIN**2 make attention peaked, as in trained models,
+# so that the ours-vs-diffusers check notices position (RoPE/sharding) errors; 1 gives near-uniform attention.
+QK_NORM_GAIN = float(os.environ.get("BENCH_QK_NORM_GAIN", "2.0"))
+
+
 @torch.no_grad()
 def random_init_(model: nn.Module, seed: int) -> None:
     """Fill every parameter (this rank's shard, under FSDP) with finite random values in place."""
     gen_device = next(iter(_local(p) for p in model.parameters())).device
     generator = torch.Generator(device=gen_device).manual_seed(seed)
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         is_norm = "norm" in type(module).__name__.lower()
+        norm_gain = QK_NORM_GAIN if module_name.endswith(("norm_q", "norm_k")) else 1.0
         for name, param in module.named_parameters(recurse=False):
             local = _local(param)
             if local.numel() == 0:
                 continue
             if is_norm:
-                local.fill_(1.0 if name == "weight" else 0.0)
+                local.fill_(norm_gain if name == "weight" else 0.0)
             elif name in ("modulation", "scale_shift_table"):
                 local.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
             elif param.dim() >= 2:
