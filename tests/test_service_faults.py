@@ -101,7 +101,7 @@ def test_worker_killed_mid_job_requeues_then_next_job_succeeds(app):
     import ray
 
     settings, client, _ = app
-    job_id = submit(client, "slow victim", 30)
+    job_id = submit(client, "slow victim", 50)
     job = running_at_step(client, job_id, 2)
     workers = [a for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith(f"wanserve-worker:{settings.app_name}:") and a["name"].endswith(":1")]
@@ -126,7 +126,8 @@ def test_restart_with_jobs_in_sqlite_completes_them(app):
     from ray import serve
 
     settings, client, url = app
-    ids = [submit(client, "slow survive a restart", 20) for _ in range(3)]
+    # The first job outlasts the engine's 5 s graceful shutdown, so it is still "running" when the app goes.
+    ids = [submit(client, "slow survive a restart", 60)] + [submit(client, "slow queued", 8) for _ in range(2)]
     running_at_step(client, ids[0], 1)
     serve.delete(settings.app_name)
     q = JobQueue(settings.db_path, max_size=settings.queue_size)
