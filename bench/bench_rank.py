@@ -293,7 +293,7 @@ class Runner:
             groups.setdefault((case["model"], case["impl"]), []).append(case)
         for group in groups.values():
             self.run_group(group)
-        if check_here and {"ours", "diffusers"} <= set(self.args.impl):
+        if check_here:  # builds its own pair of models: independent of --impl
             # auto: one check per model (its first shape that works); all: every shape.
             checked, passed = set(), set()
             for case in cases:
