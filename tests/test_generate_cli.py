@@ -31,6 +31,18 @@ def test_cli_writes_the_requested_video(tmp_path_factory, tmp_path, capsys):
     assert sorted(os.listdir(out.parent)) == ["cat.mp4", "cat.png"]  # the work folder is gone
 
 
+def test_wanserve_generate_entry_point(tmp_path_factory, tmp_path, capsys):
+    from service.cli import main as wanserve
+
+    out = tmp_path / "w.mp4"
+    code = wanserve(["generate", "--prompt", "a cat", "--steps", "1", "--num-frames", "1", "--width", "32",
+                     "--height", "32", "--output", str(out), "--cache-dir", tiny_cache(tmp_path_factory),
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    frames, *_ = read_video_pyav(str(out))
+    assert frames.shape == (1, 32, 32, 3)
+
+
 def test_cli_image_to_video(tmp_path_factory, tmp_path, capsys):
     image = tmp_path / "in.png"
     image.write_bytes(png_bytes())
