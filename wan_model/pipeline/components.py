@@ -83,6 +83,8 @@ def load_components(config, device: torch.device, dtype: torch.dtype, rank: int 
     t5_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     text_encoder = TextEncoder.load(files.text_encoder, files.tokenizer, dtype=t5_dtype, device=device,
                                     placement=config.text_encoder)
+    if config.offload and config.text_encoder == "replicated":
+        text_encoder.model.to("cpu")  # the generator brings it to the GPU for each encode
     vae = None
     if rank == 0:
         vae_device = torch.device("cpu") if config.offload else device

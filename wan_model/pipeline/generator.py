@@ -46,7 +46,7 @@ class GeneratorConfig:
     ring: Optional[int] = None
     cfg_parallel: Optional[bool] = None
     fsdp: bool = False  # shard transformer weights over all ranks (FSDP2)
-    offload: bool = False  # keep idle models (the other A14B expert, the VAE) on the CPU
+    offload: bool = False  # keep idle models (the other A14B expert, a replicated T5, the VAE) on the CPU
     # T5 placement: "replicated" (on every rank's device), "fsdp" (sharded over the ranks) or "cpu"
     # (saves ~11 GB of GPU memory per rank for UMT5-XXL, costs a few seconds per prompt).
     text_encoder: str = "replicated"
@@ -225,8 +225,17 @@ class Generator:
         negative = job.negative_prompt if job.negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT
         needs_uncond = any(scale != 1.0 for scale in job.guidance.values())
         prompts = [job.prompt, negative] if needs_uncond else [job.prompt]
-        with torch.no_grad():
-            context = self.parts.text_encoder.encode(prompts).to(self.device)
+        encoder = self.parts.text_encoder
+        # offload: a replicated T5 waits on the CPU between jobs and comes to the GPU to encode.
+        swap = self.config.offload and encoder.placement == "replicated" and self.device.type == "cuda"
+        if swap:
+            encoder.model.to(self.device)
+        try:
+            with torch.no_grad():
+                context = encoder.encode(prompts).to(self.device)
+        finally:
+            if swap:
+                encoder.model.to("cpu")
         cond = Branch(context=context[:1])
         uncond = Branch(context=context[1:2]) if needs_uncond else None
         return cond, uncond
