@@ -189,6 +189,7 @@ class Runner:
         args = self.args
         return dict(kind="case", **case, gpus=self.world, device=args.device, compile=args.compile,
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,
+                    ours_attn_requested=args.attn, ulysses_requested=args.ulysses,
                     **fields)
 
     def run_group(self, cases: list[dict]) -> None:

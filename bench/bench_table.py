@@ -27,6 +27,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def levers(r: dict) -> str:
     """What was switched on besides the defaults (rows with different levers are not compared)."""
     parts = []
+    if r.get("ours_attn_requested") not in (None, "cudnn", "cpu"):
+        parts.append(f"ours-attn={r['ours_attn_requested']}")
+    if r.get("ulysses_requested") is not None:
+        parts.append(f"ulysses={r['ulysses_requested']}")
     if r.get("compile"):
         parts.append("compile")
     if r.get("fsdp"):
