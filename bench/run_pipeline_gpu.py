@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto")
     p.add_argument("--t5", choices=["small", "real"], default="small")
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--save-latents", help="write the timed job's final latents here (rank 0)")
+    p.add_argument("--compare-latents", help="report the max/mean abs difference to latents saved by an earlier "
+                   "run (e.g. --gpus 1 --save-latents ref.pt, then --gpus 2 --compare-latents ref.pt)")
     p.add_argument("--smoke", action="store_true", help="CPU/gloo at toy shapes (tiny-t2v), to test the script")
     return p.parse_args(argv)
 
@@ -160,6 +163,15 @@ def run(rank: int, world_size: int, args) -> None:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "timings"}, indent=2))
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if isinstance(v, float)))
+    latents = generator.last_latents
+    if args.save_latents:
+        torch.save(latents, args.save_latents)
+    if args.compare_latents:
+        reference = torch.load(args.compare_latents)
+        diff = (latents - reference).abs()
+        report["latents_vs_reference"] = {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+                                          "reference_mean_abs": reference.abs().mean().item()}
+        print(f"latents vs {args.compare_latents}: {report['latents_vs_reference']}")
     (out_dir / "pipeline_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out_dir / 'pipeline_gpu.json'}")
 
