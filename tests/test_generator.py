@@ -333,6 +333,10 @@ def test_generator_config_rejects_unknown_settings():
         GeneratorConfig.from_dict({"model": "tiny", "gpu_count": 2})
     with pytest.raises(ValueError, match="unknown tiny model"):
         Generator(GeneratorConfig(model="tiny-nope"))
+    with pytest.raises(ValueError, match="unknown attention kernel 'fast'"):
+        Generator(GeneratorConfig(model="tiny", attention="fast"))
+    with pytest.raises(ValueError, match="fsdp needs several ranks"):
+        Generator(GeneratorConfig(model="tiny", fsdp=True))
 
 
 # --- peer check ---------------------------------------------------------------------------------

@@ -107,6 +107,12 @@ class Generator:
                 raise ValueError(f"memory_fraction must be in (0, 1], got {config.memory_fraction}")
             if self.device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(config.memory_fraction, self.device)
+        from wan_model.parallel import KERNEL_NAMES
+
+        if config.attention not in (*KERNEL_NAMES, "sdpa"):
+            raise ValueError(f"unknown attention kernel {config.attention!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
+        if config.parallel not in ("auto", "manual"):
+            raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
         if config.fsdp and config.offload:
             raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
         if config.fsdp and not self.distributed:
