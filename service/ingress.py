@@ -43,6 +43,7 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
         "attempts": job["attempts"], "cancel_requested": job["cancel_requested"],
         "progress": {"stage": job["stage"], "step": job["step"], "total_steps": job["total_steps"]},
         "eta_s": job["eta_s"], "error": job["error"], "request": _public_request(job["request"]),
+        "elapsed_s": ((job["finished_at"] or time.time()) - job["started_at"]) if job["started_at"] else None,
     }
     if job["status"] == "succeeded":
         view["result"] = {
