@@ -69,6 +69,20 @@ def test_cli_bad_request_names_the_problem(tmp_path_factory, tmp_path, capsys, a
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_cli_refuses_a_bad_request_before_starting_ranks(tmp_path, capsys, monkeypatch):
+    import wan_model.pipeline.cli as cli
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("ranks were started for an invalid request")
+
+    monkeypatch.setattr(cli, "run_local", no_run)
+    argv = ["--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--gpus", "2", "--num-frames", "8"]
+    assert main(argv) == 2
+    assert "num_frames: 8 is not of the form 4n+1" in capsys.readouterr().err
+    assert main(["--prompt", "a", "--output", str(tmp_path / "y.mp4"), "--model", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_subprocess_on_two_ranks_matches_one_rank(tmp_path_factory, tmp_path):
     cache = tiny_cache(tmp_path_factory)

@@ -202,6 +202,20 @@ def run_local(config: dict, request: GenerationRequest, world_size: int, show_pr
     return outcome[0]
 
 
+def _variant_of(args):
+    """The variant the model names (tiny, or detected from the folder's files) -- no weights loaded."""
+    from wan_model.config import get_variant
+
+    from .components import tiny_variant_name
+
+    tiny = tiny_variant_name(args.model, args.variant)
+    if tiny is not None:
+        return get_variant(tiny)
+    from .model_dir import detect_model_dir
+
+    return get_variant(detect_model_dir(args.model, variant=args.variant).variant)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.gpus < 1:
@@ -217,10 +231,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model.startswith("tiny"):
         print(f"[wanserve] model {args.model!r}: tiny RANDOM weights -- the output is noise, not a video of the "
               f"prompt (use --model DIR for a real model)", file=sys.stderr)
+    try:
+        variant = _variant_of(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.dirname(output), exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix=".wanserve-", dir=os.path.dirname(output))
     try:
-        result = run_local(_generator_config(args), _request(args, work_dir), args.gpus, not args.no_progress)
+        request = _request(args, work_dir)
+        # Check the request before starting ranks and loading weights (each rank checks again).
+        from .validation import resolve_request
+
+        resolve_request(request, variant)
+        result = run_local(_generator_config(args), request, args.gpus, not args.no_progress)
         preview = os.path.splitext(output)[0] + ".png"
         os.replace(result.video_path, output)
         os.replace(result.preview_path, preview)
