@@ -372,3 +372,23 @@ def test_final_latents_match_diffusers_wan_pipeline_on_the_same_weights(tmp_path
                   num_frames=video["num_frames"]).frames
     assert g.last_latents.abs().mean() > 0.1
     torch.testing.assert_close(g.last_latents, theirs.float(), rtol=0, atol=1e-4)
+
+
+def test_lora_folder_holds_one_file_per_a14b_expert(tmp_path):
+    from wan_model.pipeline.generator import _lora_files
+
+    a14b, t2v = get_variant("tiny-a14b"), get_variant("tiny-t2v")
+    single = tmp_path / "one.safetensors"
+    single.write_bytes(b"")
+    assert _lora_files(str(single), a14b) == {"high_noise": str(single), "low_noise": str(single)}
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    for name in ("high_noise_model.safetensors", "low_noise_model.safetensors", "README.md"):
+        (folder / name).write_bytes(b"")
+    assert _lora_files(str(folder), a14b) == {"high_noise": str(folder / "high_noise_model.safetensors"),
+                                              "low_noise": str(folder / "low_noise_model.safetensors")}
+    with pytest.raises(ValueError, match="exactly one weights file"):
+        _lora_files(str(folder), t2v)
+    (folder / "low_noise_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="expert 'low_noise'"):
+        _lora_files(str(folder), a14b)
