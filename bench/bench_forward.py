@@ -178,7 +178,9 @@ def run_world(args, cases, check_here: bool, world: int, sink: Sink, deadline: f
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_spawned_rank, args=(args, cases, check_here, results, rank, world, port), daemon=True)
+    # Not daemonic: a daemonic process may not start children, and torch.compile's workers are children.
+    # The finally below ends every rank whatever happens.
+    procs = [ctx.Process(target=_spawned_rank, args=(args, cases, check_here, results, rank, world, port))
              for rank in range(world)]
     for proc in procs:
         proc.start()
