@@ -1,5 +1,5 @@
-"""N ranks give the 1-rank result: Ulysses 2, Ring 2, CFG-parallel 2, FSDP x Ulysses 2, and on 4
-ranks CFG-parallel 2 x Ulysses 2 (gloo, CPU).
+"""N ranks give the 1-rank result (gloo, CPU): on 2 ranks Ulysses 2, Ring 2, CFG-parallel 2,
+FSDP x Ulysses 2 and FSDP x CFG-parallel 2; on 4 ranks CFG-parallel 2 x Ulysses 2.
 
 Tolerance: final latents (float32) within 1e-5, decoded frames within 1 level of 255.
 One pair of spawned ranks runs every layout in turn (process start-up is the big cost).
@@ -22,6 +22,7 @@ LAYOUTS = {
     "ring2": dict(parallel="manual", ring=2, ulysses=1),
     "cfg2": dict(parallel="manual", cfg_parallel=True),
     "fsdp_ulysses2": dict(parallel="manual", ulysses=2, fsdp=True),
+    "fsdp_cfg2": dict(parallel="manual", cfg_parallel=True, fsdp=True),
 }
 
 
@@ -56,7 +57,8 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
 
     ranks = run_ranks(run_layouts, 2, cache, str(tmp_path), LAYOUTS, timeout=400)
     for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2 ring=1"), ("ring2", "cfg=1 ulysses=1 ring=2"),
-                                  ("cfg2", "cfg=2 ulysses=1 ring=1"), ("fsdp_ulysses2", "cfg=1 ulysses=2 ring=1")]:
+                                  ("cfg2", "cfg=2 ulysses=1 ring=1"), ("fsdp_ulysses2", "cfg=1 ulysses=2 ring=1"),
+                                  ("fsdp_cfg2", "cfg=2 ulysses=1 ring=1")]:
         rank0, rank1 = ranks[0][name], ranks[1][name]
         assert rank0["returned"] and not rank1["returned"], "only rank 0 returns the result"
         assert expected_layout in rank0["layout"] and "world=2" in rank0["layout"]
