@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .request import JobCancelled, Progress, ProgressCallback
+from .request import JobCancelled, Progress
 from .schedulers import NUM_TRAIN_TIMESTEPS, FlowSampler
 
 

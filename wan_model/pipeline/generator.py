@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from wan_model.config import VariantSpec
 
-from .denoise import Branch, CfgSplit, ExpertPlan, FirstFrameLock, broadcast_cancel, denoise
+from .denoise import Branch, ExpertPlan, FirstFrameLock, broadcast_cancel, denoise
 from .request import GenerationRequest, GenerationResult, JobCancelled, Progress, ProgressCallback
 from .schedulers import make_sampler
 from .validation import ResolvedJob, resolve_request
