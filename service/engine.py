@@ -22,6 +22,7 @@ from service.worker import GenerationWorker
 logger = logging.getLogger("ray.serve")
 
 QUEUE_DEPLOYMENT = "JobQueue"
+RANK_GRACE_S = 5.0  # after one rank failed, the others get the process-group timeout plus this
 
 
 def engine_bundles(settings: ServiceSettings) -> list[dict[str, float]]:
@@ -110,15 +111,19 @@ class EngineReplica:
 
     async def check_health(self) -> None:
         if self.broken:
+            # Tell the queue now: otherwise /readyz and /models count this replica until its report is stale.
+            self._report({"ready": False})
             raise RuntimeError(f"engine replica unhealthy: {self.broken}")
         refs = [w.health.remote() for w in self.workers]
         try:
             workers = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.settings.health_timeout_s)
         except asyncio.TimeoutError:
             self.broken = f"a worker did not answer the health check within {self.settings.health_timeout_s} s"
+            self._report({"ready": False})
             raise RuntimeError(self.broken) from None
         except Exception as exc:  # noqa: BLE001
             self.broken = f"a worker failed its health check: {type(exc).__name__}: {exc}"
+            self._report({"ready": False})
             raise RuntimeError(self.broken) from None
         self._report({"ready": True}, workers)
 
@@ -143,6 +148,13 @@ class EngineReplica:
             done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
                                                return_when=asyncio.FIRST_COMPLETED)
             if not done:
+                stuck = sorted(futures[f] for f in pending)
+                failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
+                if failed:
+                    # A rank failed (e.g. its collective timed out) and the others are wedged.
+                    self.broken = (f"generator error: {failed[0]['error']}; rank(s) {stuck} still had not "
+                                   f"finished {self.settings.nccl_timeout_s + RANK_GRACE_S:.0f} s later")
+                    return {"status": "failed", "error": self.broken}
                 self.broken = f"job {job['id']} did not finish within {self.settings.job_timeout_s} s"
                 return {"status": "failed", "error": self.broken}
             for fut in done:
@@ -155,6 +167,10 @@ class EngineReplica:
                     for other in pending:
                         other.cancel()
                     return {"status": "crashed", "error": self.broken}
+                if outcomes[rank]["status"] == "failed":
+                    # The other ranks reach a collective that times out within nccl_timeout_s; a rank
+                    # stuck outside any collective must not hold the job until job_timeout_s.
+                    deadline = min(deadline, time.monotonic() + self.settings.nccl_timeout_s + RANK_GRACE_S)
         failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
         if failed:
             if any(o.get("fatal") for o in failed):
