@@ -230,6 +230,15 @@ def test_lora_is_merged_for_the_job_and_taken_out_after(t2v, tmp_path):
     t2v.generate(request)
     assert (with_lora - plain).abs().max() > 1e-3
     torch.testing.assert_close(t2v.last_latents, plain, rtol=0, atol=0)
+    # A LoRA that does not fit the model is a bad request, and leaves the weights untouched.
+    bad = tmp_path / "bad.safetensors"
+    save_file({"diffusion_model.blocks.0.nope.lora_down.weight": torch.ones(4, dim),
+               "diffusion_model.blocks.0.nope.lora_up.weight": torch.ones(dim, 4)}, str(bad))
+    with pytest.raises(InvalidRequest) as info:
+        t2v.generate(replace(request, lora=str(bad)))
+    assert "lora" in info.value.errors and "nope" in info.value.errors["lora"]
+    t2v.generate(request)
+    torch.testing.assert_close(t2v.last_latents, plain, rtol=0, atol=0)
 
 
 # --- Wan2.2 A14B: two experts -------------------------------------------------------------------

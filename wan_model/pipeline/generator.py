@@ -17,7 +17,7 @@ import torch.distributed as dist
 from wan_model.config import VariantSpec
 
 from .denoise import Branch, ExpertPlan, FirstFrameLock, broadcast_cancel, denoise
-from .request import GenerationRequest, GenerationResult, JobCancelled, Progress, ProgressCallback
+from .request import GenerationRequest, GenerationResult, InvalidRequest, JobCancelled, Progress, ProgressCallback
 from .schedulers import make_sampler
 from .validation import ResolvedJob, resolve_request
 from .video import frames_to_uint8, write_mp4, write_png
@@ -353,8 +353,13 @@ class Generator:
                 unmerge_lora(model)
             self._lora = None
         if wanted is not None:
-            for name, file in _lora_files(wanted[0], self.variant).items():
-                merge_lora(self.parts.experts[name], file, scale)
+            try:
+                for name, file in _lora_files(wanted[0], self.variant).items():
+                    merge_lora(self.parts.experts[name], file, scale)
+            except ValueError as exc:  # LoraError is a ValueError: keys or shapes that do not fit
+                for model in self.parts.experts.values():
+                    unmerge_lora(model)
+                raise InvalidRequest({"lora": f"{path}: {exc}"}) from None
             self._lora = wanted
 
 
