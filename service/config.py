@@ -47,6 +47,9 @@ class ServiceSettings(BaseSettings):
     lora_dir: Optional[str] = None
     auth_token: Optional[str] = None
     auth_token_file: Optional[str] = None
+    # Per-client bearer tokens, token -> client name: a client sees and reads only its own jobs.
+    # The single auth_token (if any) stays an operator token that sees every job.
+    client_tokens: dict[str, str] = Field(default_factory=dict)
     max_tokens: int = Field(75_600, ge=1)  # latent tokens F'*H'*W' per request (1280x720x81 on 14B)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
@@ -78,6 +81,9 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> "ServiceSettings":
         if self.auth_token and self.auth_token_file:
             raise ValueError("set auth_token or auth_token_file, not both")
+        for token, client in self.client_tokens.items():
+            if len(token) < 16 or not client.strip():
+                raise ValueError("client_tokens maps tokens of 16+ characters to non-empty client names")
         if self.model == "tiny" and self.variant is not None and not get_variant(self.variant).tiny:
             raise ValueError(f"model 'tiny' needs a tiny variant, got {self.variant!r}")
         return self

@@ -154,10 +154,11 @@ class JobQueueService:
     # ---------------------------------------------------------------- API for the ingress
 
     async def submit(self, request: dict[str, Any], idempotency_key: Optional[str] = None,
-                     priority: int = 0) -> dict[str, Any]:
+                     priority: int = 0, owner: Optional[str] = None) -> dict[str, Any]:
         """``{"job": ..., "created": bool}`` or ``{"full": True, "retry_after_s": n, "error": ...}``."""
         try:
-            job, created = self.queue.submit(request, idempotency_key=idempotency_key, priority=priority)
+            job, created = self.queue.submit(request, idempotency_key=idempotency_key, priority=priority,
+                                            owner=owner)
         except QueueFull as exc:
             return {"full": True, "retry_after_s": exc.retry_after_s, "error": str(exc)}
         self._poke()
@@ -167,8 +168,9 @@ class JobQueueService:
         self._ensure_dispatcher()
         return self.queue.get(job_id)
 
-    async def list(self, status: Optional[str] = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
-        jobs, total = self.queue.list(status=status, limit=limit, offset=offset)
+    async def list(self, status: Optional[str] = None, limit: int = 50, offset: int = 0,
+                   owner: Optional[str] = None) -> dict[str, Any]:
+        jobs, total = self.queue.list(status=status, limit=limit, offset=offset, owner=owner)
         return {"jobs": jobs, "total": total}
 
     async def cancel(self, job_id: str) -> dict[str, Any]:

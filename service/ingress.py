@@ -19,7 +19,7 @@ from service.config import ServiceSettings
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL
 from service.schemas import (GenerateRequest, VideoCreateRequest, check_generate, field_errors, from_openai,
-                             pydantic_errors, to_job_request)
+                             openapi_body, pydantic_errors, to_job_request)
 
 api = FastAPI(title="wanserve", description="Wan2.1/Wan2.2 video generation jobs")
 
@@ -97,16 +97,28 @@ class Ingress:
         self.settings = ServiceSettings.coerce(args)
         self.queue = queue
         self.token = self.settings.resolved_auth_token()
+        self.client_tokens = dict(self.settings.client_tokens)
 
     # ---------------------------------------------------------------- helpers
 
-    def _authorize(self, request: Request) -> None:
-        if not self.token or request.url.path in OPEN_ROUTES:
-            return
+    def _authorize(self, request: Request) -> Optional[str]:
+        """Check the bearer token; returns the client name of a per-client token, else ``None`` (all jobs)."""
+        request.state.client = None
+        if not (self.token or self.client_tokens) or request.url.path in OPEN_ROUTES:
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+        given_bytes = given.strip().encode()
+        # Constant time, and every configured token compared, so timing tells nothing about which matched.
+        operator = bool(self.token) and hmac.compare_digest(given_bytes, self.token.encode())
+        client = None
+        for token, name in self.client_tokens.items():
+            if hmac.compare_digest(given_bytes, token.encode()):
+                client = name
+        if scheme.lower() != "bearer" or not (operator or client):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        request.state.client = None if operator else client
+        return request.state.client
 
     async def _read_body(self, request: Request) -> dict[str, Any]:
         """JSON or multipart form (the image as a file upload); 413 past ``max_body_bytes``."""
@@ -142,9 +154,10 @@ class Ingress:
             raise HTTPException(422, "body must be a JSON object")
         return data
 
-    async def _job(self, job_id: str) -> dict[str, Any]:
+    async def _job(self, job_id: str, request: Request) -> dict[str, Any]:
         job = await self.queue.get.remote(job_id)
-        if job is None:
+        client = getattr(request.state, "client", None)
+        if job is None or (client is not None and job.get("owner") != client):  # another client's: not there
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
@@ -157,14 +170,15 @@ class Ingress:
         key = request.headers.get("idempotency-key") or None
         if key is not None and len(key) > 255:
             return JSONResponse({"detail": field_errors({"Idempotency-Key": "longer than 255 characters"})}, 422)
-        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority)
+        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority,
+                                             getattr(request.state, "client", None))
         if answer.get("full"):
             return _error(429, answer["error"], headers={"Retry-After": str(answer["retry_after_s"])})
         return answer
 
     # ---------------------------------------------------------------- jobs
 
-    @api.post("/generate", status_code=202)
+    @api.post("/generate", status_code=202, openapi_extra=openapi_body(GenerateRequest))
     async def generate(self, request: Request):
         self._authorize(request)
         data = await self._read_body(request)
@@ -185,7 +199,7 @@ class Ingress:
     @api.get("/jobs/{job_id}")
     async def job_status(self, job_id: str, request: Request):
         self._authorize(request)
-        return job_view(await self._job(job_id))
+        return job_view(await self._job(job_id, request))
 
     @api.get("/jobs")
     async def jobs(self, request: Request, status: Optional[str] = None, limit: int = 50, offset: int = 0):
@@ -200,19 +214,19 @@ class Ingress:
         if errors:
             return JSONResponse({"detail": [{"loc": ["query", k], "msg": v, "type": "value_error"}
                                             for k, v in errors.items()]}, status_code=422)
-        page = await self.queue.list.remote(status, limit, offset)
+        page = await self.queue.list.remote(status, limit, offset, getattr(request.state, "client", None))
         return {"jobs": [job_view(j) for j in page["jobs"]], "total": page["total"], "limit": limit, "offset": offset}
 
     @api.delete("/jobs/{job_id}")
     async def cancel(self, job_id: str, request: Request):
         self._authorize(request)
-        await self._job(job_id)
+        await self._job(job_id, request)
         return job_view(await self.queue.cancel.remote(job_id))
 
     @api.get("/jobs/{job_id}/events")
     async def events(self, job_id: str, request: Request):
         self._authorize(request)
-        await self._job(job_id)
+        await self._job(job_id, request)
         return StreamingResponse(self._event_stream(job_id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -242,12 +256,12 @@ class Ingress:
     @api.get("/jobs/{job_id}/video")
     async def video(self, job_id: str, request: Request):
         self._authorize(request)
-        return self._file(await self._job(job_id), "video")
+        return self._file(await self._job(job_id, request), "video")
 
     @api.get("/jobs/{job_id}/preview.png")
     async def preview(self, job_id: str, request: Request):
         self._authorize(request)
-        return self._file(await self._job(job_id), "preview")
+        return self._file(await self._job(job_id, request), "preview")
 
     def _file(self, job: dict[str, Any], kind: str) -> Response:
         if job["status"] != "succeeded":
@@ -255,6 +269,10 @@ class Ingress:
         path = job["result_path"] if kind == "video" else job["preview_path"]
         if not path or not Path(path).is_file():
             return _error(410, f"the {kind} of job {job['id']} is gone from the server")
+        if kind == "video" and job.get("result_bytes") is not None and Path(path).stat().st_size != job["result_bytes"]:
+            # Truncated or overwritten since the job finished: never serve a broken file as the result.
+            return _error(410, f"the video of job {job['id']} is corrupt on the server (its size changed from "
+                               f"{job['result_bytes']} to {Path(path).stat().st_size} bytes)")
         media = "video/mp4" if kind == "video" else "image/png"
         name = f"{job['id']}.mp4" if kind == "video" else f"{job['id']}.png"
         return FileResponse(path, media_type=media, filename=name, content_disposition_type="inline")
@@ -303,7 +321,7 @@ class Ingress:
 
     # ---------------------------------------------------------------- OpenAI-style video API
 
-    @api.post("/v1/videos")
+    @api.post("/v1/videos", openapi_extra=openapi_body(VideoCreateRequest))
     async def openai_create(self, request: Request):
         self._authorize(request)
         data = await self._read_body(request)
@@ -320,11 +338,11 @@ class Ingress:
     @api.get("/v1/videos/{job_id}")
     async def openai_get(self, job_id: str, request: Request):
         self._authorize(request)
-        return openai_view(await self._job(job_id), self.settings)
+        return openai_view(await self._job(job_id, request), self.settings)
 
     @api.get("/v1/videos/{job_id}/content")
     async def openai_content(self, job_id: str, request: Request, variant: str = "video"):
         self._authorize(request)
         if variant not in ("video", "thumbnail"):
             return _error(422, "variant must be 'video' or 'thumbnail'")
-        return self._file(await self._job(job_id), "video" if variant == "video" else "preview")
+        return self._file(await self._job(job_id, request), "video" if variant == "video" else "preview")

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_path TEXT,
     preview_path TEXT,
     result_bytes INTEGER,
-    result TEXT
+    result TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -83,6 +84,9 @@ class JobQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:  # a table written before per-client tokens
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -128,8 +132,12 @@ class JobQueue:
     # ------------------------------------------------------------------ submit / read
 
     def submit(self, request: dict[str, Any], *, idempotency_key: Optional[str] = None,
-               priority: int = 0) -> tuple[dict[str, Any], bool]:
-        """Add a job; returns ``(job, created)``. A known idempotency key returns its job unchanged."""
+               priority: int = 0, owner: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+        """Add a job; returns ``(job, created)``. A known idempotency key returns its job unchanged.
+
+        ``owner``: the client that submitted it (per-client tokens); keys are per owner."""
+        if idempotency_key and owner is not None:
+            idempotency_key = f"{owner}\x1f{idempotency_key}"
         payload = json.dumps(request)
         with self._tx():
             if idempotency_key:
@@ -143,9 +151,9 @@ class JobQueue:
             now = time.time()
             job_id = new_job_id()
             self._db.execute(
-                "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, priority, payload, idempotency_key, now, now),
+                "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, priority, payload, idempotency_key, now, now, owner),
             )
             return self._to_dict(self._require(job_id)), True
 
@@ -161,11 +169,14 @@ class JobQueue:
             row = self._row(job_id)
             return None if row is None else self._to_dict(row)
 
-    def list(self, *, status: Optional[str] = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
-        """Jobs newest first, optionally of one status; returns ``(page, total)``."""
+    def list(self, *, status: Optional[str] = None, limit: int = 50, offset: int = 0,
+             owner: Optional[str] = None) -> tuple[list[dict], int]:
+        """Jobs newest first, optionally of one status and one owner; returns ``(page, total)``."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
-        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+        conditions = [(c, v) for c, v in (("status = ?", status), ("owner = ?", owner)) if v is not None]
+        where = ("WHERE " + " AND ".join(c for c, _ in conditions)) if conditions else ""
+        params = tuple(v for _, v in conditions)
         with self._lock:
             (total,) = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()
             rows = self._db.execute(

@@ -163,3 +163,22 @@ def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[Gen
         except ValueError:
             errors["seconds"] = f"seconds {req.seconds!r} must be a positive number"
     return GenerateRequest(**fields), errors
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its body itself (JSON or form): the model's schema,
+    with its ``$defs`` inlined, so that /openapi.json documents the body (and fuzzers can use it)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.split("/")[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
