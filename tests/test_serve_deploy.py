@@ -87,7 +87,7 @@ def _unhealthy(app: dict) -> str:
 class LocalRayCluster:
     """`ray start --head --block` in its own session; stop() ends exactly what it started."""
 
-    def __init__(self, num_cpus: int):
+    def __init__(self, num_cpus: int, num_gpus: int = 0):
         self.temp_dir = tempfile.mkdtemp(prefix="wsd-", dir="/tmp")  # short: Ray's socket paths have a limit
         (gcs, dashboard, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager,
          client) = free_ports(9)
@@ -107,7 +107,8 @@ class LocalRayCluster:
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         cmd = RAY_CLI + [
             "start", "--head", "--block", "--disable-usage-stats", "--temp-dir", self.temp_dir,
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", str(num_cpus), "--num-gpus", "0",
+            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", str(num_cpus),
+            "--num-gpus", str(num_gpus),
             # `serve deploy` talks to the dashboard's REST API (the head's dashboard port), so it stays on.
             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
             "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
