@@ -35,6 +35,19 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def _refuse_serve_config(path: Path) -> None:
+    """A Ray Serve config is not a settings file: say what to do with it instead of listing 'extra' keys."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path} is not valid YAML: {exc}") from None
+    if isinstance(data, dict) and "applications" in data:
+        raise CliError(f"{path} is a Ray Serve config (it has 'applications'): deploy it with `serve deploy {path}`, "
+                       f"or give `wanserve --config` a YAML file of settings (its applications[0].args)")
+
+
 def _visible_gpus() -> int:
     import torch  # only `wanserve serve` / `config` with a model folder get here
 
@@ -53,6 +66,7 @@ def resolve_settings(args: argparse.Namespace, *, detect_gpus: bool = True):
         if args.config:
             if not Path(args.config).is_file():
                 raise CliError(f"config file {args.config} does not exist")
+            _refuse_serve_config(Path(args.config))
             settings = ServiceSettings.from_yaml(args.config, **overrides)
         else:
             settings = ServiceSettings(**overrides)

@@ -111,6 +111,8 @@ def test_config_bad_settings_name_the_field(capsys):
     assert code == 1 and "tiny variant" in err
     code, _, err = run_main(["config", "--config", "/nonexistent/wanserve.yaml"], capsys)
     assert code == 1 and "does not exist" in err
+    code, _, err = run_main(["config", "--config", str(REPO_DIR / "deploy" / "serve_config.yaml")], capsys)
+    assert code == 1 and "serve deploy" in err and "applications[0].args" in err
 
 
 def test_config_file_env_and_flags_precedence(tmp_path, monkeypatch, capsys):
