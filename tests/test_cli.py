@@ -166,6 +166,9 @@ def test_serve_model_dir_uses_all_visible_gpus(fake_launcher, monkeypatch, capsy
     assert fake_launcher[-1].gpus == 2  # an explicit count wins
     code, _, err = run_main(["serve"], capsys)
     assert fake_launcher[-1].gpus == 0  # the tiny default stays on CPU even with GPUs around
+    monkeypatch.setenv("WANSERVE_GPUS", "1")
+    assert run_main(["serve", "--model", "/models/Wan2.1-T2V-1.3B"], capsys)[0] == 0
+    assert fake_launcher[-1].gpus == 1  # a count from the environment is a choice too
 
 
 def test_generate_delegates_the_rest_of_argv(monkeypatch):
