@@ -141,6 +141,7 @@ def test_cluster_layout(docs):
     engine = next(d for d in app["deployments"] if d["name"] == "EngineReplica")
     cluster = spec["rayClusterConfig"]
 
+    assert cluster["authOptions"]["mode"] == "token"  # the Ray dashboard runs code: not open in the cluster
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
     head_container = head["template"]["spec"]["containers"][0]
