@@ -25,6 +25,7 @@ api = FastAPI(title="wanserve", description="Wan2.1/Wan2.2 video generation jobs
 
 OPEN_ROUTES = {"/healthz", "/readyz"}
 SSE_POLL_S = 0.2
+MAX_OFFSET = 2**63 - 1
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -209,8 +210,8 @@ class Ingress:
             errors["status"] = f"unknown status {status!r}; one of {', '.join(STATUSES)}"
         if not 1 <= limit <= 500:
             errors["limit"] = "limit must be between 1 and 500"
-        if offset < 0:
-            errors["offset"] = "offset must be >= 0"
+        if not 0 <= offset <= MAX_OFFSET:  # SQLite integers are 64-bit: a bigger offset was a 500
+            errors["offset"] = f"offset must be between 0 and {MAX_OFFSET}"
         if errors:
             return JSONResponse({"detail": [{"loc": ["query", k], "msg": v, "type": "value_error"}
                                             for k, v in errors.items()]}, status_code=422)
