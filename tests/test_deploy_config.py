@@ -148,3 +148,11 @@ def test_unknown_key_check_catches_typos():
     ServeDeploySchema.model_validate(data)  # Serve itself accepts both typos...
     assert sorted(unknown_keys(ServeDeploySchema, data)) == [
         "applications[0].deployments[2].max_ongoing_request", "http_options.request_timeout"]
+
+
+def test_usage_documents_every_setting():
+    from service.config import ServiceSettings
+
+    usage = (REPO_DIR / "docs" / "USAGE.md").read_text()
+    missing = [name for name in ServiceSettings.model_fields if f"`{name}`" not in usage]
+    assert missing == [], f"docs/USAGE.md's configuration reference lacks {missing}"
