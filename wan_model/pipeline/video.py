@@ -25,30 +25,64 @@ def _temp_path_beside(path: str, suffix: str) -> str:
     return tmp
 
 
+def mp4_encoder() -> str:
+    """Which H.264 encoder ``write_mp4`` uses here: ``"imageio-ffmpeg"`` (preferred) or ``"pyav"``.
+
+    Both write the same format (H.264, yuv420p, crf 18); the name is reported with each result so
+    a run says which one ran. Raises when neither is installed.
+    """
+    import importlib.util
+
+    for module, name in (("imageio_ffmpeg", "imageio-ffmpeg"), ("av", "pyav")):
+        if importlib.util.find_spec(module) is not None:
+            return name
+    raise RuntimeError("no H.264 encoder: install imageio-ffmpeg or av (PyAV)")
+
+
+def _encode_imageio(frames: np.ndarray, path: str, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    # macro_block_size=1: never let imageio resize the frames behind our back.
+    writer = imageio.get_writer(
+        path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+        macro_block_size=1, output_params=["-crf", "18"], ffmpeg_log_level="error",
+    )
+    try:
+        for frame in frames:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+def _encode_pyav(frames: np.ndarray, path: str, fps: int) -> None:
+    import av
+
+    with av.open(path, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:
     """Write ``[F, H, W, 3]`` uint8 frames as H.264/yuv420p MP4 at ``path`` (temp name, then rename).
 
     Width and height must be even (yuv420p halves chroma); Wan sizes are multiples of 16.
     """
-    import imageio.v2 as imageio
-
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected [F, H, W, 3] uint8 frames, got {frames.shape} {frames.dtype}")
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"H.264 yuv420p needs an even frame size, got {width}x{height}")
+    encode = _encode_imageio if mp4_encoder() == "imageio-ffmpeg" else _encode_pyav
     tmp = _temp_path_beside(path, ".mp4")
     try:
-        # macro_block_size=1: never let imageio resize the frames behind our back.
-        writer = imageio.get_writer(
-            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-            macro_block_size=1, output_params=["-crf", "18"], ffmpeg_log_level="error",
-        )
-        try:
-            for frame in frames:
-                writer.append_data(frame)
-        finally:
-            writer.close()
+        encode(frames, tmp, fps)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

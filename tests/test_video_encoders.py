@@ -1,0 +1,34 @@
+"""Both H.264 encoders write the same kind of file: H.264, yuv420p, the requested frames and size."""
+import av
+import numpy as np
+import pytest
+
+from wan_model.pipeline import video
+
+
+@pytest.mark.parametrize("encode", [video._encode_imageio, video._encode_pyav], ids=["imageio-ffmpeg", "pyav"])
+def test_encoder_writes_h264_yuv420p(tmp_path, encode):
+    frames = np.zeros((9, 48, 80, 3), np.uint8)
+    frames[:, :, :40] = 200  # a left/right split survives lossy coding
+    path = str(tmp_path / "v.mp4")
+    encode(frames, path, 16)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        assert float(stream.average_rate) == 16
+    back = video.read_mp4(path)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3
+
+
+def test_write_mp4_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
+    def broken(frames, path, fps):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(video, "_encode_imageio", broken)
+    monkeypatch.setattr(video, "_encode_pyav", broken)
+    with pytest.raises(OSError):
+        video.write_mp4(np.zeros((1, 16, 16, 3), np.uint8), str(tmp_path / "out.mp4"), 16)
+    assert list(tmp_path.iterdir()) == []
