@@ -10,12 +10,14 @@ import asyncio
 import base64
 import logging
 import os
+import shutil
 import time
 from typing import Any, Optional
 
 from service.config import ServiceSettings
 from service.lora import resolve_lora
 from service.queue import FAILED, RUNNING, JobQueue, QueueFull
+from service.results import mp4_problem
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,6 +127,10 @@ class JobQueueService:
             self.inflight.pop(job_id, None)
             self._poke()
 
+    def _discard_results(self, job_id: str) -> None:
+        """Remove what a job that did not succeed left in its results folder: only succeeded jobs have files."""
+        shutil.rmtree(self.settings.results_dir / job_id, ignore_errors=True)
+
     async def _call_engine(self, engine_job: dict[str, Any]) -> dict[str, Any]:
         return await self.engine.run.remote(engine_job)
 
@@ -137,11 +143,18 @@ class JobQueueService:
             if size is None:
                 self.queue.finish(job_id, FAILED, error=f"the generator reported success but wrote no video ({video})")
                 return
+            problem = mp4_problem(video)
+            if problem:
+                self._discard_results(job_id)
+                self.queue.finish(job_id, FAILED, error=f"the generator wrote an incomplete video: {problem}")
+                return
             self.queue.finish(job_id, "succeeded", result=result, result_path=video,
                               preview_path=result.get("preview_path"), result_bytes=size)
         elif status == "cancelled":
+            self._discard_results(job_id)
             self.queue.finish(job_id, "cancelled", error="cancelled while running")
         elif status == "failed":
+            self._discard_results(job_id)  # e.g. an MP4 renamed into place before the preview hit a full disk
             self.queue.finish(job_id, FAILED, error=outcome.get("error") or "failed")
         elif status == "crashed":
             job = self.queue.requeue(job_id, outcome.get("error") or "worker died")
