@@ -7,7 +7,9 @@ then rename), so the store tests exercise the real write path. Test hooks (promp
 - ``hang-rank-1``: rank 1 stops before the step-1 broadcast and sleeps (a wedged rank); rank 0
   blocks inside the collective until the process group's timeout (``nccl_timeout_s``) fires.
 - ``disk-full``: the MP4 writer raises ``OSError(ENOSPC)`` after the first frame reached the temp
-  file (the sandbox cannot mount a small tmpfs, so the full disk is simulated in the write path).
+  file (a full disk simulated in the write path, for machines that cannot mount a small tmpfs).
+- ``silent-truncate``: the MP4 is cut to 16 KiB after it was written and no error is raised: what
+  ffmpeg under imageio leaves on a really full disk ("Error writing trailer", but close() succeeds).
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class ReliabilityFakeGenerator:
                 _write(video, video_path, preview_path, self.spec.fps)
         else:
             _write(video, video_path, preview_path, self.spec.fps)
+        if "silent-truncate" in request.prompt:
+            os.truncate(video_path, min(os.path.getsize(video_path), 16 * 1024))
         return GenerationResult(video_path=video_path, preview_path=preview_path, width=width, height=height,
                                 num_frames=frames, fps=self.spec.fps, seed=request.seed,
                                 timings={"step_s": step_times, "total": time.monotonic() - t0}, layout=self.layout)

@@ -1,10 +1,12 @@
 """The result store: a corrupt or missing result file is a clear 404/410 (never a 500); a full disk
-while writing the MP4 (simulated: the sandbox cannot mount a small tmpfs, so the fake generator's
-test hook makes the real writer raise ENOSPC after the first frame reached its temp file) fails the
-job with the reason and leaves no partial file; results are written to a temp name and renamed."""
+while writing the MP4 fails the job with the reason and leaves no partial file, shown three ways: a
+real 1 MiB tmpfs mounted over the results folder (where ``mount`` is allowed), a test hook making the
+real writer raise ENOSPC, and a test hook leaving the truncated file ffmpeg leaves on a full disk
+without raising; results are written to a temp name and renamed."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -75,7 +77,7 @@ def test_full_disk_while_writing_fails_the_job_and_serves_nothing(app):
     assert row["result_path"] is None and row["result_bytes"] is None
     nxt = _done(client, "after the full disk")
     assert nxt["status"] == "succeeded", nxt
-    report("disk_full", simulated="ENOSPC raised by the MP4 writer after frame 1 (test hook; no tmpfs mount here)",
+    report("disk_full", simulated="ENOSPC raised by the MP4 writer after frame 1 (test hook)",
            error=job["error"])
 
 
@@ -95,3 +97,76 @@ def test_results_are_written_to_a_temp_name_then_renamed(app, tmp_path):
             assert Path(row["result_path"]).name == "video.mp4"  # the service records only the final name
     leftovers = [p for p in settings.results_dir.rglob(".tmp-*")]
     assert not leftovers, leftovers
+
+
+def _fill_leaving(folder: Path, free_bytes: int) -> None:
+    filler = folder / "filler"
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+    except OSError:
+        pass
+    os.truncate(filler, max(0, filler.stat().st_size - free_bytes))
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 1 MiB tmpfs with 16 KiB left, or a skip where this machine does not allow ``mount``."""
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)], capture_output=True,
+                           text=True, timeout=10)
+    if mount.returncode != 0:
+        pytest.skip(f"mount not allowed here ({mount.stderr.strip()}): the ENOSPC test hooks cover this")
+    try:
+        _fill_leaving(tmp_path, 16 * 1024)
+        yield tmp_path
+    finally:
+        subprocess.run(["umount", str(tmp_path)], timeout=30, check=True)
+
+
+def test_writer_on_a_really_full_disk_leaves_a_file_the_service_rejects(full_tmpfs):
+    """ffmpeg under imageio reports "No space left" on stderr but close() does not raise: the file is
+    renamed into place, truncated. The service's check (service.results.mp4_problem) catches it."""
+    from service.results import mp4_problem
+    from wan_model.pipeline.video import write_mp4
+
+    frames = np.random.default_rng(0).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8)
+    path = full_tmpfs / "video.mp4"
+    try:
+        write_mp4(frames, str(path), 16)
+    except OSError as exc:  # a writer that does notice: fine too, as long as nothing partial is left
+        assert "space" in str(exc).lower() and not path.exists()
+        return
+    problem = mp4_problem(str(path))
+    assert problem, "a truncated MP4 passed the check"
+    report("really_full_disk", writer="imageio/ffmpeg did not raise", file_bytes=path.stat().st_size,
+           caught_by="service.results.mp4_problem", problem=problem)
+
+
+def test_silently_truncated_video_fails_the_job(app):
+    settings, client = app
+    job = _done(client, "silent-truncate please", num_frames=17, width=64, height=64)
+    assert job["status"] == "failed" and "incomplete video" in job["error"], job
+    assert client.get(f"/jobs/{job['id']}/video").status_code == 404
+    assert not list((settings.results_dir / job["id"]).glob("*.mp4"))
+
+
+def test_full_tmpfs_under_the_results_fails_the_job(app):
+    settings, client = app
+    results = settings.results_dir
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(results)], capture_output=True,
+                           text=True, timeout=10)
+    if mount.returncode != 0:
+        pytest.skip(f"mount not allowed here ({mount.stderr.strip()}): the ENOSPC test hooks cover this")
+    try:
+        _fill_leaving(results, 16 * 1024)
+        job = _done(client, "onto a full disk", num_frames=17, width=64, height=64)
+        assert job["status"] == "failed", job
+        assert "No space left" in job["error"] or "incomplete video" in job["error"], job["error"]
+        assert client.get(f"/jobs/{job['id']}/video").status_code == 404
+        folder = results / job["id"]
+        assert not folder.exists() or not list(folder.iterdir()), list(folder.iterdir())  # nothing partial left
+        report("tmpfs_full_disk", tmpfs="1 MiB, 16 KiB free", error=job["error"])
+    finally:
+        subprocess.run(["umount", str(results)], timeout=30, check=True)
+    assert _done(client, "after the tmpfs")["status"] == "succeeded"
