@@ -20,18 +20,15 @@ from service.ingress import Ingress
 
 
 def check_parallel_degrees(settings: ServiceSettings) -> None:
-    """Explicit ulysses/ring/cfg_parallel must multiply to the workers per replica and split the heads."""
-    from wan_model.parallel import ParallelConfig
+    """Fail at build time, not in a replica, when the degrees cannot lay out the workers and heads.
 
-    config = settings.generator_config()
-    if config.get("parallel") != "manual":
-        return  # "auto": the generator picks with wan_model.parallel.pick_parallel_degrees
-    layout = ParallelConfig(ulysses=config["ulysses"], ring=config["ring"],
-                            cfg_parallel=2 if config["cfg_parallel"] else 1)
-    if layout.world_size != settings.world_size:
-        raise ValueError(f"cfg_parallel {layout.cfg_parallel} x ulysses {layout.ulysses} x ring {layout.ring} = "
-                         f"{layout.world_size} ranks, but each engine replica has {settings.world_size} workers")
-    layout.check_heads(settings.variant_spec.transformer.num_heads)
+    Uses the generator's own choice (``choose_degrees``), so this check and the workers agree.
+    """
+    from wan_model.pipeline.generator import GeneratorConfig
+    from wan_model.pipeline.layout import choose_degrees
+
+    config = GeneratorConfig.from_dict(settings.generator_config())
+    choose_degrees(config, settings.variant_spec, settings.world_size)
 
 
 def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.Application:

@@ -169,20 +169,13 @@ class ServiceSettings(BaseSettings):
             "memory_fraction": self.memory_fraction if self.use_gpu else None,
         }
         if manual:
-            # "auto" for one degree next to explicit others: the rest of the world goes to it.
-            known = {k: v for k, v in degrees.items() if v != "auto"}
-            cfg = int(known.get("cfg_parallel", 1))
-            ulysses, ring = known.get("ulysses"), known.get("ring")
-            sp_world = self.world_size // cfg
-            for name, given in (("ulysses", ulysses), ("ring", ring)):
-                if given is not None and (sp_world % int(given) or self.world_size % cfg):
-                    raise ValueError(f"{name}={given} (with cfg_parallel={cfg}) does not divide the "
-                                     f"{self.world_size} workers of an engine replica")
-            if ulysses is None:
-                ulysses = sp_world // int(ring or 1)
-            if ring is None:
-                ring = sp_world // int(ulysses)
-            config.update(ulysses=int(ulysses), ring=int(ring), cfg_parallel=cfg == 2)
+            # Degrees left on "auto" go to the generator as None: it picks them for the world it gets
+            # (wan_model.pipeline.layout.choose_degrees), so the service and the workers never disagree.
+            config.update(
+                ulysses=None if self.ulysses == "auto" else int(self.ulysses),
+                ring=None if self.ring == "auto" else int(self.ring),
+                cfg_parallel=self.cfg_parallel != "auto" and int(self.cfg_parallel) == 2,
+            )
         config.update(self.generator_options)
         return config
 

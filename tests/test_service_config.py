@@ -38,7 +38,16 @@ def test_generator_config_maps_parallel_degrees():
     assert auto["parallel"] == "auto" and auto["device"] == "cpu" and auto["variant"] == "tiny-t2v"
     manual = ServiceSettings(model="/m/Wan2.1-T2V-14B", gpus=8, cfg_parallel=2, ulysses=2).generator_config()
     assert manual["variant"] == "wan2.1-t2v-14b"
-    assert (manual["parallel"], manual["cfg_parallel"], manual["ulysses"], manual["ring"]) == ("manual", True, 2, 2)
+    # Degrees left on auto reach the generator as None, and it resolves them for the world it gets.
+    assert (manual["parallel"], manual["cfg_parallel"], manual["ulysses"], manual["ring"]) == ("manual", True, 2, None)
+    from wan_model.pipeline.generator import GeneratorConfig
+    from wan_model.pipeline.layout import choose_degrees
+
+    layout = choose_degrees(GeneratorConfig.from_dict(manual), get_variant("wan2.1-t2v-14b"), 8)
+    assert (layout.cfg_parallel, layout.ulysses, layout.ring) == (2, 2, 2)
+    no_cfg = ServiceSettings(model="/m/Wan2.1-T2V-1.3B", gpus=8, cfg_parallel=1).generator_config()
+    layout = choose_degrees(GeneratorConfig.from_dict(no_cfg), get_variant("wan2.1-t2v-1.3b"), 8)
+    assert (layout.cfg_parallel, layout.ulysses, layout.ring) == (1, 4, 2)  # 12 heads: 8 does not divide them
 
 
 def test_token_count_and_size_multiple_follow_the_variant():

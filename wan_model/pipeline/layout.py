@@ -50,6 +50,10 @@ def choose_degrees(config, variant: VariantSpec, world_size: int):
         picked = pick_parallel_degrees(world_size, heads, cfg_parallel=cfg == 2)
         ulysses, ring = picked.ulysses, picked.ring
     else:
+        for name, given in (("ulysses", config.ulysses), ("ring", config.ring)):
+            if given is not None and (given < 1 or sp_world % given):
+                raise ValueError(f"{name}={given} does not divide the {sp_world} ranks of a sequence-parallel "
+                                 f"group (world {world_size}, cfg_parallel {cfg})")
         ulysses = config.ulysses or sp_world // (config.ring or 1)
         ring = config.ring or sp_world // ulysses
     degrees = ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg)
