@@ -122,7 +122,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     if shown.get("auth_token"):
         shown["auth_token"] = "<set, hidden>"  # never print the secret itself
     if shown.get("client_tokens"):
-        shown["client_tokens"] = {f"<token {i + 1}, hidden>": name for i, name in enumerate(shown["client_tokens"].values())}
+        names = shown["client_tokens"].values()
+        shown["client_tokens"] = {f"<token {i + 1}, hidden>": name for i, name in enumerate(names)}
     data = {"settings": shown, "parallel_layout": layout}
     if args.format == "json":
         print(json.dumps(data, indent=2))
