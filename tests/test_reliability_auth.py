@@ -60,8 +60,8 @@ def test_every_route_but_health_needs_a_token(app):
 def _request(token: str):
     from starlette.requests import Request
 
-    scope = {"type": "http", "method": "GET", "path": "/jobs", "headers": [(b"authorization", f"Bearer {token}".encode())],
-             "query_string": b""}
+    scope = {"type": "http", "method": "GET", "path": "/jobs", "query_string": b"",
+             "headers": [(b"authorization", f"Bearer {token}".encode())]}
     return Request(scope)
 
 

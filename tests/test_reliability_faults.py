@@ -77,6 +77,7 @@ def test_worker_killed_on_both_attempts_fails_with_reason(app):
     import ray
 
     settings, client, _ = app
+    before = replica_ids(client)
     job_id = submit(client, "slow victim twice", steps=100)
     kills = []
     for attempt in (1, 2):
@@ -91,6 +92,7 @@ def test_worker_killed_on_both_attempts_fails_with_reason(app):
     assert not [r for r in job_rows(settings) if r["status"] == "running"]
     nxt = wait_status(client, submit(client, "after two kills"), TERMINAL, timeout_s=90)
     assert nxt["status"] == "succeeded" and nxt["attempts"] == 1, nxt
+    assert replica_ids(client) - before, "the killed replica was not replaced"
     report("worker_killed_twice", failed_after_second_kill_s=round(failed_after, 2),
            attempts=job["attempts"], error=job["error"])
 
@@ -107,7 +109,9 @@ def test_whole_app_restart_finishes_queued_and_recovers_running(app):
     t0 = time.monotonic()
     serve.delete(settings.app_name)
     store = JobQueue(settings.db_path, max_size=settings.queue_size, max_attempts=settings.max_attempts)
-    assert store.get(live)["status"] == "running" and [store.get(i)["status"] for i in queued] == ["queued"] * 2
+    # Left "running" (or re-queued, if the queue saw its engine go first while the app was deleted).
+    assert store.get(live)["status"] in ("running", "queued")
+    assert [store.get(i)["status"] for i in queued] == ["queued"] * 2
     request = {"prompt": "seeded", "negative_prompt": "", "seed": 1, **TINY_JOB}
     first_try, _ = store.submit(dict(request, prompt="running, first attempt"))
     last_try, _ = store.submit(dict(request, prompt="running, last attempt"))

@@ -58,7 +58,8 @@ def test_oversized_body_and_image_get_413(app):
     assert client.post("/generate", json={"prompt": "x" * (MAX_BODY + 10)}).status_code == 413
     image = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(MAX_BODY)).decode()
     assert client.post("/generate", json={"prompt": "cat", "image": image}).status_code == 413
-    big = client.post("/generate", data={"prompt": "cat"}, files={"image": ("a.png", b"\x89PNG" + b"0" * (MAX_BODY + 1))})
+    upload = b"\x89PNG" + b"0" * (MAX_BODY + 1)
+    big = client.post("/generate", data={"prompt": "cat"}, files={"image": ("a.png", upload)})
     assert big.status_code == 413
     chunked = client.post("/generate", content=iter([b'{"prompt": "' + b"y" * 8192] * 10 + [b'"}']),
                           headers={"Content-Type": "application/json"})
@@ -77,8 +78,9 @@ def test_lora_name_leaving_the_folder_gets_422(app, name):
 def test_non_json_and_wrong_content_types_get_4xx_with_a_message(app):
     _, client, _ = app
     cases = [(b"not json", "application/json"), (b"<prompt>cat</prompt>", "application/xml"),
-             (b"hello", "text/plain"), (b"\xff\xfe\x00bad utf-8", "application/json"), (b"[1, 2]", "application/json"),
-             (b"", "application/json"), (b'{"prompt": "cat"', "application/json"), (b"null", "application/json")]
+             (b"hello", "text/plain"), (b"\xff\xfe\x00bad utf-8", "application/json"),
+             (b"[1, 2]", "application/json"), (b"", "application/json"), (b'{"prompt": "cat"', "application/json"),
+             (b"null", "application/json")]
     for body, ctype in cases:
         r = client.post("/generate", content=body, headers={"Content-Type": ctype})
         assert 400 <= r.status_code < 500, (body, ctype, r.status_code, r.text)

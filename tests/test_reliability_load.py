@@ -107,7 +107,8 @@ def test_200_calls_from_20_clients_lose_nothing(app):
     for status in TERMINAL + ("queued", "running"):
         assert metric(text, f'wanserve_jobs{{status="{status}"}}') == table.get(status, 0), status
     assert metric(text, "wanserve_queue_depth") == 0 == table.get("queued", 0)
-    report("load", calls=CALLS, backoff_after_429_s=BACKOFF_S, clients=CLIENTS, queue_bound=QUEUE_BOUND, accepted=len(accepted),
+    report("load", calls=CALLS, backoff_after_429_s=BACKOFF_S, clients=CLIENTS, queue_bound=QUEUE_BOUND,
+           accepted=len(accepted),
            rejected_429=statuses[429], other=CALLS - len(accepted) - statuses[429], submit_s=round(submit_s, 1),
            drain_s=round(drain_s, 1), jobs_per_s=round(len(accepted) / drain_s, 2),
            max_queued_plus_running_seen=max(q + r for q, r in samples), metric_samples=len(samples))
