@@ -379,7 +379,7 @@ def _degree(value: str):
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML file of ServiceSettings fields (see docs/USAGE.md)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of ServiceSettings fields (see the README's configuration reference)")
     p.add_argument("--model", metavar="DIR|tiny", help="model folder, or 'tiny' (random weights: noise videos)")
     p.add_argument("--variant", help="model variant when the folder does not say, e.g. wan2.1-t2v-14b")
     p.add_argument("--gpus", type=int, metavar="N", help="GPU workers per engine replica (default: all visible "

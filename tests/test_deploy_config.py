@@ -150,9 +150,9 @@ def test_unknown_key_check_catches_typos():
         "applications[0].deployments[2].max_ongoing_request", "http_options.request_timeout"]
 
 
-def test_usage_documents_every_setting():
+def test_readme_documents_every_setting():
     from service.config import ServiceSettings
 
-    usage = (REPO_DIR / "docs" / "USAGE.md").read_text()
-    missing = [name for name in ServiceSettings.model_fields if f"`{name}`" not in usage]
-    assert missing == [], f"docs/USAGE.md's configuration reference lacks {missing}"
+    readme = (REPO_DIR / "README.md").read_text()
+    missing = [name for name in ServiceSettings.model_fields if f"`{name}`" not in readme]
+    assert missing == [], f"README.md's configuration reference lacks {missing}"
