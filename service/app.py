@@ -17,6 +17,7 @@ from service.config import ServiceSettings
 from service.dispatcher import JobQueueService
 from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
 from service.ingress import Ingress
+from service.logs import serve_logging_config
 
 
 def check_parallel_degrees(settings: ServiceSettings) -> None:
@@ -37,12 +38,15 @@ def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.A
     settings.resolved_auth_token()  # and on an unreadable token file
     check_parallel_degrees(settings)
     plain = settings.to_args()
-    engine = serve.deployment(EngineReplica).options(**engine_options(settings)).bind(plain)
+    logging_config = serve_logging_config(settings.log_format)
+    engine = serve.deployment(EngineReplica).options(
+        **engine_options(settings), logging_config=logging_config).bind(plain)
     queue = serve.deployment(JobQueueService).options(
         name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
-        health_check_period_s=settings.health_check_period_s,
+        health_check_period_s=settings.health_check_period_s, logging_config=logging_config,
     ).bind(plain, engine)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", max_ongoing_requests=200, ray_actor_options={"num_cpus": 0},
+        logging_config=logging_config,
     ).bind(plain, queue)
     return ingress

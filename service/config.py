@@ -64,6 +64,11 @@ class ServiceSettings(BaseSettings):
     progress_interval_s: float = Field(0.5, ge=0)  # rank 0 reports progress at most this often
     worker_init_timeout_s: float = Field(900.0, gt=0)
 
+    # --- logs ---
+    # "json": every deployment and worker logs one JSON object per line, job lines with a
+    # wanserve_job_id field (service/logs.py); "text" for people reading a terminal.
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, value: Optional[str]) -> Optional[str]:

@@ -15,6 +15,7 @@ import time
 from typing import Any, Optional
 
 from service.config import ServiceSettings
+from service.logs import job_log
 from service.lora import resolve_lora
 from service.queue import FAILED, RUNNING, JobQueue, QueueFull
 from service.results import mp4_problem
@@ -32,7 +33,7 @@ class JobQueueService:
                               max_attempts=self.settings.max_attempts)
         recovered = self.queue.recover_interrupted()
         for job in recovered:
-            logger.warning("job %s was running when the service stopped: now %s", job["id"], job["status"])
+            job_log(logger, job["id"]).warning("was running when the service stopped: now %s", job["status"])
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.engines: dict[str, dict[str, Any]] = {}
         self.inflight: dict[str, asyncio.Task] = {}
@@ -64,6 +65,8 @@ class JobQueueService:
                     if job is not None:
                         job = self.queue.mark_running(job["id"])
                         if job is not None:
+                            job_log(logger, job["id"]).info("dispatched (attempt %d)", job["attempts"],
+                                                            extra={"attempt": job["attempts"]})
                             self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
                             continue
                 self._wake.clear()
@@ -99,11 +102,13 @@ class JobQueueService:
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
+        log = job_log(logger, job_id)
         try:
             try:
                 engine_job = self._engine_job(job)
             except Exception as exc:  # noqa: BLE001 - e.g. the LoRA file was removed since submission
                 self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}")
+                log.warning("failed: cannot prepare job: %s", exc, extra={"error": f"cannot prepare job: {exc}"})
                 return
             try:
                 # Bounded: with no replica able to start (constructor failing), a job must not stay "running".
@@ -111,17 +116,18 @@ class JobQueueService:
                 outcome = await asyncio.wait_for(self._call_engine(engine_job), timeout=limit)
             except asyncio.TimeoutError:
                 job = self.queue.requeue(job_id, f"no engine replica finished the job within {limit:.0f} s")
-                logger.warning("job %s: engine call timed out; job is now %s", job_id, job["status"])
+                log.warning("engine call timed out; job is now %s", job["status"], extra={"status": job["status"]})
                 return
             except Exception as exc:  # noqa: BLE001 - the engine replica itself died
                 job = self.queue.requeue(job_id, f"engine replica failed: {type(exc).__name__}: {exc}")
-                logger.warning("job %s: engine replica failed (%s); job is now %s", job_id, exc, job["status"])
+                log.warning("engine replica failed (%s); job is now %s", exc, job["status"],
+                            extra={"status": job["status"]})
                 return
             self._apply_outcome(job_id, outcome)
             if outcome["status"] == "unavailable":
                 await asyncio.sleep(1.0)  # the replica waits for Serve to replace it
         except Exception:  # noqa: BLE001
-            logger.exception("job %s: dispatch error", job_id)
+            log.exception("dispatch error")
             self.queue.requeue(job_id, "dispatch error")
         finally:
             self.inflight.pop(job_id, None)
@@ -135,6 +141,26 @@ class JobQueueService:
         return await self.engine.run.remote(engine_job)
 
     def _apply_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
+        """Record the engine's outcome, then log what the job became (from the record: it is the truth)."""
+        status = outcome["status"]
+        self._record_outcome(job_id, outcome)
+        job = self.queue.get(job_id) or {}
+        log = job_log(logger, job_id)
+        final = job.get("status")
+        fields = {"status": final}
+        if final == "succeeded":
+            run_s = (job.get("finished_at") or 0) - (job.get("started_at") or 0)
+            log.info("succeeded in %.1f s (%s bytes)", run_s, job.get("result_bytes"),
+                     extra={**fields, "duration_s": run_s})
+        elif final == "cancelled":
+            log.info("cancelled while running", extra=fields)
+        elif final == FAILED:
+            log.warning("failed: %s", job.get("error"), extra={**fields, "error": job.get("error")})
+        else:  # re-queued (crashed / unavailable engine)
+            log.warning("engine outcome %s (%s); re-queued", status, outcome.get("error"),
+                        extra={**fields, "error": outcome.get("error")})
+
+    def _record_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
         status = outcome["status"]
         if status == "succeeded":
             result = outcome.get("result") or {}
@@ -157,8 +183,7 @@ class JobQueueService:
             self._discard_results(job_id)  # e.g. an MP4 renamed into place before the preview hit a full disk
             self.queue.finish(job_id, FAILED, error=outcome.get("error") or "failed")
         elif status == "crashed":
-            job = self.queue.requeue(job_id, outcome.get("error") or "worker died")
-            logger.warning("job %s: %s; job is now %s", job_id, outcome.get("error"), job["status"])
+            self.queue.requeue(job_id, outcome.get("error") or "worker died")
         elif status == "unavailable":
             self.queue.requeue(job_id, outcome.get("error") or "engine unavailable", count_attempt=False)
         else:
@@ -188,6 +213,8 @@ class JobQueueService:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         job = self.queue.cancel(job_id)
+        job_log(logger, job_id).info("cancel requested; job is now %s", job.get("status"),
+                                     extra={"status": job.get("status")})
         self._poke()
         return job
 

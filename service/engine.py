@@ -17,6 +17,7 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from service.config import ServiceSettings
+from service.logs import job_log
 from service.worker import GenerationWorker
 
 logger = logging.getLogger("ray.serve")
@@ -80,7 +81,8 @@ class EngineReplica:
             w.init.remote(master_addr=master_addr, master_port=master_port, use_gpu=use_gpu,
                           timeout_s=self.settings.nccl_timeout_s, factory=self.settings.generator_factory,
                           config=self.settings.generator_config(),
-                          progress_target={"deployment": QUEUE_DEPLOYMENT, "app": self.app_name})
+                          progress_target={"deployment": QUEUE_DEPLOYMENT, "app": self.app_name},
+                          log_format=self.settings.log_format)
             for w in self.workers
         ], timeout=timeout)
         self.layout = infos[0].get("layout", "")
@@ -130,11 +132,21 @@ class EngineReplica:
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job on all ranks. Outcome ``status``: succeeded | cancelled | failed (the job's
         fault or a generator error) | crashed (a worker died or hung: run it again) | unavailable."""
+        log = job_log(logger, job["id"])  # Serve adds the replica id to JSON records
         if self.broken:
+            log.warning("refused: this replica is broken (%s)", self.broken)
             return {"status": "unavailable", "error": self.broken}
         self.busy_job = job["id"]
+        started = time.monotonic()
+        log.info("started on %d ranks of replica %s", self.settings.world_size, self.replica_id)
         try:
-            return await self._run_on_all_ranks(job)
+            outcome = await self._run_on_all_ranks(job)
+            duration_s = time.monotonic() - started
+            log.log(logging.INFO if outcome["status"] in ("succeeded", "cancelled") else logging.WARNING,
+                    "%s in %.1f s%s", outcome["status"], duration_s,
+                    f": {outcome['error']}" if outcome.get("error") else "",
+                    extra={"status": outcome["status"], "duration_s": duration_s})
+            return outcome
         finally:
             self.busy_job = None
             self.jobs_done += 1

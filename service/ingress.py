@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from service.config import ServiceSettings
+from service.logs import job_log
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL
 from service.schemas import (GenerateRequest, VideoCreateRequest, check_generate, field_errors, from_openai,
@@ -27,6 +29,8 @@ OPEN_ROUTES = {"/healthz", "/readyz"}
 SSE_POLL_S = 0.2
 MAX_OFFSET = 2**63 - 1
 SSE_KEEPALIVE_S = 15.0
+
+logger = logging.getLogger("ray.serve")
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -174,7 +178,13 @@ class Ingress:
         answer = await self.queue.submit.remote(to_job_request(req), key, req.priority,
                                              getattr(request.state, "client", None))
         if answer.get("full"):
+            logger.warning("submission refused: %s", answer["error"])
             return _error(429, answer["error"], headers={"Retry-After": str(answer["retry_after_s"])})
+        job = answer["job"]
+        client = getattr(request.state, "client", None)
+        job_log(logger, job["id"]).info(
+            "accepted%s (client %s, queue position %s)", "" if answer["created"] else " again (same Idempotency-Key)",
+            client or "-", job["queue_position"], extra={"client": client, "new_job": answer["created"]})
         return answer
 
     # ---------------------------------------------------------------- jobs

@@ -13,6 +13,8 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
+from service.logs import LogFormat, configure_worker_logging, job_log
+
 logger = logging.getLogger("wanserve.worker")
 
 
@@ -55,8 +57,10 @@ class GenerationWorker:
         return ip, port
 
     def init(self, *, master_addr: str, master_port: int, use_gpu: bool, timeout_s: float,
-             factory: str, config: dict[str, Any], progress_target: Optional[dict[str, str]] = None) -> dict:
+             factory: str, config: dict[str, Any], progress_target: Optional[dict[str, str]] = None,
+             log_format: LogFormat = "text") -> dict:
         """Join the process group (NCCL on GPUs, gloo on CPU) and build the generator once."""
+        configure_worker_logging(log_format)
         self.device = "cuda:0" if use_gpu else "cpu"
         init_process_group(use_gpu=use_gpu, master_addr=master_addr,
                            master_port=master_port, rank=self.rank, world_size=self.world_size,
@@ -74,22 +78,30 @@ class GenerationWorker:
         from wan_model.pipeline.request import GenerationRequest, InvalidRequest, JobCancelled
 
         self.busy_job = job["id"]
-        reporter = _ProgressReporter(job["id"], self.progress_target, job.get("progress_interval_s", 0.5)) \
+        log = job_log(logger, job["id"], rank=self.rank)
+        reporter = _ProgressReporter(job["id"], self.progress_target, job.get("progress_interval_s", 0.5), log) \
             if self.rank == 0 else None
+        started = time.monotonic()
+        log.info("rank %d: started", self.rank)
         try:
             request = GenerationRequest(**job["request"])
             result = self.generator.generate(request, reporter if reporter else _no_cancel)
             out = {"status": "succeeded", "rank": self.rank}
             if result is not None:
                 out["result"] = result.to_dict()
+            duration_s = time.monotonic() - started
+            log.info("rank %d: succeeded in %.1f s", self.rank, duration_s, extra={"duration_s": duration_s})
             return out
         except JobCancelled:
+            log.info("rank %d: cancelled after %.1f s", self.rank, time.monotonic() - started)
             return {"status": "cancelled", "rank": self.rank}
         except InvalidRequest as exc:
+            log.warning("rank %d: invalid request: %s", self.rank, exc, extra={"error": str(exc)})
             return {"status": "failed", "rank": self.rank, "error": f"invalid request: {exc}", "fatal": False}
         except Exception as exc:  # noqa: BLE001 - reported to the job record, then the replica restarts
-            logger.error("rank %d: job %s failed:\n%s", self.rank, job["id"], traceback.format_exc())
-            return {"status": "failed", "rank": self.rank, "error": f"{type(exc).__name__}: {exc}", "fatal": True}
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("rank %d: failed: %s\n%s", self.rank, error, traceback.format_exc(), extra={"error": error})
+            return {"status": "failed", "rank": self.rank, "error": error, "fatal": True}
         finally:
             self.busy_job = None
             if reporter is not None:
@@ -119,8 +131,12 @@ class _ProgressReporter:
     """Rank 0's progress callback: sends progress to the job queue at most every ``interval_s``
     (and at each stage change), and returns the latest cancel flag it got back."""
 
-    def __init__(self, job_id: str, target: Optional[dict[str, str]], interval_s: float):
+    def __init__(self, job_id: str, target: Optional[dict[str, str]], interval_s: float,
+                 log: Optional[logging.LoggerAdapter] = None):
         self.job_id = job_id
+        self.log = log or job_log(logger, job_id, rank=0)
+        self.logged_stage: Optional[str] = None
+        self.logged_quarter = 0
         self.interval_s = interval_s
         self.cancel = False
         self.last_sent = 0.0
@@ -142,11 +158,27 @@ class _ProgressReporter:
             self.last_step_time = now
         elif progress.stage == "denoise":
             self.last_step_time = now
+        self._log_milestone(progress)
         self.pending = {"stage": progress.stage, "step": progress.step, "total_steps": progress.total_steps,
                         "elapsed_s": progress.elapsed_s, "step_s": self.step_s}
         if progress.stage != self.last_stage or now - self.last_sent >= self.interval_s:
             self._send(now)
         return self.cancel
+
+    def _log_milestone(self, progress: Any) -> None:
+        """One line per stage and per quarter of the denoising steps, not one per step."""
+        if progress.stage != self.logged_stage:
+            self.logged_stage, self.logged_quarter = progress.stage, 0
+            self.log.info("stage %s (%.1f s)", progress.stage, progress.elapsed_s,
+                          extra={"stage": progress.stage, "elapsed_s": progress.elapsed_s})
+        elif progress.stage == "denoise" and progress.total_steps:
+            quarter = 4 * progress.step // progress.total_steps
+            if quarter > self.logged_quarter:
+                self.logged_quarter = quarter
+                self.log.info("denoise step %d/%d (%.1f s)", progress.step, progress.total_steps,
+                              progress.elapsed_s, extra={"stage": progress.stage, "step": progress.step,
+                                                         "total_steps": progress.total_steps,
+                                                         "elapsed_s": progress.elapsed_s})
 
     def _send(self, now: float) -> None:
         if self.handle is None or self.pending is None:
@@ -155,7 +187,7 @@ class _ProgressReporter:
         try:
             self.cancel = bool(self.handle.report_progress.remote(self.job_id, self.pending).result(timeout_s=10))
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
-            logger.warning("progress report for job %s failed: %s", self.job_id, exc)
+            self.log.warning("progress report failed: %s", exc)
         self.pending = None
 
     def flush(self) -> None:
