@@ -28,8 +28,11 @@ def check_parallel_degrees(settings: ServiceSettings) -> None:
     from wan_model.pipeline.generator import GeneratorConfig
     from wan_model.pipeline.layout import choose_degrees
 
-    config = GeneratorConfig.from_dict(settings.generator_config())
-    choose_degrees(config, settings.variant_spec, settings.world_size)
+    # Only the layout fields: generator_options may hold a custom factory's own keys.
+    layout_keys = ("parallel", "ulysses", "ring", "cfg_parallel")
+    config = settings.generator_config()
+    choose_degrees(GeneratorConfig.from_dict({k: config[k] for k in layout_keys if k in config}),
+                   settings.variant_spec, settings.world_size)
 
 
 def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.Application:
