@@ -157,8 +157,9 @@ class Runner:
         if not self.args.compile:
             return
         if impl == "ours":
-            for block in model.blocks:
-                block.compile()
+            from wan_model.compile import compile_blocks  # the product's own option (GeneratorConfig.compile)
+
+            compile_blocks(model)
         else:
             model.compile_repeated_blocks()
 
