@@ -23,9 +23,34 @@ class AttentionBackend(Protocol):
 
 
 class LocalAttention:
-    """Plain scaled-dot-product attention over the whole sequence held by this process."""
+    """Plain scaled-dot-product attention over the whole sequence held by this process.
 
-    name = "sdpa"
+    ``kernel`` "auto" or "sdpa" (default): PyTorch's SDPA dispatch picks flash/cuDNN/efficient
+    itself, as the Ulysses backend does at ring degree 1. A named kernel ("cudnn", "flash",
+    "efficient", "cpu", "math"; see ``wan_model.parallel.kernels``) runs exactly that kernel
+    and raises if it cannot run on these tensors: it is never swapped for another.
+    ``kernel_name`` says which one ran in the last call.
+    """
+
+    def __init__(self, kernel: str = "auto"):
+        from .parallel.kernels import KERNEL_NAMES, plain_attention, resolve_kernel_name
+
+        if kernel not in (*KERNEL_NAMES, "sdpa"):
+            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
+        self.kernel = "sdpa" if kernel == "auto" else kernel
+        self.kernel_name: str | None = None
+        # Held here so that the call path has no import (it may run under torch.compile).
+        self._plain_attention, self._resolve = plain_attention, resolve_kernel_name
+
+    @property
+    def name(self) -> str:
+        return self.kernel
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The kernel that will run on ``device``/``dtype``; raises ``ValueError`` if it cannot run there."""
+        if self.kernel == "sdpa":
+            return "sdpa"
+        return self._resolve(self.kernel, device, dtype)
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, valid_len: int | None = None
@@ -33,8 +58,13 @@ class LocalAttention:
         if valid_len is not None and valid_len < k.shape[1]:
             # Padding sits at the end: dropping it is exact and keeps the fast kernels usable.
             k, v = k[:, :valid_len], v[:, :valid_len]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q_, k_, v_)
+        else:
+            out = self._plain_attention(self.check(q.device, q.dtype), q_, k_, v_)
+        self.kernel_name = self.kernel
         return out.transpose(1, 2)
 
     def __repr__(self) -> str:
-        return "LocalAttention()"
+        return f"LocalAttention(kernel={self.kernel!r})"

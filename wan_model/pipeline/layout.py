@@ -69,8 +69,9 @@ def setup_layout(config, variant: VariantSpec, world_size: int, distributed: boo
     if world_size == 1:
         if (config.ulysses or 1) * (config.ring or 1) * (2 if config.cfg_parallel else 1) != 1:
             raise ValueError("ulysses/ring/cfg_parallel degrees above 1 need more than one rank")
-        # One rank: plain SDPA (PyTorch picks flash/cuDNN/efficient itself); the layout string says so.
-        return Layout(1, 1, 1, SequenceSharding(), LocalAttention(), CfgSplit())
+        # One rank: "auto"/"sdpa" is plain SDPA (PyTorch picks flash/cuDNN/efficient itself); a named
+        # kernel ("cudnn", ...) runs exactly that one or raises. The layout string says which.
+        return Layout(1, 1, 1, SequenceSharding(), LocalAttention(kernel=config.attention), CfgSplit())
     if not distributed:
         raise RuntimeError(f"world size {world_size} needs an initialized process group")
     from wan_model.parallel import setup_sequence_parallel
