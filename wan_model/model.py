@@ -22,6 +22,7 @@ from .attention import AttentionBackend, LocalAttention
 from .config import WanConfig
 from .rope import apply_rope, rope_frequencies
 from .sequence import SequenceSharding
+from .step_cache import CacheSlot
 
 __all__ = ["WanModel", "WanRMSNorm", "WanLayerNorm", "sinusoidal_embedding_1d"]
 
@@ -262,12 +263,14 @@ class WanModel(nn.Module):
         context: torch.Tensor,
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        cache: CacheSlot | None = None,
     ) -> torch.Tensor:
         """Predict the flow for latents ``x`` [B, C, F, H, W] at ``timestep``; returns [B, out_dim, F, H, W] float32.
 
         ``timestep`` is [B] or per token [B, L] (L = F*(H/2)*(W/2), TI2V-5B); ``context`` is [B, Lc, text_dim]
         with Lc <= text_len; ``clip_fea`` [B, 257, image_dim] for the image branch; ``y`` is concatenated
-        to ``x`` on channels.
+        to ``x`` on channels. ``cache``: this branch's slot of a ``wan_model.step_cache.StepCache``
+        (lossy step skipping: the blocks may be replaced by the last computed residual).
         """
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype
@@ -289,12 +292,9 @@ class WanModel(nn.Module):
         freqs = rope_frequencies(cfg.head_dim, grid, start, end, device=tokens.device)
 
         # Time: one t per sample -> [B, 1, dim]; per token -> this rank's [B, L_local, dim].
+        step_timestep = timestep.reshape(batch, -1).amax(dim=1) if timestep.dim() == 2 else None
         timestep = self._timestep_per_token(timestep, batch, length)
-        e = fp32_linear(
-            self.time_embedding[2],
-            F.silu(fp32_linear(self.time_embedding[0], sinusoidal_embedding_1d(cfg.freq_dim, timestep.flatten()))),
-        ).unflatten(0, timestep.shape)
-        e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(-1, (6, cfg.dim))
+        e, e0 = self._time_embed(timestep)
 
         # Context: text padded with zeros to text_len (official), then embedded; image tokens separately.
         if context.shape[1] < cfg.text_len:
@@ -302,12 +302,26 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(dtype))
         context_img = self.img_emb(clip_fea.to(dtype)) if clip_fea is not None else None
 
-        for block in self.blocks:
-            tokens = block(tokens, e0, freqs, context, context_img, self.attention, length)
+        if cache is not None and cache.reuse(e0 if step_timestep is None else self._time_embed(step_timestep[:, None])[1]):
+            tokens = cache.add_residual(tokens)
+        else:
+            before = tokens
+            for block in self.blocks:
+                tokens = block(tokens, e0, freqs, context, context_img, self.attention, length)
+            if cache is not None:
+                cache.store(before, tokens)
 
         out = self.head(tokens, e)
         out = sharding.gather(out, length, dim=1)
         return self.unpatchify(out, grid)
+
+    def _time_embed(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] timesteps -> embedding ``e`` [B, T, dim] and block modulation ``e0`` [B, T, 6, dim], float32."""
+        e = fp32_linear(
+            self.time_embedding[2],
+            F.silu(fp32_linear(self.time_embedding[0], sinusoidal_embedding_1d(self.config.freq_dim, timestep.flatten()))),
+        ).unflatten(0, timestep.shape)
+        return e, fp32_linear(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.config.dim))
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None) -> None:
         cfg = self.config

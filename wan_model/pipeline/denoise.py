@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from wan_model.step_cache import StepCache
+
 from .request import JobCancelled, Progress
 from .schedulers import NUM_TRAIN_TIMESTEPS, FlowSampler
 
@@ -113,12 +115,14 @@ def denoise(
     dtype: torch.dtype,
     progress: Callable[[Progress], bool],
     lock: Optional[FirstFrameLock] = None,
+    step_cache: Optional[StepCache] = None,
 ) -> DenoiseOutcome:
     """Run every step of ``sampler`` from ``latents`` (float32) and return the final latents.
 
     ``get_model(name)`` returns the expert ready on the device (it may move it there: offload).
     ``uncond`` may be None only when every expert's guidance is 1. ``progress`` is called after
-    each step and returns the agreed cancellation flag (already broadcast).
+    each step and returns the agreed cancellation flag (already broadcast). ``step_cache``
+    (lossy, opt-in): steps it judges redundant reuse each branch's last block residual.
     """
     device = latents.device
     outcome = DenoiseOutcome(latents=latents)
@@ -134,11 +138,16 @@ def denoise(
         t_dev = t.to(device)
         timestep = lock.token_timesteps(t_dev) if lock is not None else t_dev.float().reshape(1)
         x = latents.to(dtype)
+        if step_cache is not None:
+            step_cache.start_step(index, total, name)
 
         def run(branch: Branch) -> torch.Tensor:
             y = branch.y.to(dtype) if branch.y is not None else None
             clip_fea = branch.clip_fea.to(dtype) if branch.clip_fea is not None else None
-            return model(x, timestep, branch.context.to(dtype), clip_fea=clip_fea, y=y).float()
+            extra = {}
+            if step_cache is not None:  # one residual per CFG branch
+                extra["cache"] = step_cache.slot("cond" if branch is cond else "uncond")
+            return model(x, timestep, branch.context.to(dtype), clip_fea=clip_fea, y=y, **extra).float()
 
         with torch.no_grad():
             if scale == 1.0:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from wan_model.config import VariantSpec
+from wan_model.step_cache import StepCache
 
 from .denoise import Branch, ExpertPlan, FirstFrameLock, broadcast_cancel, denoise
 from .request import GenerationRequest, GenerationResult, InvalidRequest, JobCancelled, Progress, ProgressCallback
@@ -53,6 +54,12 @@ class GeneratorConfig:
     memory_fraction: Optional[float] = None  # cap this process's CUDA memory (0, 1]
     attention: str = "auto"  # attention kernel: auto, cudnn, flash, cpu, math (see wan_model.parallel)
     cache_dir: Optional[str] = None  # where "tiny" model folders are built (default ~/.cache/wanserve)
+    # torch.compile each transformer block (wan_model.compile): ~10-20% faster forwards on GPU once
+    # warm; the first job (and each new video size) pays the compilation, tens of seconds.
+    compile: bool = False
+    # Lossy step caching (wan_model.step_cache, TeaCache-style): skip the transformer blocks on steps
+    # whose accumulated relative change of the time modulation stays below this threshold. None: off.
+    step_cache: Optional[float] = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "GeneratorConfig":
@@ -117,6 +124,11 @@ class Generator:
             raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
         if config.fsdp and not self.distributed:
             raise ValueError("fsdp needs several ranks in an initialized process group")
+        if config.compile and config.fsdp:
+            raise ValueError("compile together with fsdp is not supported (untested); choose one")
+        if config.step_cache is not None and not (isinstance(config.step_cache, (int, float))
+                                                  and config.step_cache >= 0):
+            raise ValueError(f"step_cache must be a threshold >= 0 or None, got {config.step_cache!r}")
 
         load_start = time.perf_counter()
         if components is None:
@@ -124,6 +136,9 @@ class Generator:
         self.parts = components
         self.variant: VariantSpec = self.parts.variant
         self.layout = setup_layout(config, self.variant, self.world_size, self.distributed)
+        check = getattr(self.layout.attention, "check", None)
+        if check is not None:  # one rank, named kernel: fail now if it cannot run here (never swapped)
+            check(self.device, self.dtype)
         for model in self.parts.experts.values():
             model.set_parallel(self.layout.sharding, self.layout.attention)
         if config.fsdp:
@@ -131,6 +146,11 @@ class Generator:
 
             for model in self.parts.experts.values():
                 shard_transformer(model, self.device)
+        if config.compile:
+            from wan_model.compile import compile_blocks
+
+            for model in self.parts.experts.values():
+                compile_blocks(model)
         self.load_s = time.perf_counter() - load_start
         self._lora: Optional[tuple[str, float]] = None
         # The last job's final latents (float32, CPU, every rank) and decoded frames (uint8, rank 0).
@@ -144,7 +164,8 @@ class Generator:
         return (f"world={self.world_size} cfg={lay.cfg_parallel} ulysses={lay.ulysses} ring={lay.ring} "
                 f"fsdp={'on' if self.config.fsdp else 'off'} offload={'on' if self.config.offload else 'off'} "
                 f"attention={lay.attention_name()} dtype={str(self.dtype).replace('torch.', '')} "
-                f"device={self.device.type}")
+                f"device={self.device.type} compile={'on' if self.config.compile else 'off'} "
+                f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache}")
 
     def validate(self, request: GenerationRequest) -> ResolvedJob:
         """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""
@@ -185,14 +206,18 @@ class Generator:
             stage("denoise")
             start = time.perf_counter()
             plan = ExpertPlan(names=self.variant.experts, guidance=job.guidance, boundary=self.variant.boundary)
+            step_cache = StepCache(self.config.step_cache) if self.config.step_cache is not None else None
             outcome = denoise(
                 get_model=self._expert, plan=plan, sampler=make_sampler(job.sampler, job.steps, job.shift),
                 latents=latents, cond=cond, uncond=uncond, cfg=self.layout.cfg_split, dtype=self.dtype,
-                progress=report, lock=lock,
+                progress=report, lock=lock, step_cache=step_cache,
             )
             self._sync()
             timings["denoise"] = time.perf_counter() - start
             timings["step_s"] = outcome.step_s
+            if step_cache is not None:
+                timings["steps_skipped"] = len(step_cache.skipped)
+                timings["skipped_steps"] = list(step_cache.skipped)
             self.last_latents = outcome.latents.detach().float().cpu()
         finally:
             self._park_experts()
