@@ -1,4 +1,6 @@
 """Both H.264 encoders write the same kind of file: H.264, yuv420p, the requested frames and size."""
+import os
+
 import av
 import numpy as np
 import pytest
@@ -31,4 +33,20 @@ def test_write_mp4_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(video, "_encode_pyav", broken)
     with pytest.raises(OSError):
         video.write_mp4(np.zeros((1, 16, 16, 3), np.uint8), str(tmp_path / "out.mp4"), 16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_mp4_refuses_an_encoder_that_silently_left_a_cut_file(tmp_path, monkeypatch):
+    """A full disk makes ffmpeg (under imageio) drop the trailer without raising: write_mp4 must notice."""
+    encode = video._encode_pyav
+
+    def silently_truncated(frames, path, fps):
+        encode(frames, path, fps)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(video, "_encode_imageio", silently_truncated)
+    monkeypatch.setattr(video, "_encode_pyav", silently_truncated)
+    with pytest.raises(OSError, match="incomplete video"):
+        video.write_mp4(np.zeros((9, 32, 32, 3), np.uint8), str(tmp_path / "out.mp4"), 16)
     assert list(tmp_path.iterdir()) == []
