@@ -3,6 +3,7 @@
     python bench/run_pipeline_gpu.py --gpus 2                     # spawns 2 ranks (NCCL), CFG-parallel
     torchrun --nproc-per-node 4 bench/run_pipeline_gpu.py         # or under torchrun
     python bench/run_pipeline_gpu.py --gpus 2 --smoke             # CPU/gloo, toy shapes: tests the script
+    python bench/run_pipeline_gpu.py --gpus 4 --compile --step-cache 1.0   # levers of issue #6
 
 No files are needed: the DiT (1.3B config), the Wan2.1 VAE (release config) and a UMT5 encoder
 are built in memory with random init in bf16 and handed to ``Generator`` as prebuilt components;
@@ -14,6 +15,12 @@ timings are what this is for.
 
 Prints the stage timings on rank 0 and writes them to ``$OUT/pipeline_gpu.json`` (``./.out`` if
 ``$OUT`` is unset).
+
+``--compile``: ``GeneratorConfig.compile`` (regional torch.compile; the warm-up job pays the
+compilation). ``--step-cache X``: after the timed uncached job, the same generator runs the same
+job again with ``GeneratorConfig.step_cache=X``; the report gives both denoise
+times, the skipped steps and the error of the cached final latents vs the uncached ones
+(``step_cache`` in the JSON).
 """
 from __future__ import annotations
 
@@ -53,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--ring", type=int)
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--attention", default="auto")
+    p.add_argument("--compile", action="store_true", help="GeneratorConfig.compile: torch.compile every block")
+    p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
+                   help="also run the timed job with GeneratorConfig.step_cache=THRESHOLD and compare")
     p.add_argument("--t5", choices=["small", "real"], default="small")
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--save-latents", help="write the timed job's final latents here (rank 0)")
@@ -121,13 +131,14 @@ def run(rank: int, world_size: int, args) -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:
         args.variant, args.frames, args.width, args.height = "tiny-t2v", 5, 64, 64
-        args.steps, args.warmup_steps = min(args.steps, 3), 1
+        args.steps, args.warmup_steps = min(args.steps, 8 if args.step_cache is not None else 3), 1
     build_start = time.perf_counter()
     components = build_components(args, device, dtype, rank)
     manual = args.ulysses is not None or args.ring is not None or args.cfg_parallel is not None
     config = GeneratorConfig(model="<in-memory>", device=str(device), dtype="float32" if args.smoke else "bfloat16",
                              parallel="manual" if manual else "auto", ulysses=args.ulysses, ring=args.ring,
-                             cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, attention=args.attention)
+                             cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, attention=args.attention,
+                             compile=args.compile)
     generator = Generator(config, components=components)
     build_s = time.perf_counter() - build_start
 
@@ -143,6 +154,16 @@ def run(rank: int, world_size: int, args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = generator.generate(job(args.steps, "pipeline_video"))
+    latents = generator.last_latents
+    cached = None
+    if args.step_cache is not None:
+        # The same generator (weights, process groups, compiled blocks), only the step cache switched on:
+        # Generator.generate reads config.step_cache per job.
+        from dataclasses import replace
+
+        generator.config = replace(config, step_cache=args.step_cache)
+        cached_result = generator.generate(job(args.steps, "pipeline_cached_video"))
+        cached = (generator.last_latents, cached_result)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     peaks = [None] * world_size
     if world_size > 1:
@@ -163,7 +184,21 @@ def run(rank: int, world_size: int, args) -> None:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "timings"}, indent=2))
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if isinstance(v, float)))
-    latents = generator.last_latents
+    if cached is not None:
+        cached_latents, cached_result = cached
+        diff = cached_latents - latents
+        report["step_cache"] = {
+            "threshold": args.step_cache, "layout": cached_result.layout,
+            "skipped_steps": cached_result.timings["skipped_steps"],
+            "steps_skipped": cached_result.timings["steps_skipped"],
+            "denoise_s": cached_result.timings["denoise"], "uncached_denoise_s": result.timings["denoise"],
+            "denoise_speedup": result.timings["denoise"] / cached_result.timings["denoise"],
+            "total_s": cached_result.timings["total"], "uncached_total_s": result.timings["total"],
+            "latents_rel_l2": (diff.norm() / latents.norm()).item(), "latents_max_abs": diff.abs().max().item(),
+            "latents_mean_abs": diff.abs().mean().item(), "uncached_latents_mean_abs": latents.abs().mean().item(),
+            "timings": cached_result.timings,
+        }
+        print("step cache: " + json.dumps({k: v for k, v in report["step_cache"].items() if k != "timings"}))
     if args.save_latents:
         torch.save(latents, args.save_latents)
     if args.compare_latents:
