@@ -6,8 +6,9 @@
 * ``LocalAttention`` with a named kernel on one rank: within 1e-5 of plain SDPA; a kernel that
   cannot run raises (never swapped).
 * Step caching (lossy): threshold 0 gives exactly the uncached latents; a positive threshold skips
-  steps (never the first or last) with a bounded, printed error; 2 ranks (CFG-parallel, tiny
-  A14B with its expert switch) make the same skips and give the 1-rank cached latents within 1e-4.
+  steps (never the first or last) with a bounded, printed error; 2 ranks (CFG-parallel, and FSDP x
+  Ulysses 2; tiny A14B with its expert switch) make the same skips and give the 1-rank cached
+  latents within 1e-4.
 """
 from __future__ import annotations
 
@@ -140,6 +141,9 @@ def test_step_cache_threshold_zero_is_exact_and_positive_skips_with_bounded_erro
 CASES = {
     "ulysses2_compile": ("tiny", dict(parallel="manual", ulysses=2, compile=True)),
     "cfg2_step_cache": ("tiny-a14b", dict(parallel="manual", cfg_parallel=True, step_cache=CACHE_THRESHOLD)),
+    # FSDP all-gathers inside the blocks: a skipped step must be skipped on every rank alike.
+    "fsdp_ulysses2_step_cache": ("tiny-a14b", dict(parallel="manual", ulysses=2, fsdp=True,
+                                                   step_cache=CACHE_THRESHOLD)),
 }
 
 
@@ -167,8 +171,9 @@ def test_two_ranks_compile_and_step_cache_equal_one_rank(tmp_path_factory, tmp_p
     ranks = run_ranks(run_cases, 2, cache, str(tmp_path), steps, timeout=600)
     assert "ulysses=2" in ranks[0]["ulysses2_compile"]["layout"] and "compile=on" in ranks[0]["ulysses2_compile"]["layout"]
     assert "cfg=2" in ranks[0]["cfg2_step_cache"]["layout"]
-    ref_skipped = expected["cfg2_step_cache"][1]
-    assert ref_skipped and ranks[0]["cfg2_step_cache"]["skipped"] == ref_skipped
+    for name in ("cfg2_step_cache", "fsdp_ulysses2_step_cache"):
+        ref_skipped = expected[name][1]
+        assert ref_skipped and ranks[0][name]["skipped"] == ref_skipped, name
     for rank in ranks:
         assert rank["ulysses2_compile"]["compiled"]
         for name in CASES:
