@@ -153,7 +153,9 @@ def test_gpu_bf16_replicated_close_to_cpu_fp32(tiny_dirs):
     cpu = _load(files).encode(PROMPTS)
     gpu = TextEncoder.load(files.text_encoder, files.tokenizer, device="cuda").encode(PROMPTS)
     assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
-    torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=5e-2, atol=5e-2)
+    # bf16 (8-bit mantissa) against fp32: judge the whole embedding, not single elements.
+    rel = (gpu.float().cpu() - cpu).norm() / cpu.norm()
+    assert rel < 2e-2, f"bf16 GPU embeddings differ from fp32 CPU by {rel:.3g} (relative L2)"
     cpu_placed = TextEncoder.load(files.text_encoder, files.tokenizer, device="cuda", placement="cpu")
     assert cpu_placed.encode(PROMPTS).device.type == "cuda"
 
