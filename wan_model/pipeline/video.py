@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -19,12 +19,20 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     return video.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def _temp_path_beside(path: str, suffix: str) -> str:
+def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> str:
+    """``write(tmp)`` to a temp file beside ``path``, then rename it into place; no partial file on failure."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(fd)
-    return tmp
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def mp4_encoder() -> str:
@@ -82,8 +90,8 @@ def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:
     if height % 2 or width % 2:
         raise ValueError(f"H.264 yuv420p needs an even frame size, got {width}x{height}")
     encode = _encode_imageio if mp4_encoder() == "imageio-ffmpeg" else _encode_pyav
-    tmp = _temp_path_beside(path, ".mp4")
-    try:
+
+    def encode_checked(tmp: str) -> None:
         encode(frames, tmp, fps)
         # ffmpeg under imageio reports a failed trailer write (a full disk) without raising: check the file.
         problem = mp4_problem(tmp)
@@ -92,27 +100,15 @@ def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:
             free = disk.f_bavail * disk.f_frsize
             raise OSError(f"incomplete video: the MP4 encoder stopped part-way ({problem}); "
                           f"free space on that disk: {free} bytes")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return _write_atomically(path, ".mp4", encode_checked)
 
 
 def write_png(frame: np.ndarray, path: str) -> str:
     """Write one ``[H, W, 3]`` uint8 frame as PNG (temp name, then rename)."""
     from PIL import Image
 
-    tmp = _temp_path_beside(path, ".png")
-    try:
-        Image.fromarray(frame).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_atomically(path, ".png", lambda tmp: Image.fromarray(frame).save(tmp, format="PNG"))
 
 
 def read_mp4(path: str) -> np.ndarray:
