@@ -54,7 +54,7 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
         view["result"] = {
             "video_url": f"/jobs/{job['id']}/video", "preview_url": f"/jobs/{job['id']}/preview.png",
             "size_bytes": job["result_bytes"],
-            **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout")},
+            **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout", "encoder")},
         }
         view["timings"] = result.get("timings", {})
     return view

@@ -161,6 +161,7 @@ def test_tiny_t2v_writes_a_playable_mp4(t2v, tmp_path):
     assert steps == [1, 2, 3]
     assert [p.stage for p in progress if p.stage != "denoise"] == ["text_encode", "decode", "encode"]
     assert "world=1" in result.layout and "ulysses=1" in result.layout
+    assert result.encoder in ("imageio-ffmpeg", "pyav")  # the result says which encoder wrote the MP4
     assert t2v.last_latents.shape == (1, 16, 3, 4, 6)
 
 

@@ -63,6 +63,7 @@ def test_submit_poll_and_download_playable_mp4(service, finished_job):
     assert job["progress"]["total_steps"] == 3 and job["progress"]["step"] == 3
     assert len(job["timings"]["step_s"]) == 3 and job["timings"]["total"] > 0
     assert job["result"]["layout"].startswith("world=2")
+    assert job["result"]["encoder"] in ("imageio-ffmpeg", "pyav")
 
     video = service.get(job["result"]["video_url"])
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"

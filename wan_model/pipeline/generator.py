@@ -21,7 +21,7 @@ from .denoise import Branch, ExpertPlan, FirstFrameLock, broadcast_cancel, denoi
 from .request import GenerationRequest, GenerationResult, InvalidRequest, JobCancelled, Progress, ProgressCallback
 from .schedulers import make_sampler
 from .validation import ResolvedJob, resolve_request
-from .video import frames_to_uint8, write_mp4, write_png
+from .video import frames_to_uint8, mp4_encoder, write_mp4, write_png
 
 # Official ``sample_neg_prompt`` (wan/configs/shared_config.py), used when the request gives none.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -359,7 +359,7 @@ class Generator:
         preview_path = write_png(frames[0], os.path.join(request.output_dir, "preview.png"))
         return GenerationResult(
             video_path=video_path, preview_path=preview_path, width=frames.shape[2], height=frames.shape[1],
-            num_frames=frames.shape[0], fps=self.variant.fps, seed=job.seed,
+            num_frames=frames.shape[0], fps=self.variant.fps, seed=job.seed, encoder=mp4_encoder(),
         )
 
     # --- LoRA ----------------------------------------------------------------------------------

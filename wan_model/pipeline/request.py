@@ -56,6 +56,7 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
     experts_per_step: list = field(default_factory=list)  # which expert ran each step (A14B)
     layout: str = ""  # e.g. "world=4 cfg=2 ulysses=2 ring=1 fsdp=off attention=cudnn"
+    encoder: str = ""  # which H.264 encoder wrote the MP4 ("imageio-ffmpeg" or "pyav")
 
     def to_dict(self) -> dict:
         return asdict(self)
