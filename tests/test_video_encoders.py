@@ -50,3 +50,13 @@ def test_write_mp4_refuses_an_encoder_that_silently_left_a_cut_file(tmp_path, mo
     with pytest.raises(OSError, match="incomplete video"):
         video.write_mp4(np.zeros((9, 32, 32, 3), np.uint8), str(tmp_path / "out.mp4"), 16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_an_ordinary_mode(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        video.write_mp4(np.zeros((1, 16, 16, 3), np.uint8), str(tmp_path / "v.mp4"), 16)
+        video.write_png(np.zeros((16, 16, 3), np.uint8), str(tmp_path / "p.png"))
+    finally:
+        os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}

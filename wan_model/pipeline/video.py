@@ -19,6 +19,12 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     return video.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> str:
     """``write(tmp)`` to a temp file beside ``path``, then rename it into place; no partial file on failure."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -27,6 +33,7 @@ def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> s
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
