@@ -17,7 +17,7 @@ from typing import Any, Optional
 from service.config import ServiceSettings
 from service.logs import job_log
 from service.lora import resolve_lora
-from service.queue import FAILED, RUNNING, JobQueue, QueueFull
+from service.queue import FAILED, RUNNING, IdempotencyKeyReused, JobQueue, QueueFull
 from service.results import mp4_problem
 
 logger = logging.getLogger("ray.serve")
@@ -192,13 +192,17 @@ class JobQueueService:
     # ---------------------------------------------------------------- API for the ingress
 
     async def submit(self, request: dict[str, Any], idempotency_key: Optional[str] = None,
-                     priority: int = 0, owner: Optional[str] = None) -> dict[str, Any]:
-        """``{"job": ..., "created": bool}`` or ``{"full": True, "retry_after_s": n, "error": ...}``."""
+                     priority: int = 0, owner: Optional[str] = None,
+                     fingerprint: Optional[str] = None) -> dict[str, Any]:
+        """``{"job": ..., "created": bool}``, ``{"full": True, "retry_after_s": n, "error": ...}``, or
+        ``{"key_reused": True, "error": ...}`` (the idempotency key belongs to a different request)."""
         try:
             job, created = self.queue.submit(request, idempotency_key=idempotency_key, priority=priority,
-                                            owner=owner)
+                                            owner=owner, fingerprint=fingerprint)
         except QueueFull as exc:
             return {"full": True, "retry_after_s": exc.retry_after_s, "error": str(exc)}
+        except IdempotencyKeyReused as exc:
+            return {"key_reused": True, "error": str(exc)}
         self._poke()
         return {"job": job, "created": created}
 

@@ -19,7 +19,7 @@ from ray import serve
 from service.config import ServiceSettings
 from service.logs import job_log
 from service.metrics import render_metrics
-from service.queue import STATUSES, TERMINAL
+from service.queue import STATUSES, TERMINAL, request_fingerprint
 from service.schemas import (GenerateRequest, VideoCreateRequest, check_generate, field_errors, from_openai,
                              openapi_body, pydantic_errors, to_job_request)
 
@@ -175,8 +175,13 @@ class Ingress:
         key = request.headers.get("idempotency-key") or None
         if key is not None and len(key) > 255:
             return JSONResponse({"detail": field_errors({"Idempotency-Key": "longer than 255 characters"})}, 422)
+        # Fingerprint the validated request before to_job_request fills in a random seed.
+        fingerprint = request_fingerprint(req.model_dump(mode="json")) if key is not None else None
         answer = await self.queue.submit.remote(to_job_request(req), key, req.priority,
-                                             getattr(request.state, "client", None))
+                                             getattr(request.state, "client", None), fingerprint)
+        if answer.get("key_reused"):
+            return JSONResponse({"detail": [{"loc": ["header", "Idempotency-Key"], "msg": answer["error"],
+                                             "type": "value_error"}]}, status_code=422)
         if answer.get("full"):
             logger.warning("submission refused: %s", answer["error"])
             return _error(429, answer["error"], headers={"Retry-After": str(answer["retry_after_s"])})

@@ -4,10 +4,15 @@ Life of a job: ``queued -> running -> succeeded | failed | cancelled``. The queu
 (queued + running); a full queue raises ``QueueFull`` before anything is written. Jobs leave in
 FIFO order within a priority (higher priority first). A job whose replica died goes back to the
 queue once (``max_attempts`` = 2 runs in all), then fails with the reason; a job never stays
-``running`` across a restart (``recover_interrupted``).
+``running`` across a restart (``recover_interrupted``). An idempotency key remembers a fingerprint of
+its request: a retry of the same request returns the same job; the key reused with a different request
+raises ``IdempotencyKeyReused``.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -45,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     preview_path TEXT,
     result_bytes INTEGER,
     result TEXT,
-    owner TEXT
+    owner TEXT,
+    request_fingerprint TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -63,6 +69,32 @@ class QueueFull(RuntimeError):
 
 class JobNotFound(KeyError):
     pass
+
+
+class IdempotencyKeyReused(ValueError):
+    """The idempotency key already belongs to a job submitted with a different request."""
+
+    def __init__(self, key: str, job_id: str):
+        self.key = key
+        self.job_id = job_id
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request; "
+                         f"send a new key for a new request")
+
+
+def request_fingerprint(request: dict[str, Any]) -> str:
+    """SHA-256 of the request as sorted-key JSON, an ``image`` replaced by the SHA-256 of its bytes.
+
+    Hash the request as the client sent it (before a random seed is filled in), so a retry matches."""
+    canonical = dict(request)
+    image = canonical.get("image")
+    if isinstance(image, str):
+        try:  # the decoded bytes, so one image sent as JSON base64 or as an upload hashes the same
+            image_bytes = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            image_bytes = image.encode()
+        canonical["image"] = "sha256:" + hashlib.sha256(image_bytes).hexdigest()
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def new_job_id() -> str:
@@ -87,6 +119,8 @@ class JobQueue:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
         if "owner" not in columns:  # a table written before per-client tokens
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+        if "request_fingerprint" not in columns:  # a table written before key reuse was checked
+            self._db.execute("ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -116,7 +150,8 @@ class JobQueue:
         return ahead
 
     def _to_dict(self, row: sqlite3.Row) -> dict[str, Any]:
-        job = {k: row[k] for k in row.keys() if k not in ("request", "result", "cancel_requested", "seq")}
+        job = {k: row[k] for k in row.keys() if k not in ("request", "result", "cancel_requested", "seq",
+                                                                "request_fingerprint")}
         job["request"] = json.loads(row["request"])
         job["result"] = json.loads(row["result"]) if row["result"] else None
         job["cancel_requested"] = bool(row["cancel_requested"])
@@ -132,17 +167,26 @@ class JobQueue:
     # ------------------------------------------------------------------ submit / read
 
     def submit(self, request: dict[str, Any], *, idempotency_key: Optional[str] = None,
-               priority: int = 0, owner: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+               priority: int = 0, owner: Optional[str] = None,
+               fingerprint: Optional[str] = None) -> tuple[dict[str, Any], bool]:
         """Add a job; returns ``(job, created)``. A known idempotency key returns its job unchanged.
 
-        ``owner``: the client that submitted it (per-client tokens); keys are per owner."""
+        ``owner``: the client that submitted it (per-client tokens); keys are per owner.
+        ``fingerprint``: ``request_fingerprint`` of the request as sent (default: of ``request``);
+        a known key with a different fingerprint raises ``IdempotencyKeyReused`` and writes nothing.
+        A job stored without a fingerprint (an older database) matches any request, as before."""
+        given_key = idempotency_key
         if idempotency_key and owner is not None:
             idempotency_key = f"{owner}\x1f{idempotency_key}"
         payload = json.dumps(request)
+        if idempotency_key and fingerprint is None:
+            fingerprint = request_fingerprint(request)
         with self._tx():
             if idempotency_key:
                 row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
                 if row is not None:
+                    if row["request_fingerprint"] is not None and row["request_fingerprint"] != fingerprint:
+                        raise IdempotencyKeyReused(given_key, row["id"])
                     return self._to_dict(row), False
             (active,) = self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE).fetchone()
@@ -151,9 +195,10 @@ class JobQueue:
             now = time.time()
             job_id = new_job_id()
             self._db.execute(
-                "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at, owner) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, priority, payload, idempotency_key, now, now, owner),
+                "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at, owner, "
+                "request_fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, priority, payload, idempotency_key, now, now, owner,
+                 fingerprint if idempotency_key else None),
             )
             return self._to_dict(self._require(job_id)), True
 

@@ -1,11 +1,14 @@
 """JobQueue without Ray: FIFO, bound, idempotency, state transitions, requeue-once, restart recovery."""
 from __future__ import annotations
 
+import base64
+import sqlite3
 import threading
 
 import pytest
 
-from service.queue import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobNotFound, JobQueue, QueueFull
+from service.queue import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, IdempotencyKeyReused, JobNotFound,
+                           JobQueue, QueueFull, request_fingerprint)
 
 
 @pytest.fixture()
@@ -64,6 +67,63 @@ def test_idempotency_key_returns_the_same_job(queue):
     # Even with the queue full, a retried POST gets its job back rather than a 429.
     submit(queue, "x"), submit(queue, "y")
     assert queue.submit({"prompt": "a"}, idempotency_key="key-1")[0]["id"] == first["id"]
+
+
+def test_idempotency_key_reused_with_a_different_request_is_refused(queue):
+    first = submit(queue, "a", idempotency_key="key-1")
+    again, created = queue.submit({"prompt": "a"}, idempotency_key="key-1")
+    assert not created and again["id"] == first["id"]
+    with pytest.raises(IdempotencyKeyReused, match="Idempotency-Key 'key-1' was already used with a different"):
+        queue.submit({"prompt": "b"}, idempotency_key="key-1")
+    assert queue.list()[1] == 1  # nothing written
+    # Keys are per owner: each client may use the same key for its own request.
+    alice = submit(queue, "a", idempotency_key="key-1", owner="alice")
+    bob = submit(queue, "b", idempotency_key="key-1", owner="bob")
+    assert len({first["id"], alice["id"], bob["id"]}) == 3
+    assert queue.submit({"prompt": "b"}, idempotency_key="key-1", owner="bob")[0]["id"] == bob["id"]
+    with pytest.raises(IdempotencyKeyReused):
+        queue.submit({"prompt": "b"}, idempotency_key="key-1", owner="alice")
+    # An explicit fingerprint (the ingress hashes the request before a random seed is filled in) decides.
+    fp = request_fingerprint({"prompt": "c", "seed": None})
+    seeded = submit(queue, "c", idempotency_key="key-2", fingerprint=fp)
+    assert queue.submit({"prompt": "c", "seed": 123}, idempotency_key="key-2", fingerprint=fp)[0]["id"] == seeded["id"]
+
+
+def test_request_fingerprint_is_canonical_and_hashes_image_bytes():
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+    a = {"prompt": "p", "steps": 2, "image": base64.b64encode(png).decode()}
+    assert request_fingerprint(a) == request_fingerprint(dict(reversed(list(a.items()))))
+    assert request_fingerprint(a) != request_fingerprint(dict(a, steps=3))
+    other = base64.b64encode(png[:-1] + b"\x00").decode()
+    assert request_fingerprint(a) != request_fingerprint(dict(a, image=other))
+    assert len(request_fingerprint(a)) == 64
+
+
+def test_older_database_gains_the_fingerprint_column_and_keeps_its_keys(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)  # the table as written before owners and fingerprints existed
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+               "status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, request TEXT NOT NULL, "
+               "idempotency_key TEXT UNIQUE, created_at REAL NOT NULL, started_at REAL, finished_at REAL, "
+               "updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
+               "cancel_requested INTEGER NOT NULL DEFAULT 0, stage TEXT, step INTEGER NOT NULL DEFAULT 0, "
+               "total_steps INTEGER NOT NULL DEFAULT 0, step_s REAL, eta_s REAL, error TEXT, result_path TEXT, "
+               "preview_path TEXT, result_bytes INTEGER, result TEXT)")
+    db.execute("INSERT INTO jobs (id, status, request, idempotency_key, created_at, updated_at) "
+               "VALUES ('old', 'queued', '{\"prompt\": \"a\"}', 'legacy', 1.0, 1.0)")
+    db.commit()
+    db.close()
+    q = JobQueue(path, max_size=4)
+    try:
+        # No stored fingerprint: today's behaviour, the key returns its job whatever the request.
+        job, created = q.submit({"prompt": "something else"}, idempotency_key="legacy")
+        assert not created and job["id"] == "old"
+        new = submit(q, "n", idempotency_key="fresh")
+        with pytest.raises(IdempotencyKeyReused):
+            q.submit({"prompt": "not n"}, idempotency_key="fresh")
+        assert q.submit({"prompt": "n"}, idempotency_key="fresh")[0]["id"] == new["id"]
+    finally:
+        q.close()
 
 
 def test_state_transitions_and_progress(queue):

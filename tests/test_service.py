@@ -178,6 +178,23 @@ def test_idempotency_key_dedupes(service):
         wait_status(service, job_id, ("succeeded",), timeout_s=60)
 
 
+def test_idempotency_key_reused_with_a_different_body_is_422(service):
+    headers = {"Idempotency-Key": "reuse-me-1"}
+    body = {"prompt": "a heron", "steps": 2}  # no seed: the retry must match though a seed is drawn
+    first = service.post("/generate", json=body, headers=headers)
+    again = service.post("/generate", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202, first.text
+    assert first.json()["id"] == again.json()["id"] and again.json()["created"] is False
+    before = service.get("/jobs", params={"limit": 500}).json()["total"]
+    other = service.post("/generate", json={"prompt": "a crane", "steps": 2}, headers=headers)
+    assert other.status_code == 422, other.text
+    (entry,) = other.json()["detail"]
+    assert entry["loc"] == ["header", "Idempotency-Key"]
+    assert "Idempotency-Key 'reuse-me-1' was already used with a different request" in entry["msg"]
+    assert service.get("/jobs", params={"limit": 500}).json()["total"] == before  # nothing written
+    wait_status(service, first.json()["id"], ("succeeded",), timeout_s=60)
+
+
 def test_openai_video_routes(service):
     r = service.post("/v1/videos", json={"prompt": "waves on rocks", "size": "64x64", "seconds": "0.25",
                                          "steps": 2})
