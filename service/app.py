@@ -20,26 +20,11 @@ from service.ingress import Ingress
 from service.logs import serve_logging_config
 
 
-def check_parallel_degrees(settings: ServiceSettings) -> None:
-    """Fail at build time, not in a replica, when the degrees cannot lay out the workers and heads.
-
-    Uses the generator's own choice (``choose_degrees``), so this check and the workers agree.
-    """
-    from wan_model.pipeline.generator import GeneratorConfig
-    from wan_model.pipeline.layout import choose_degrees
-
-    # Only the layout fields: generator_options may hold a custom factory's own keys.
-    layout_keys = ("parallel", "ulysses", "ring", "cfg_parallel")
-    config = settings.generator_config()
-    choose_degrees(GeneratorConfig.from_dict({k: config[k] for k in layout_keys if k in config}),
-                   settings.variant_spec, settings.world_size)
-
-
 def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.Application:
     settings = ServiceSettings.coerce(args)
     settings.variant_spec  # fail here, not in a replica, on an unknown variant
     settings.resolved_auth_token()  # and on an unreadable token file
-    check_parallel_degrees(settings)
+    settings.parallel_layout()  # and on degrees that cannot lay out the workers and heads
     plain = settings.to_args()
     logging_config = serve_logging_config(settings.log_format)
     engine = serve.deployment(EngineReplica).options(

@@ -82,34 +82,17 @@ def resolve_settings(args: argparse.Namespace, *, detect_gpus: bool = True):
 
 
 def parallel_layout(settings) -> dict[str, Any]:
-    """The (cfg_parallel, ulysses, ring) split of one engine replica's ranks, as its workers will pick it:
-    the generator's own rule applied to exactly the config the service hands the workers."""
+    """The (cfg_parallel, ulysses, ring) split of one engine replica's ranks, as its workers will pick it
+    (``ServiceSettings.parallel_layout``: the generator's own rule on the config they are handed)."""
     spec = settings.variant_spec
     out: dict[str, Any] = {"world": settings.world_size, "num_heads": spec.transformer.num_heads,
                            "variant": spec.name}
-    config = settings.generator_config()
-    rule = "auto" if config.get("parallel", "auto") == "auto" else "explicit degrees"
-    try:
-        from wan_model.pipeline.generator import GeneratorConfig
-        from wan_model.pipeline.layout import choose_degrees
-    except ImportError:
-        choose_degrees = None
-    if choose_degrees is not None:
-        if settings.world_size == 1:
-            return {**out, "ulysses": 1, "ring": 1, "cfg_parallel": 1, "rule": "one rank: no parallelism"}
-        generator_config = GeneratorConfig.from_dict(
-            {k: v for k, v in config.items() if k in GeneratorConfig.__dataclass_fields__})
-        degrees = choose_degrees(generator_config, spec, settings.world_size)
-        return {**out, "ulysses": degrees.ulysses, "ring": degrees.ring, "cfg_parallel": degrees.cfg_parallel,
-                "rule": f"{rule} (wan_model.pipeline.layout.choose_degrees)"}
-    try:
-        from wan_model.parallel import pick_parallel_degrees
-    except ImportError:
-        return {**out, "ulysses": None, "ring": None, "cfg_parallel": None,
-                "rule": "unknown: wan_model.parallel.pick_parallel_degrees is not available in this install"}
-    degrees = pick_parallel_degrees(settings.world_size, out["num_heads"], cfg_parallel=settings.cfg_parallel == 2)
+    if settings.world_size == 1:
+        return {**out, "ulysses": 1, "ring": 1, "cfg_parallel": 1, "rule": "one rank: no parallelism"}
+    rule = "auto" if settings.generator_config().get("parallel", "auto") == "auto" else "explicit degrees"
+    degrees = settings.parallel_layout()
     return {**out, "ulysses": degrees.ulysses, "ring": degrees.ring, "cfg_parallel": degrees.cfg_parallel,
-            "rule": "wan_model.parallel.pick_parallel_degrees (the generator's layout module is missing)"}
+            "rule": f"{rule} (wan_model.pipeline.layout.choose_degrees)"}
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -184,6 +184,16 @@ class ServiceSettings(BaseSettings):
         config.update(self.generator_options)
         return config
 
+    def parallel_layout(self):
+        """The ``ParallelConfig`` the workers will use: the generator's own rule (``choose_degrees``) on
+        exactly the config they are handed. Raises ``ValueError`` when the degrees cannot lay out the ranks."""
+        from wan_model.pipeline.generator import GeneratorConfig
+        from wan_model.pipeline.layout import choose_degrees
+
+        # Only GeneratorConfig's fields: generator_options may hold a custom factory's own keys.
+        config = {k: v for k, v in self.generator_config().items() if k in GeneratorConfig.__dataclass_fields__}
+        return choose_degrees(GeneratorConfig.from_dict(config), self.variant_spec, self.world_size)
+
     def to_args(self) -> dict[str, Any]:
         """A plain dict that ``build_app`` / ``serve deploy`` accept back."""
         return self.model_dump(mode="json")
