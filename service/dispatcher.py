@@ -18,7 +18,7 @@ from service.config import ServiceSettings
 from service.logs import job_log
 from service.lora import resolve_lora
 from service.queue import FAILED, RUNNING, IdempotencyKeyReused, JobQueue, QueueFull
-from service.results import mp4_problem
+from wan_model.pipeline.video import mp4_problem
 
 logger = logging.getLogger("ray.serve")
 

@@ -126,8 +126,8 @@ def full_tmpfs(tmp_path):
 
 def test_writer_on_a_really_full_disk_leaves_a_file_the_service_rejects(full_tmpfs):
     """ffmpeg under imageio reports "No space left" on stderr but close() does not raise: the file is
-    renamed into place, truncated. The service's check (service.results.mp4_problem) catches it."""
-    from service.results import mp4_problem
+    renamed into place, truncated. The service's check (wan_model.pipeline.video.mp4_problem) catches it."""
+    from wan_model.pipeline.video import mp4_problem
     from wan_model.pipeline.video import write_mp4
 
     frames = np.random.default_rng(0).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8)
@@ -140,7 +140,7 @@ def test_writer_on_a_really_full_disk_leaves_a_file_the_service_rejects(full_tmp
     problem = mp4_problem(str(path))
     assert problem, "a truncated MP4 passed the check"
     report("really_full_disk", writer="imageio/ffmpeg did not raise", file_bytes=path.stat().st_size,
-           caught_by="service.results.mp4_problem", problem=problem)
+           caught_by="wan_model.pipeline.video.mp4_problem", problem=problem)
 
 
 def test_silently_truncated_video_fails_the_job(app):
