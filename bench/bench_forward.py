@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per case: fewer timed iterations (at least 1) if warmup shows they would not fit")
     p.add_argument("--deadline", type=float, default=480.0,
                    help="whole command: no world starts after this many seconds, a running one is killed")
-    p.add_argument("--attn", default=None, help="our kernel: cudnn, flash, sdpa (default cudnn; cpu on --device cpu)")
+    p.add_argument("--attn", default=None, help="our kernel: cudnn, fa4, flash, sdpa (default cudnn; cpu on --device cpu)")
     p.add_argument("--diffusers-attn", default=None,
                    help="diffusers attention backend (default _native_cudnn; native on --device cpu)")
     p.add_argument("--ulysses", type=int, default=None,
@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="override the number of blocks (smoke runs only)")
     p.add_argument("--sweep", action="store_true",
                    help="cost-vs-work sweep: frames 33,81,121 x 832x480,1280x720, impl ours, model 1.3b by default")
+    p.add_argument("--profile", action="store_true",
+                   help="one extra forward per case under torch.profiler: kernel time by category (rank 0's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default $OUT, else .out/bench)")
     p.add_argument("--tag", default="", help="free text stored in every record (e.g. which lever is on)")
@@ -108,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be >= 0 and --iters >= 1")
     if args.attn is None:
         args.attn = "cudnn" if args.device == "cuda" else "cpu"
-    if args.attn not in ("cudnn", "flash", "sdpa", "cpu", "math"):
-        p.error(f"unknown --attn {args.attn!r}; choose cudnn, flash, sdpa (cuda) or cpu, math")
+    if args.attn not in ("cudnn", "fa4", "flash", "sdpa", "cpu", "math"):
+        p.error(f"unknown --attn {args.attn!r}; choose cudnn, fa4, flash, sdpa (cuda) or cpu, math")
     if args.diffusers_attn is None:
         args.diffusers_attn = "_native_cudnn" if args.device == "cuda" else "native"
     if args.out is None:

@@ -92,6 +92,40 @@ def time_forward(fn, comm: Dist, warmup: int, iters: int, max_seconds: float) ->
                 output_finite=finite, output_rms=rms)
 
 
+# Kernel-name fragments -> category, first match wins (FA4 and cuDNN attention kernels come before
+# the GEMM patterns because their names also mention cutlass/sm90).
+_KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "cudnn_generated", "sdpa")),
+    ("nccl", ("nccl",)),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "splitkreduce")),
+    ("triton", ("triton",)),
+)
+
+
+def kernel_breakdown(fn, device: torch.device, top: int = 15) -> dict:
+    """One call of ``fn`` under the profiler: GPU kernel time per category and the top kernels, in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    totals: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type.name != "CUDA":
+            continue
+        ms = event.device_time / 1e3
+        name = event.name
+        kernels[name] = kernels.get(name, 0.0) + ms
+        lowered = name.lower()
+        category = next((c for c, keys in _KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+        totals[category] = totals.get(category, 0.0) + ms
+    top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return dict(category_ms={k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+                total_kernel_ms=round(sum(totals.values()), 2),
+                top_kernels_ms=[(name[:120], round(ms, 2)) for name, ms in top_kernels])
+
+
 def _memory(device: torch.device) -> tuple[float | None, float | None]:
     if device.type != "cuda":
         return None, None
@@ -228,10 +262,15 @@ class Runner:
                 peaks = self.comm.gather(peak if peak is not None else float("nan"))
                 if impl == "ours":
                     attn = getattr(model.attention, "kernel_name", None) or attn  # the kernel that actually ran
+                profile = {}
+                if self.args.profile and self.device.type == "cuda":
+                    self.comm.barrier()
+                    with torch.no_grad():
+                        profile = dict(profile=kernel_breakdown(self.forward_fn(impl, model, inputs), self.device))
                 if self.rank == 0:
                     self.emit(self.record(case, status="ok", ulysses=ulysses, ring=ring, attn=attn, build_s=build_s,
                                           weights_gib=weights_gib, peak_gib=max(peaks), peak_gib_per_rank=peaks,
-                                          **timing))
+                                          **timing, **profile))
             except Exception as exc:
                 self.fail(case, "run", exc)
             finally:

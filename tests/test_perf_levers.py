@@ -70,7 +70,8 @@ def test_local_attention_named_kernels_equal_sdpa_and_never_fall_back():
         backend = LocalAttention(kernel)
         torch.testing.assert_close(backend(q, k, v, valid_len=7), expected, rtol=0, atol=1e-5)
         assert backend.kernel_name == kernel and backend.name == kernel
-    assert LocalAttention("auto").name == "sdpa"
+    assert LocalAttention("auto").check(q.device, q.dtype) == "sdpa"
+    assert LocalAttention().kernel_name is None and LocalAttention()(q, k, v) is not None
     with pytest.raises(ValueError, match="cudnn.*CUDA"):
         LocalAttention("cudnn")(q, k, v)
     with pytest.raises(ValueError, match="unknown attention kernel"):
@@ -87,6 +88,101 @@ def test_one_rank_generator_honours_the_attention_kernel(tmp_path_factory, tmp_p
     np.testing.assert_allclose(generator.last_latents.numpy(), reference.last_latents.numpy(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cudnn"):  # at build time, before any job
         Generator(GeneratorConfig(model="tiny", cache_dir=cache, attention="cudnn"))
+
+
+# --- 2b. FlashAttention-4: optional, never a silent substitute ---------------------------------
+
+def _math_blhd(q, k, v, return_lse=False):
+    """Stands in for flash_attn.cute.flash_attn_func on CPU: same [B, L, H, D] layout and [B, H, L] LSE."""
+    from wan_model.parallel.kernels import math_attention
+
+    out, lse = math_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).contiguous(), lse
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """A CPU stand-in for the flash-attn-4 package, so the op's layout and compile paths run here."""
+    import sys
+    import types
+
+    from wan_model.parallel import fa4
+
+    package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = _math_blhd
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    fa4.import_problem.cache_clear()
+    yield
+    fa4.import_problem.cache_clear()
+
+
+def test_fa4_missing_is_a_clear_error_not_a_fallback(monkeypatch, tmp_path_factory):
+    import sys
+
+    from wan_model.parallel import fa4
+    from wan_model.parallel.kernels import resolve_kernel_name
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # as if not installed
+    fa4.import_problem.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        with pytest.raises(ValueError, match=r"'fa4' is unavailable.*wanserve\[fa4\]"):
+            resolve_kernel_name("fa4", cuda, torch.bfloat16)  # no CUDA call: the import is checked first
+        assert resolve_kernel_name("auto", cuda, torch.bfloat16) == "cudnn"  # auto prefers fa4 only when it runs
+        assert not fa4.usable(cuda, torch.bfloat16)
+    finally:
+        fa4.import_problem.cache_clear()
+    with pytest.raises(ValueError, match="'fa4' needs CUDA tensors"):
+        resolve_kernel_name("fa4", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="'fa4' supports float16/bfloat16 only"):
+        resolve_kernel_name("fa4", cuda, torch.float32)
+    q = torch.randn(1, 9, 4, 8)
+    with pytest.raises(ValueError, match="fa4.*CUDA"):
+        LocalAttention("fa4")(q, q, q)
+    with pytest.raises(ValueError, match="fa4"):  # at build time, before any job
+        Generator(GeneratorConfig(model="tiny", cache_dir=tiny_cache(tmp_path_factory), attention="fa4"))
+
+
+def test_fa4_op_layout_and_compiled_fake_match_the_reference(fake_fa4):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wan_model.parallel.fa4 import fa4_attention, fa4_attention_blhd
+    from wan_model.parallel.kernels import math_attention
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 37, 16) for _ in range(3))  # [B, H, L, D]
+    k = k * torch.linspace(0.2, 3.0, 37).view(1, 1, 37, 1)  # LSE differs along the sequence
+    expected_out, expected_lse = math_attention(q, k, v)
+    out, lse = fa4_attention(q, k, v)
+    assert out.shape == q.shape and lse.shape == (2, 4, 37) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-6)
+    # The shape-only fake that torch.compile traces with: same shapes and dtypes as the kernel.
+    mode = FakeTensorMode()
+    fq = mode.from_tensor(q.transpose(1, 2).contiguous())
+    with mode:
+        fake_out, fake_lse = fa4_attention_blhd(fq, fq, fq)
+        assert fake_out.shape == (2, 37, 4, 16) and fake_lse.shape == (2, 4, 37) and fake_lse.dtype == torch.float32
+    compiled = torch.compile(lambda a, b, c: fa4_attention(a, b, c)[0] * 2.0, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), expected_out * 2.0, rtol=0, atol=1e-5)
+
+
+def test_fa4_ring_merge_is_exact_with_its_lse(fake_fa4):
+    from wan_model.parallel.kernels import get_lse_kernel, math_attention
+    from wan_model.parallel.ring import merge_partial
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 3, 40, 16) for _ in range(3))
+    k = k * torch.linspace(0.2, 3.0, 40).view(1, 1, 40, 1)  # chunks with different LSEs
+    kernel = get_lse_kernel("fa4")
+    merged = None, None
+    for chunk in (slice(0, 13), slice(13, 40)):
+        merged = merge_partial(*merged, *kernel(q, k[:, :, chunk], v[:, :, chunk]))
+    expected_out, expected_lse = math_attention(q, k, v)
+    torch.testing.assert_close(merged[0], expected_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged[1], expected_lse, rtol=0, atol=1e-5)
 
 
 # --- 3. step caching ---------------------------------------------------------------------------

@@ -25,22 +25,25 @@ class AttentionBackend(Protocol):
 class LocalAttention:
     """Plain scaled-dot-product attention over the whole sequence held by this process.
 
-    ``kernel`` "auto" or "sdpa" (default): PyTorch's SDPA dispatch picks flash/cuDNN/efficient
-    itself, as the Ulysses backend does at ring degree 1. A named kernel ("cudnn", "flash",
-    "efficient", "cpu", "math"; see ``wan_model.parallel.kernels``) runs exactly that kernel
-    and raises if it cannot run on these tensors: it is never swapped for another.
+    ``kernel`` "sdpa": PyTorch's SDPA dispatch picks flash/cuDNN/efficient itself. "auto"
+    (default): FlashAttention-4 where it is installed and can run (sm90+, half precision),
+    otherwise "sdpa", as the Ulysses backend does at ring degree 1. A named kernel ("cudnn",
+    "fa4", "flash", "efficient", "cpu", "math"; see ``wan_model.parallel.kernels``) runs exactly
+    that kernel and raises if it cannot run on these tensors: it is never swapped for another.
     ``kernel_name`` says which one ran in the last call.
     """
 
     def __init__(self, kernel: str = "auto"):
+        from .parallel import fa4
         from .parallel.kernels import KERNEL_NAMES, plain_attention, resolve_kernel_name
 
         if kernel not in (*KERNEL_NAMES, "sdpa"):
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
-        self.kernel = "sdpa" if kernel == "auto" else kernel
+        self.kernel = kernel
         self.kernel_name: str | None = None
         # Held here so that the call path has no import (it may run under torch.compile).
         self._plain_attention, self._resolve = plain_attention, resolve_kernel_name
+        self._fa4_usable = fa4.usable
 
     @property
     def name(self) -> str:
@@ -48,6 +51,8 @@ class LocalAttention:
 
     def check(self, device: torch.device, dtype: torch.dtype) -> str:
         """The kernel that will run on ``device``/``dtype``; raises ``ValueError`` if it cannot run there."""
+        if self.kernel == "auto":
+            return "fa4" if self._fa4_usable(device, dtype) else "sdpa"
         if self.kernel == "sdpa":
             return "sdpa"
         return self._resolve(self.kernel, device, dtype)
@@ -59,11 +64,12 @@ class LocalAttention:
             # Padding sits at the end: dropping it is exact and keeps the fast kernels usable.
             k, v = k[:, :valid_len], v[:, :valid_len]
         q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.kernel == "sdpa":
+        name = self.check(q.device, q.dtype)
+        if name == "sdpa":
             out = F.scaled_dot_product_attention(q_, k_, v_)
         else:
-            out = self._plain_attention(self.check(q.device, q.dtype), q_, k_, v_)
-        self.kernel_name = self.kernel
+            out = self._plain_attention(name, q_, k_, v_)
+        self.kernel_name = name
         return out.transpose(1, 2)
 
     def __repr__(self) -> str:

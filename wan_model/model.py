@@ -289,7 +289,7 @@ class WanModel(nn.Module):
         sharding = self.sharding
         tokens = sharding.shard(tokens, dim=1)
         start, end = sharding.local_range(length)
-        freqs = rope_frequencies(cfg.head_dim, grid, start, end, device=tokens.device)
+        freqs = torch.view_as_real(rope_frequencies(cfg.head_dim, grid, start, end, device=tokens.device))
 
         # Time: one t per sample -> [B, 1, dim]; per token -> this rank's [B, L_local, dim].
         step_timestep = timestep.reshape(batch, -1).amax(dim=1) if timestep.dim() == 2 else None

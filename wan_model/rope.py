@@ -55,7 +55,16 @@ def rope_frequencies(
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, L, heads, head_dim] by ``freqs`` [L, head_dim / 2] (complex); computed in fp32."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rotated = pairs * freqs[None, :, None, :]
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    """Rotate ``x`` [B, L, heads, head_dim] by ``freqs`` [L, head_dim / 2]; computed in fp32.
+
+    ``freqs`` is the complex table of ``rope_frequencies`` or its ``torch.view_as_real`` form
+    [L, head_dim / 2, 2] (cos, sin). The rotation is written in real arithmetic so that
+    ``torch.compile`` fuses it with the neighbouring casts (Inductor has no complex kernels).
+    """
+    if freqs.is_complex():
+        freqs = torch.view_as_real(freqs)
+    cos, sin = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)

@@ -15,7 +15,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-KERNEL_NAMES = ("auto", "cudnn", "flash", "efficient", "cpu", "math")
+from . import fa4
+from .fa4 import fa4_attention  # optional flash-attn-4, imported on first call
+
+KERNEL_NAMES = ("auto", "cudnn", "fa4", "flash", "efficient", "cpu", "math")
 
 # (q, k, v) -> (out, lse)
 LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -59,6 +62,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
 
 _LSE_KERNELS: dict[str, LseKernel] = {
     "cudnn": cudnn_attention,
+    "fa4": fa4_attention,
     "flash": flash_attention,
     "efficient": efficient_attention,
     "cpu": cpu_attention,
@@ -72,14 +76,19 @@ def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype) -
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
     if kernel == "auto":
         if device.type == "cuda":
-            # cuDNN is the fastest LSE-returning kernel on Hopper for half precision; it has no fp32.
-            return "cudnn" if dtype in (torch.float16, torch.bfloat16) else "efficient"
+            # FlashAttention-4 (when installed, sm90+) beats cuDNN on Hopper for half precision, and
+            # cuDNN beats torch's flash; neither has fp32.
+            if dtype not in (torch.float16, torch.bfloat16):
+                return "efficient"
+            return "fa4" if fa4.usable(device, dtype) else "cudnn"
         return "cpu" if device.type == "cpu" else "math"
     if kernel in ("cudnn", "flash"):
         if device.type != "cuda":
             raise ValueError(f"attention kernel {kernel!r} needs CUDA tensors, got {device.type}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}")
+    if kernel == "fa4":
+        fa4.check(device, dtype)
     if kernel == "efficient" and device.type != "cuda":
         raise ValueError(f"attention kernel 'efficient' needs CUDA tensors, got {device.type}")
     if kernel == "cpu" and device.type != "cpu":
@@ -97,6 +106,8 @@ def plain_attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
     if name == "flash":
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[0]
+    if name == "fa4":
+        return fa4_attention(q, k, v)[0]
     if name == "efficient":
         return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, False)[0]
     if name == "math":

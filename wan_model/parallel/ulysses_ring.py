@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from yunchang.comm.all_to_all import SeqAllToAll4D, SeqAllToAll5D
 
+from . import fa4
 from .groups import ParallelState
 from .kernels import KERNEL_NAMES, LseKernel, get_lse_kernel, plain_attention, resolve_kernel_name
 from .ring import ring_attention
@@ -24,9 +25,10 @@ class UlyssesRingAttention:
        Ring degree > 1: ring attention over the ring group, merged with the true LSE.
     3. The reverse all-to-all (yunchang ``SeqAllToAll4D``).
 
-    ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``flash``, ``efficient``,
-    ``cpu``, ``math``; ``auto`` = cuDNN for bf16/fp16 on CUDA, ``efficient`` for fp32 on CUDA,
-    ``cpu`` on CPU, and plain SDPA when the ring degree is 1) or is a callable
+    ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``fa4``, ``flash``,
+    ``efficient``, ``cpu``, ``math``; ``auto`` = FlashAttention-4 for bf16/fp16 on CUDA where it
+    is installed and runs, else cuDNN (plain SDPA when the ring degree is 1), ``efficient`` for
+    fp32 on CUDA, ``cpu`` on CPU) or is a callable
     ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout. ``kernel_name`` says which kernel
     ran in the last call; a named kernel that cannot run raises, it is never swapped.
     """
@@ -41,7 +43,7 @@ class UlyssesRingAttention:
     def _kernel_for(self, q: torch.Tensor) -> tuple[str, LseKernel | None]:
         if callable(self.kernel):
             return getattr(self.kernel, "__name__", "custom"), self.kernel
-        if self.state.ring == 1 and self.kernel == "auto":
+        if self.state.ring == 1 and self.kernel == "auto" and not fa4.usable(q.device, q.dtype):
             return "sdpa", None
         name = resolve_kernel_name(self.kernel, q.device, q.dtype)
         return name, get_lse_kernel(name)

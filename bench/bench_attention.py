@@ -1,0 +1,133 @@
+"""One GPU: the LSE attention kernels side by side at the Wan shapes (speed, accuracy, ring merge).
+
+For each shape and kernel it reports the median time and TFLOP/s of one attention call, the
+error of the output and of the log-sum-exp against a float32 reference on a sample of query
+rows, and the error of a two-chunk merge (keys scaled differently per chunk, the inputs that
+expose a wrong LSE) against the same reference. It also checks that the kernel runs inside
+``torch.compile(fullgraph=True)``.
+
+    python3 bench/bench_attention.py --kernels cudnn,flash,fa4 --out $OUT
+
+Shapes are per GPU: ``14b-u4`` is the 14B model at 1280x720x81 (75,600 tokens) with its 40
+heads split over 4 Ulysses ranks (10 heads per GPU); ``14b-u1`` all 40 heads on one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wan_model.parallel.kernels import get_lse_kernel, resolve_kernel_name  # noqa: E402
+from wan_model.parallel.ring import merge_partial  # noqa: E402
+
+# name -> (heads on this GPU, tokens, head_dim)
+SHAPES = {
+    "14b-u1": (40, 75600, 128),
+    "14b-u2": (20, 75600, 128),
+    "14b-u4": (10, 75600, 128),
+    "1.3b-u1": (12, 32760, 128),
+    "1.3b-u4": (3, 32760, 128),
+    "14b-480p-u4": (10, 32760, 128),
+}
+
+
+def reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor):
+    """float32 attention of the query rows ``rows`` over all keys: (out, lse)."""
+    qs = q[:, :, rows].float()
+    scores = torch.matmul(qs, k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
+    return out, lse
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def time_call(fn, iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", default="cudnn,flash,fa4")
+    p.add_argument("--shapes", default="14b-u4,14b-u1,1.3b-u4,1.3b-u1")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=os.environ.get("OUT", ".out/bench"))
+    args = p.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = out_dir / "attention.jsonl"
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} cudnn {torch.backends.cudnn.version()}")
+    rows_table = []
+    for shape_name in args.shapes.split(","):
+        heads, tokens, head_dim = SHAPES[shape_name]
+        q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
+        # Keys scaled along the sequence so that the two halves have different LSEs.
+        scale = torch.linspace(0.5, 2.5, tokens, device=device, dtype=dtype).view(1, 1, tokens, 1)
+        k_varying = k * scale
+        sample = torch.randperm(tokens, device=device, generator=gen)[:256].sort().values
+        ref_out, ref_lse = reference_rows(q, k_varying, v, sample)
+        flops = 4 * heads * tokens * tokens * head_dim
+        half = tokens // 2
+        for kernel_name in args.kernels.split(","):
+            record = {"shape": shape_name, "kernel": kernel_name, "heads": heads, "tokens": tokens}
+            try:
+                name = resolve_kernel_name(kernel_name, device, dtype)
+                kernel = get_lse_kernel(name)
+                t0 = time.perf_counter()
+                kernel(q, k_varying, v)  # first call: JIT compile for the DSL kernels
+                torch.cuda.synchronize()
+                record["first_call_s"] = round(time.perf_counter() - t0, 3)
+                times = time_call(lambda: kernel(q, k_varying, v), args.iters)
+                med = statistics.median(times)
+                record.update(median_s=med, tflops=flops / med / 1e12)
+                out, lse = kernel(q, k_varying, v)
+                record["out_err"] = rel(out[:, :, sample], ref_out)
+                record["lse_err"] = rel(lse[:, :, sample], ref_lse)
+                o1, l1 = kernel(q, k_varying[:, :, :half], v[:, :, :half])
+                o2, l2 = kernel(q, k_varying[:, :, half:], v[:, :, half:])
+                merged, merged_lse = merge_partial(*merge_partial(None, None, o1, l1), o2, l2)
+                record["ring2_out_err"] = rel(merged[:, :, sample], ref_out)
+                record["ring2_lse_err"] = rel(merged_lse[:, :, sample], ref_lse)
+                torch._dynamo.reset()  # a fresh compile per kernel (same lambda code object)
+                compiled = torch.compile(lambda a, b, c: kernel(a, b, c)[0] * 1.0, fullgraph=True)
+                record["compiled_out_err"] = rel(compiled(q, k_varying, v)[:, :, sample], ref_out)
+            except Exception as exc:  # report and go on with the next kernel
+                record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            print(json.dumps(record), flush=True)
+            with records.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            rows_table.append(record)
+        del q, k, v, k_varying
+        torch.cuda.empty_cache()
+    print("\nshape         kernel  median_s  TFLOP/s  out_err   lse_err   ring2_err  compiled_err")
+    for r in rows_table:
+        if "error" in r:
+            print(f"{r['shape']:13s} {r['kernel']:7s} ERROR {r['error'][:120]}")
+            continue
+        print(f"{r['shape']:13s} {r['kernel']:7s} {r['median_s']:.4f}  {r['tflops']:7.1f}  {r['out_err']:.2e}  "
+              f"{r['lse_err']:.2e}  {r['ring2_out_err']:.2e}   {r['compiled_out_err']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""FlashAttention-4 (the ``flash-attn-4`` package, CuTe DSL kernels) as an LSE-returning kernel.
+
+On Hopper it runs a warp-specialized wgmma kernel that is faster than cuDNN's SDPA at the
+long, non-causal sequences of video models, and it returns the true log-sum-exp, so the ring
+merge stays exact. It is optional (``pip install 'wanserve[fa4]'``): picking the ``fa4`` kernel
+without it raises, it never falls back to another kernel.
+
+The call is a ``torch.library`` custom op with a shape-only fake, so ``torch.compile`` of a
+block treats it as one opaque kernel instead of tracing into the DSL.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# FA4's forward kernels exist for these compute capabilities (Hopper, Blackwell).
+SUPPORTED_MAJOR = (9, 10, 11, 12)
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+@functools.lru_cache(maxsize=1)
+def import_problem() -> str | None:
+    """Why FlashAttention-4 cannot be imported here, or None when it can."""
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except Exception as exc:  # ImportError, or the DSL failing to load its native libraries
+        return (f"flash-attn-4 is not importable ({type(exc).__name__}: {exc}); "
+                "install it with: pip install 'wanserve[fa4]'")
+    return None
+
+
+def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> None:
+    """Raise ``ValueError`` naming the reason if FA4 cannot run on ``device``/``dtype``."""
+    if device.type != "cuda":
+        raise ValueError(f"attention kernel 'fa4' needs CUDA tensors, got {device.type}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention kernel 'fa4' supports float16/bfloat16 only, got {dtype}")
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention kernel 'fa4' supports head_dim {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    problem = import_problem()
+    if problem is not None:
+        raise ValueError(f"attention kernel 'fa4' is unavailable: {problem}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in SUPPORTED_MAJOR:
+        raise ValueError(f"attention kernel 'fa4' needs a Hopper or Blackwell GPU (sm90+), got sm{major}{minor}")
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``fa4`` can run here: the ``auto`` kernel choice prefers it when it can."""
+    try:
+        check(device, dtype)
+    except ValueError:
+        return False
+    return True
+
+
+@torch.library.custom_op("wanserve::fa4_attention", mutates_args=())
+def _fa4_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, L, H, D]`` q/k/v -> (out ``[B, L, H, D]``, lse ``[B, H, L]`` float32)."""
+    from flash_attn.cute import flash_attn_func
+
+    with torch.no_grad():  # inference: no autograd state saved by FA4's autograd.Function
+        out, lse = flash_attn_func(q, k, v, return_lse=True)
+    return out, lse
+
+
+@_fa4_blhd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def fa4_attention_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4 in its native ``[B, L, H, D]`` layout: (out, lse ``[B, H, L]``)."""
+    return _fa4_blhd(q, k, v)
+
+
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``LseKernel`` form, ``[B, H, L, D]`` in and out (views; FA4 takes strided heads)."""
+    out, lse = _fa4_blhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2), lse
