@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ulysses", type=int, default=None,
                    help="Ulysses degree (rest ring), both impls; default: the largest that divides heads and world")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of every block (both impls)")
+    p.add_argument("--fp8", action="store_true",
+                   help="ours: fp8 GEMMs in the blocks (lossy; the check then reports the error vs diffusers bf16)")
     p.add_argument("--fsdp", action="store_true", help="ours: FSDP2 fully_shard per block over the world")
     p.add_argument("--mem-fraction", type=float, default=None,
                    help="cap each process's CUDA memory (torch.cuda.set_per_process_memory_fraction); 24 GB of 141: 0.17")

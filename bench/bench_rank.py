@@ -187,7 +187,12 @@ class Runner:
         return model
 
     def maybe_compile(self, impl: str, model) -> None:
-        """``--compile``: regional compilation, every transformer block on its own (both impls alike)."""
+        """``--fp8`` (ours): fp8 GEMMs in the blocks. ``--compile``: regional compilation, every
+        transformer block on its own (both impls alike)."""
+        if impl == "ours" and getattr(self.args, "fp8", False):
+            from wan_model.fp8 import quantize_blocks_fp8  # the product's own option (GeneratorConfig.fp8)
+
+            quantize_blocks_fp8(model)
         if not self.args.compile:
             return
         if impl == "ours":
@@ -223,6 +228,7 @@ class Runner:
     def record(self, case: dict, **fields) -> dict:
         args = self.args
         return dict(kind="case", **case, gpus=self.world, device=args.device, compile=args.compile,
+                    fp8=getattr(args, "fp8", False) and case["impl"] == "ours", ours_fp8_requested=getattr(args, "fp8", False),
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,
                     ours_attn_requested=args.attn, ulysses_requested=args.ulysses,
                     **fields)
@@ -308,7 +314,8 @@ class Runner:
             if self.rank == 0:
                 self.emit(dict(kind="check", model=case["model"], width=case["width"], height=case["height"],
                                frames=case["frames"], tokens=case["tokens"], gpus=self.world, ulysses=ulysses,
-                               ring=ring, diffusers_attn=self.args.diffusers_attn, compile=self.args.compile, status="ok",
+                               ring=ring, diffusers_attn=self.args.diffusers_attn, compile=self.args.compile,
+                               fp8=getattr(self.args, "fp8", False), status="ok",
                                rel_err_per_rank=rels, tag=self.args.tag, **fields))
             return True
         except Exception as exc:

@@ -117,6 +117,11 @@ def timed(fn, device, repeats=5):
     return result, sorted(times)[len(times) // 2]
 
 
+def kernel_selected(kernel: str) -> bool:
+    wanted = os.environ.get("WANSERVE_CHECK_KERNELS")
+    return not wanted or kernel in wanted.split(",")
+
+
 def attention_checks(world, device, emit):
     layouts = [(u, world // u) for u in range(1, world + 1) if world % u == 0 and HEADS % u == 0]
     references = {}  # (length, dtype) -> (q, k, v, float64 reference, one-device results per kernel)
@@ -126,6 +131,8 @@ def attention_checks(world, device, emit):
         for length in LENGTHS:
             padded = sharding.padded_len(length)
             for kernel, dtype in KERNEL_DTYPES:
+                if not kernel_selected(kernel):
+                    continue
                 row = dict(check="attention", world=world, ulysses=ulysses, ring=ring, length=length,
                            kernel=kernel, dtype=str(dtype).removeprefix("torch."))
                 if kernel == "math" and length > MATH_MAX_LEN:
@@ -191,6 +198,8 @@ def model_checks(world, device, emit):
             for ulysses, ring in layouts:
                 state = setup_sequence_parallel(ParallelConfig(ulysses=ulysses, ring=ring))
                 for kernel in kernels:
+                    if kernel != "auto" and not kernel_selected(kernel):
+                        continue
                     row = dict(check="model", world=world, ulysses=ulysses, ring=ring, length=175, kernel=kernel,
                                dtype=str(dtype).removeprefix("torch."))
                     why_not = None if kernel == "auto" else kernel_runs_here(kernel, dtype, device)
@@ -266,7 +275,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=None, help="spawn this many ranks (when not under torchrun)")
     parser.add_argument("--smoke", action="store_true", help="CPU/gloo at toy sizes: tests this script, not the GPU")
+    parser.add_argument("--kernels", default=None,
+                        help="comma list: check only these attention kernels (default: all of KERNEL_DTYPES)")
     args = parser.parse_args()
+    if args.kernels:
+        os.environ["WANSERVE_CHECK_KERNELS"] = args.kernels  # read by every rank (spawned or torchrun)
     if "RANK" in os.environ:  # torchrun
         main_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
                   os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), args.smoke)

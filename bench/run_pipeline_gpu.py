@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--attention", default="auto")
     p.add_argument("--compile", action="store_true", help="GeneratorConfig.compile: torch.compile every block")
+    p.add_argument("--fp8", action="store_true", help="GeneratorConfig.fp8: fp8 GEMMs in the blocks (lossy)")
     p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD",
                    help="also run the timed job with GeneratorConfig.step_cache=THRESHOLD and compare")
     p.add_argument("--t5", choices=["small", "real"], default="small")
@@ -138,7 +139,7 @@ def run(rank: int, world_size: int, args) -> None:
     config = GeneratorConfig(model="<in-memory>", device=str(device), dtype="float32" if args.smoke else "bfloat16",
                              parallel="manual" if manual else "auto", ulysses=args.ulysses, ring=args.ring,
                              cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, attention=args.attention,
-                             compile=args.compile)
+                             compile=args.compile, fp8=args.fp8)
     generator = Generator(config, components=components)
     build_s = time.perf_counter() - build_start
 

@@ -166,7 +166,8 @@ class WanAttentionBlock(nn.Module):
         valid_len: int,
     ) -> torch.Tensor:
         """x: [B, L_local, dim] float32; e: [B, 1 or L_local, 6, dim] float32 time projection."""
-        dtype = self.self_attn.q.weight.dtype
+        q_proj = self.self_attn.q  # nn.Linear, or an Fp8Linear (wan_model.fp8) that computes in its out_dtype
+        dtype = q_proj.out_dtype if hasattr(q_proj, "out_dtype") else q_proj.weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
             (self.modulation.float().unsqueeze(0) + e).unbind(dim=2)
         )

@@ -60,6 +60,9 @@ class GeneratorConfig:
     # Lossy step caching (wan_model.step_cache, TeaCache-style): skip the transformer blocks on steps
     # whose accumulated relative change of the time modulation stays below this threshold. None: off.
     step_cache: Optional[float] = None
+    # Lossy fp8 GEMMs in the transformer blocks (wan_model.fp8): e4m3 weights (per channel) and
+    # activations (per token) on sm89+ GPUs; faster GEMMs, about 1e-2 relative error per forward.
+    fp8: bool = False
 
     @classmethod
     def from_dict(cls, values: dict) -> "GeneratorConfig":
@@ -120,6 +123,8 @@ class Generator:
             raise ValueError(f"unknown attention kernel {config.attention!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
         if config.parallel not in ("auto", "manual"):
             raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
+        if config.fp8 and config.fsdp:
+            raise ValueError("fp8 together with fsdp is not supported (fp8 replaces the weights FSDP shards); choose one")
         if config.fsdp and config.offload:
             raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
         if config.fsdp and not self.distributed:
@@ -146,6 +151,11 @@ class Generator:
 
             for model in self.parts.experts.values():
                 shard_transformer(model, self.device)
+        if config.fp8:
+            from wan_model.fp8 import quantize_blocks_fp8
+
+            for model in self.parts.experts.values():
+                quantize_blocks_fp8(model)
         if config.compile:
             from wan_model.compile import compile_blocks
 
@@ -165,7 +175,8 @@ class Generator:
                 f"fsdp={'on' if self.config.fsdp else 'off'} offload={'on' if self.config.offload else 'off'} "
                 f"attention={lay.attention_name()} dtype={str(self.dtype).replace('torch.', '')} "
                 f"device={self.device.type} compile={'on' if self.config.compile else 'off'} "
-                f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache}")
+                f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache} "
+                f"fp8={'on' if self.config.fp8 else 'off'}")
 
     def validate(self, request: GenerationRequest) -> ResolvedJob:
         """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""
@@ -369,6 +380,9 @@ class Generator:
         wanted = (os.path.abspath(path), scale) if path else None
         if wanted == self._lora:
             return
+        if wanted is not None and self.config.fp8:
+            raise InvalidRequest({"lora": "this deployment runs fp8 GEMMs (fp8: true): a LoRA cannot be merged "
+                                          "into fp8 weights; use a deployment without fp8"})
         from wan_model.lora import merge_lora, unmerge_lora
 
         if self.config.fsdp and wanted is not None:
