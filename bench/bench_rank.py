@@ -205,7 +205,7 @@ class Runner:
     def parallelize_ours(self, model, ulysses: int, ring: int) -> None:
         state = self.sp_state(ulysses, ring)
         kernel = "auto" if self.args.attn == "sdpa" else self.args.attn
-        model.set_parallel(state.sharding(), state.attention(kernel=kernel))
+        model.set_parallel(state.sharding(), state.attention(kernel=kernel, head_chunks=self.args.head_chunks))
 
     def parallelize_diffusers(self, model, ulysses: int, ring: int) -> None:
         model.set_attention_backend(self.args.diffusers_attn)
@@ -229,6 +229,7 @@ class Runner:
         args = self.args
         return dict(kind="case", **case, gpus=self.world, device=args.device, compile=args.compile,
                     fp8=getattr(args, "fp8", False) and case["impl"] == "ours", ours_fp8_requested=getattr(args, "fp8", False),
+                    head_chunks=args.head_chunks,
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,
                     ours_attn_requested=args.attn, ulysses_requested=args.ulysses,
                     **fields)

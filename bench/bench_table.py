@@ -33,6 +33,8 @@ def levers(r: dict) -> str:
         parts.append(f"ulysses={r['ulysses_requested']}")
     if r.get("compile"):
         parts.append("compile")
+    if (r.get("head_chunks") or 1) > 1:
+        parts.append(f"chunks{r['head_chunks']}")
     if r.get("ours_fp8_requested"):
         parts.append("ours-fp8")
     if r.get("fsdp"):

@@ -129,6 +129,42 @@ def test_four_ranks_all_layouts_and_zero_lse_control():
         assert err > 100 * TOL, f"zero-LSE merge passed on {case} (err {err:.3g}): inputs too uniform"
 
 
+def _head_chunk_cases(rank, world_size, heads, chunk_counts):
+    """Overlapped Ulysses (heads in groups) vs plain Ulysses and the float64 reference, per length."""
+    state = setup_sequence_parallel(ParallelConfig(ulysses=world_size, ring=1))
+    sharding = state.sharding()
+    results = []
+    for length in LENGTHS:
+        q, k, v = make_inputs(length, sharding.padded_len(length), heads=heads, seed=length)
+        local = [sharding.shard(x, dim=1) for x in (q, k, v)]
+        plain = UlyssesRingAttention(state, kernel="cpu")(*local, valid_len=length)
+        expected = reference_attention(q, k, v, length)[:, :length]
+        for chunks in chunk_counts:
+            out = UlyssesRingAttention(state, kernel="cpu", head_chunks=chunks)(*local, valid_len=length)
+            full = sharding.gather(out, length, dim=1)
+            results.append((length, chunks, (out - plain).abs().max().item(),
+                            (full.double() - expected).abs().max().item()))
+    try:
+        UlyssesRingAttention(state, head_chunks=3)(*local, valid_len=LENGTHS[-1])
+        message = None
+    except ValueError as err:
+        message = str(err)
+    return results, message
+
+
+def test_overlapped_head_chunks_equal_plain_ulysses():
+    """head_chunks > 1 (all-to-all overlapped with attention) gives plain Ulysses' output."""
+    heads = 8
+    for results, message in run_ranks(_head_chunk_cases, 2, heads, (2, 4), timeout=120):
+        assert len(results) == 2 * len(LENGTHS)
+        for length, chunks, vs_plain, vs_reference in results:
+            assert vs_plain <= 1e-6, f"L={length} chunks={chunks}: differs from plain Ulysses by {vs_plain:.3g}"
+            assert vs_reference <= TOL, f"L={length} chunks={chunks}: error {vs_reference:.3g}"
+        assert message is not None and "head_chunks=3 does not split 8 heads" in message and "[1, 2, 4]" in message
+    with pytest.raises(ValueError, match="head_chunks must be an integer >= 1"):
+        UlyssesRingAttention(None, head_chunks=0)
+
+
 def test_padding_would_show_if_it_leaked():
     """Control for the padding tests: attending to the garbage padding changes the output a lot."""
     length, padded = 21, 24

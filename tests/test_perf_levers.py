@@ -230,12 +230,15 @@ def test_step_cache_threshold_zero_is_exact_and_positive_skips_with_bounded_erro
     assert 0 < rel < 0.25  # lossy, but the same video (tiny random model, 4 of 10 steps skipped: measured 0.077)
     with pytest.raises(ValueError, match="step_cache"):
         Generator(GeneratorConfig(model="tiny", cache_dir=cache, step_cache=-1))
+    with pytest.raises(ValueError, match="head_chunks must be an integer >= 1"):
+        Generator(GeneratorConfig(model="tiny", cache_dir=cache, head_chunks=0))
 
 
 # --- 2 ranks: compile x Ulysses, step cache x CFG-parallel -------------------------------------
 
 CASES = {
-    "ulysses2_compile": ("tiny", dict(parallel="manual", ulysses=2, compile=True)),
+    # ... with the all-to-alls overlapped with attention in 2 head groups.
+    "ulysses2_compile": ("tiny", dict(parallel="manual", ulysses=2, compile=True, head_chunks=2)),
     "cfg2_step_cache": ("tiny-a14b", dict(parallel="manual", cfg_parallel=True, step_cache=CACHE_THRESHOLD)),
     # FSDP all-gathers inside the blocks: a skipped step must be skipped on every rank alike.
     "fsdp_ulysses2_step_cache": ("tiny-a14b", dict(parallel="manual", ulysses=2, fsdp=True,
@@ -266,6 +269,7 @@ def test_two_ranks_compile_and_step_cache_equal_one_rank(tmp_path_factory, tmp_p
         expected[name] = (generator.last_latents.numpy(), result.timings.get("skipped_steps"))
     ranks = run_ranks(run_cases, 2, cache, str(tmp_path), steps, timeout=600)
     assert "ulysses=2" in ranks[0]["ulysses2_compile"]["layout"] and "compile=on" in ranks[0]["ulysses2_compile"]["layout"]
+    assert "head_chunks=2" in ranks[0]["ulysses2_compile"]["layout"]
     assert "cfg=2" in ranks[0]["cfg2_step_cache"]["layout"]
     for name in ("cfg2_step_cache", "fsdp_ulysses2_step_cache"):
         ref_skipped = expected[name][1]

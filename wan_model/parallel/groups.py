@@ -99,11 +99,11 @@ class ParallelState:
 
         return SequenceParallelSharding(self)
 
-    def attention(self, kernel: str = "auto"):
+    def attention(self, kernel: str = "auto", head_chunks: int = 1):
         """The ``AttentionBackend`` over this rank's Ulysses and Ring groups."""
         from .ulysses_ring import UlyssesRingAttention
 
-        return UlyssesRingAttention(self, kernel=kernel)
+        return UlyssesRingAttention(self, kernel=kernel, head_chunks=head_chunks)
 
 
 def setup_sequence_parallel(config: ParallelConfig) -> ParallelState:

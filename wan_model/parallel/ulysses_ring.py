@@ -8,6 +8,7 @@ from . import fa4
 from .groups import ParallelState
 from .kernels import KERNEL_NAMES, LseKernel, get_lse_kernel, plain_attention, resolve_kernel_name
 from .ring import ring_attention
+from .ulysses_overlap import overlapped_ulysses_attention
 
 
 class UlyssesRingAttention:
@@ -25,6 +26,9 @@ class UlyssesRingAttention:
        Ring degree > 1: ring attention over the ring group, merged with the true LSE.
     3. The reverse all-to-all (yunchang ``SeqAllToAll4D``).
 
+    ``head_chunks`` > 1 (ring degree 1 only): the heads go in that many groups whose all-to-alls
+    overlap the attention of the others (``ulysses_overlap``); the result is the same.
+
     ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``fa4``, ``flash``,
     ``efficient``, ``cpu``, ``math``; ``auto`` = FlashAttention-4 for bf16/fp16 on CUDA where it
     is installed and runs, else cuDNN (plain SDPA when the ring degree is 1), ``efficient`` for
@@ -33,11 +37,14 @@ class UlyssesRingAttention:
     ran in the last call; a named kernel that cannot run raises, it is never swapped.
     """
 
-    def __init__(self, state: ParallelState, kernel: str | LseKernel = "auto") -> None:
+    def __init__(self, state: ParallelState, kernel: str | LseKernel = "auto", head_chunks: int = 1) -> None:
         if isinstance(kernel, str) and kernel not in KERNEL_NAMES:
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
+        if not isinstance(head_chunks, int) or head_chunks < 1:
+            raise ValueError(f"head_chunks must be an integer >= 1, got {head_chunks!r}")
         self.state = state
         self.kernel = kernel
+        self.head_chunks = head_chunks
         self.kernel_name: str | None = None
 
     def _kernel_for(self, q: torch.Tensor) -> tuple[str, LseKernel | None]:
@@ -62,6 +69,18 @@ class UlyssesRingAttention:
             raise ValueError(f"valid_len must be in [1, {padded_len}] (padded global length), got {valid_len}")
         name, kernel = self._kernel_for(q)
 
+        if state.ulysses > 1 and state.ring == 1 and self.head_chunks > 1:
+            def attend(q_span: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor) -> torch.Tensor:
+                k_span, v_span = k_span[:, :valid_len], v_span[:, :valid_len]
+                q_, k_, v_ = (x.transpose(1, 2) for x in (q_span, k_span, v_span))
+                out = kernel(q_, k_, v_)[0] if callable(self.kernel) else plain_attention(name, q_, k_, v_)
+                return out.transpose(1, 2)
+
+            out = overlapped_ulysses_attention(q, k, v, attend, group=state.ulysses_group, ulysses=state.ulysses,
+                                               chunks=self.head_chunks)
+            self.kernel_name = name
+            return out
+
         if state.ulysses > 1:
             # One all-to-all for q, k and v together: [B, L_local, 3, H, D] -> [B, L_span, 3, H/U, D].
             qkv = SeqAllToAll5D.apply(state.ulysses_group, torch.stack([q, k, v], dim=2), 3, 1)
@@ -84,4 +103,4 @@ class UlyssesRingAttention:
 
     def __repr__(self) -> str:
         return (f"UlyssesRingAttention(ulysses={self.state.ulysses}, ring={self.state.ring}, "
-                f"kernel={self.kernel!r})")
+                f"kernel={self.kernel!r}, head_chunks={self.head_chunks})")

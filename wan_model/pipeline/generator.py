@@ -63,6 +63,9 @@ class GeneratorConfig:
     # Lossy fp8 GEMMs in the transformer blocks (wan_model.fp8): e4m3 weights (per channel) and
     # activations (per token) on sm89+ GPUs; faster GEMMs, about 1e-2 relative error per forward.
     fp8: bool = False
+    # Ulysses layouts (ring degree 1): split the heads into this many groups so that each group's
+    # all-to-all overlaps the attention of the others (wan_model.parallel.ulysses_overlap). Same result.
+    head_chunks: int = 1
 
     @classmethod
     def from_dict(cls, values: dict) -> "GeneratorConfig":
@@ -123,6 +126,8 @@ class Generator:
             raise ValueError(f"unknown attention kernel {config.attention!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
         if config.parallel not in ("auto", "manual"):
             raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
+        if not isinstance(config.head_chunks, int) or config.head_chunks < 1:
+            raise ValueError(f"head_chunks must be an integer >= 1, got {config.head_chunks!r}")
         if config.fp8 and config.fsdp:
             raise ValueError("fp8 together with fsdp is not supported (fp8 replaces the weights FSDP shards); choose one")
         if config.fsdp and config.offload:
@@ -176,7 +181,7 @@ class Generator:
                 f"attention={lay.attention_name()} dtype={str(self.dtype).replace('torch.', '')} "
                 f"device={self.device.type} compile={'on' if self.config.compile else 'off'} "
                 f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache} "
-                f"fp8={'on' if self.config.fp8 else 'off'}")
+                f"fp8={'on' if self.config.fp8 else 'off'} head_chunks={lay.head_chunks}")
 
     def validate(self, request: GenerationRequest) -> ResolvedJob:
         """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""

@@ -20,6 +20,11 @@ class Layout:
     cfg_split: CfgSplit
     state: object = None  # wan_model.parallel.ParallelState, when distributed
 
+    @property
+    def head_chunks(self) -> int:
+        """Head groups whose Ulysses all-to-alls overlap attention (1: no overlap)."""
+        return getattr(self.attention, "head_chunks", 1)
+
     def attention_name(self) -> str:
         ran = getattr(self.attention, "kernel_name", None)  # the kernel that ran last, once known
         if ran:
@@ -80,5 +85,11 @@ def setup_layout(config, variant: VariantSpec, world_size: int, distributed: boo
     state = setup_sequence_parallel(degrees)
     cfg_split = CfgSplit(group=state.cfg_group, half=state.cfg_rank) if degrees.cfg_parallel > 1 else CfgSplit()
     kernel = "auto" if config.attention == "sdpa" else config.attention
-    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, state.sharding(), state.attention(kernel=kernel),
-                  cfg_split, state)
+    # Head groups overlap the all-to-alls only in Ulysses-only layouts; elsewhere there is nothing to overlap.
+    head_chunks = config.head_chunks if degrees.ulysses > 1 and degrees.ring == 1 else 1
+    if head_chunks > 1:
+        from wan_model.parallel.ulysses_overlap import check_head_chunks
+
+        check_head_chunks(variant.transformer.num_heads, degrees.ulysses, head_chunks)
+    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, state.sharding(),
+                  state.attention(kernel=kernel, head_chunks=head_chunks), cfg_split, state)
