@@ -122,6 +122,30 @@ def test_image_to_video_models_need_an_image():
     resolve_request(GenerationRequest(prompt="a cat", output_dir="/tmp/x"), get_variant("tiny-ti2v"))
 
 
+def test_image_sets_the_aspect_ratio_when_no_size_is_given():
+    from wan_model.pipeline.conditioning import size_for_image
+
+    # Official Wan2.1 I2V at 720p: a 16:9 image keeps 1280x720; a 4:3 one gets 1104x816.
+    assert size_for_image(1280, 720, 1280 * 720, 16) == (1280, 720)
+    assert size_for_image(1024, 768, 1280 * 720, 16) == (1104, 816)
+    spec = get_variant("tiny-i2v")  # default 64x64, multiple 16
+    portrait = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(60, 104)), spec)
+    assert (portrait.width, portrait.height) == (48, 80)  # about 64*64 pixels, taller than wide
+    landscape = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(104, 60)), spec)
+    assert (landscape.width, landscape.height) == (80, 48)
+    # A size in the request wins; the image is then cropped to it.
+    explicit = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(60, 104),
+                                                 width=64, height=32), spec)
+    assert (explicit.width, explicit.height) == (64, 32)
+    ti2v = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(60, 104)),
+                           get_variant("tiny-ti2v"))
+    assert ti2v.height > ti2v.width and ti2v.width % 32 == 0 and ti2v.height % 32 == 0
+    with pytest.raises(InvalidRequest, match="image") as info:
+        resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(4000, 1)),
+                        get_variant("wan2.1-i2v-14b"))
+    assert "give width and height" in info.value.errors["image"]
+
+
 def test_guidance_pair_maps_low_and_high_noise_experts():
     job = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", guidance=(3.0, 4.0)),
                           get_variant("tiny-a14b"))

@@ -6,11 +6,14 @@
 * Wan2.2 TI2V-5B (``wan/textimage2video.py``): the first latent frame *is* the image latent,
   held fixed, with timestep 0 on its tokens (see ``denoise.FirstFrameLock``).
 
-The image is resized to cover the requested size and center-cropped (aspect ratio kept).
+The image is resized to cover the requested size and center-cropped (aspect ratio kept). A request
+without width and height gets the variant's default area in the image's own aspect ratio
+(``size_for_image``), so nothing but the rounding to the size multiple is cropped.
 """
 from __future__ import annotations
 
 import io
+import math
 from typing import Callable
 
 import torch
@@ -30,6 +33,15 @@ def decode_image(data: bytes):
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot decode the image ({exc})") from None
     return image.convert("RGB")
+
+
+def size_for_image(image_width: int, image_height: int, area: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of about ``area`` pixels with the image's aspect ratio, each side rounded down
+    to ``multiple`` (at least one ``multiple``), as official Wan2.1 image-to-video sizes its output."""
+    aspect = image_height / image_width
+    height = max(multiple, int(math.sqrt(area * aspect) // multiple) * multiple)
+    width = max(multiple, int(math.sqrt(area / aspect) // multiple) * multiple)
+    return width, height
 
 
 def image_to_tensor(image, width: int, height: int) -> torch.Tensor:

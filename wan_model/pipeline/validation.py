@@ -55,7 +55,7 @@ def _is_number(value) -> bool:
 
 def resolve_request(request: GenerationRequest, variant: VariantSpec) -> ResolvedJob:
     """The request with the variant's defaults filled in; raises ``InvalidRequest`` listing every problem."""
-    from .conditioning import decode_image
+    from .conditioning import decode_image, size_for_image
 
     errors: dict[str, str] = {}
     width = variant.default_size[0] if request.width is None else request.width
@@ -107,6 +107,15 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
                 image = decode_image(bytes(request.image))
             except ValueError as exc:
                 errors["image"] = str(exc)
+            else:
+                if request.width is None and request.height is None:
+                    # No size asked for: the default area in the image's aspect ratio (official Wan2.1 I2V).
+                    width, height = size_for_image(image.width, image.height,
+                                                   variant.default_size[0] * variant.default_size[1],
+                                                   variant.size_multiple)
+                    if max(width, height) > MAX_SIDE:
+                        errors["image"] = (f"a {image.width}x{image.height} image gives a {width}x{height} video, over "
+                                           f"{MAX_SIDE} pixels a side: give width and height")
 
     if request.lora is not None and not os.path.exists(request.lora):
         errors["lora"] = f"no such file or folder: {request.lora}"
