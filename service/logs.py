@@ -12,6 +12,7 @@ In text mode the id stays in the message (``job <id>: ...``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, Literal, MutableMapping
@@ -54,14 +55,42 @@ def serve_logging_config(log_format: LogFormat) -> dict[str, Any]:
     return {"encoding": "JSON" if log_format == "json" else "TEXT", "log_level": "INFO"}
 
 
-def json_formatter() -> logging.Formatter:
-    """Ray's JSON formatter (what Serve uses for ``encoding="JSON"``): standard keys (asctime,
-    levelname, message, filename, lineno, process) plus every ``extra`` field, one object per line."""
-    from ray._common.formatters import JSONFormatter
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per record with the keys of Ray's JSON logs (asctime, levelname, message,
+    filename, lineno, process, name) plus every ``extra`` field (``wanserve_job_id``, ``rank``, ...).
+    Our own, on public APIs only, so the workers' logs do not depend on Ray internals."""
 
-    formatter = JSONFormatter()
-    formatter.set_additional_log_standard_attrs(["name"])
-    return formatter
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "asctime": self.formatTime(record), "levelname": record.levelname, "message": record.getMessage(),
+            "filename": record.filename, "lineno": record.lineno, "process": record.process, "name": record.name,
+        }
+        data.update((k, v) for k, v in record.__dict__.items() if k not in _RECORD_ATTRS and not k.startswith("_"))
+        if record.exc_info:
+            data["exc_text"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+class RayContextFilter(logging.Filter):
+    """Adds the Ray ids (job, node, worker, actor) to each record, like the context Serve's records carry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            record.job_id = context.get_job_id()
+            record.node_id = context.get_node_id()
+            record.worker_id = context.get_worker_id()
+            actor_id = context.get_actor_id()
+            if actor_id:
+                record.actor_id = actor_id
+        return True
+
+
+def json_formatter() -> logging.Formatter:
+    """The workers' JSON formatter: one object per line, standard keys plus every ``extra`` field."""
+    return JsonLineFormatter()
 
 
 def configure_worker_logging(log_format: LogFormat) -> None:
@@ -78,10 +107,8 @@ def configure_worker_logging(log_format: LogFormat) -> None:
     handler = logging.StreamHandler(sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
     if log_format == "json":
-        from ray._common.filters import CoreContextFilter
-
         handler.setFormatter(json_formatter())
-        handler.addFilter(CoreContextFilter())  # actor_id, node_id, worker_id, like Serve's records
+        handler.addFilter(RayContextFilter())  # actor_id, node_id, worker_id, like Serve's records
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logger.addHandler(handler)

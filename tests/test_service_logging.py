@@ -125,3 +125,27 @@ def test_env_turns_json_on(monkeypatch, tmp_path):
 
     monkeypatch.setenv("WANSERVE_LOG_FORMAT", "json")
     assert ServiceSettings(data_dir=str(tmp_path)).log_format == "json"
+
+
+def test_worker_json_records_carry_the_ray_ids(ray_session):
+    """In a Ray worker the JSON lines name the Ray job, node and worker (public runtime-context API)."""
+    import ray
+
+    @ray.remote
+    def log_one_line() -> dict:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(json_formatter())
+        from service.logs import RayContextFilter
+
+        handler.addFilter(RayContextFilter())
+        logger = logging.getLogger("wanserve.test_ids")
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        job_log(logger, "r1", rank=0).info("hello")
+        return json.loads(stream.getvalue())
+
+    record = ray.get(log_one_line.remote(), timeout=60)
+    assert record[JOB_ID_FIELD] == "r1" and record["rank"] == 0
+    assert record["job_id"] and record["node_id"] and record["worker_id"]
