@@ -111,3 +111,54 @@ def test_four_ranks_cfg_parallel_times_ulysses_equal_one_rank(tmp_path_factory, 
                                    atol=LATENT_ATOL)
     diff = np.abs(ranks[0]["cfg2_ulysses2"]["frames"].astype(int) - reference.last_frames.astype(int)).max()
     assert diff <= 1
+
+
+def write_lora(path, variant_name: str = "tiny-a14b") -> str:
+    """A LoRA touching a sharded weight (low rank), a bias (diff_b) and a bare parameter (modulation diff)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from wan_model.config import get_variant
+
+    cfg = get_variant(variant_name).transformer
+    gen = torch.Generator().manual_seed(5)
+    tensors = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, cfg.dim, generator=gen),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(cfg.dim, 4, generator=gen),
+        "diffusion_model.blocks.1.ffn.0.lora_down.weight": torch.randn(4, cfg.dim, generator=gen),
+        "diffusion_model.blocks.1.ffn.0.lora_up.weight": torch.randn(cfg.ffn_dim, 4, generator=gen),
+        "diffusion_model.blocks.1.ffn.0.diff_b": torch.randn(cfg.ffn_dim, generator=gen),
+        "diffusion_model.blocks.0.modulation.diff": 0.1 * torch.randn(1, 6, cfg.dim, generator=gen),
+    }
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def run_lora_jobs(rank: int, world_size: int, cache: str, out: str, lora: str, settings: dict) -> dict:
+    from dataclasses import replace
+
+    generator = Generator(GeneratorConfig(model="tiny-a14b", cache_dir=cache, **settings))
+    plain = request(f"{out}/plain")
+    latents = {}
+    for name, job in (("plain", plain), ("lora", replace(plain, lora=lora)), ("after", plain)):
+        generator.generate(replace(job, output_dir=f"{out}/{name}"))
+        latents[name] = generator.last_latents.numpy()
+    return latents
+
+
+def test_lora_on_fsdp_sharded_weights_equals_one_rank(tmp_path_factory, tmp_path):
+    """Under FSDP every rank merges its shard of the update: 2 ranks give the 1-rank LoRA result,
+    and taking the LoRA out restores the exact weights (the next plain job is bit-identical)."""
+    from dataclasses import replace
+
+    cache = tiny_cache(tmp_path_factory)
+    lora = write_lora(tmp_path / "style.safetensors")
+    reference = Generator(GeneratorConfig(model="tiny-a14b", cache_dir=cache))
+    reference.generate(replace(request(str(tmp_path / "ref")), lora=lora))
+    expected = reference.last_latents.numpy()
+    settings = dict(parallel="manual", ulysses=2, fsdp=True)
+    ranks = run_ranks(run_lora_jobs, 2, cache, str(tmp_path / "fsdp"), lora, settings, timeout=400)
+    for rank in ranks:
+        assert np.abs(rank["lora"] - rank["plain"]).max() > 1e-3, "the LoRA changed nothing"
+        np.testing.assert_allclose(rank["lora"], expected, rtol=0, atol=LATENT_ATOL)
+        np.testing.assert_array_equal(rank["after"], rank["plain"])

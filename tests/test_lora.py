@@ -216,3 +216,35 @@ def test_official_lora_equals_its_diffusers_conversion() -> None:
     merge_lora(model, converted, scale=0.8)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, from_official[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_updates_are_built_one_at_a_time(monkeypatch) -> None:
+    """A LoRA on every layer of a 14B model would need tens of GB if all deltas existed at once:
+    each is built, applied and dropped before the next (checked with weak references)."""
+    import gc
+    import weakref
+
+    import wan_model.lora as lora_module
+
+    model = _model("tiny-t2v")
+    state = {}
+    for i, block in enumerate(model.blocks):
+        for name in ("self_attn.q", "self_attn.k", "ffn.0"):
+            layer = block.get_submodule(name)
+            down, up = _factors(layer.out_features, layer.in_features, seed=i)
+            state[f"blocks.{i}.{name}.lora_down.weight"] = down
+            state[f"blocks.{i}.{name}.lora_up.weight"] = up
+    alive, most = [], [0]
+    original = lora_module._Planned.delta
+
+    def tracked(self):
+        gc.collect()
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        delta = original(self)
+        alive.append(weakref.ref(delta))
+        return delta
+
+    monkeypatch.setattr(lora_module._Planned, "delta", tracked)
+    changed = merge_lora(model, state)
+    assert len(alive) == len(changed) == 3 * len(model.blocks)
+    assert most[0] == 0, f"{most[0]} earlier deltas were still alive when the next was built"

@@ -15,13 +15,14 @@ Formats read (one ``.safetensors`` file, or a PEFT folder with ``adapter_config.
 does not is an error naming it, and nothing is changed.
 
 Merging: ``W += scale * (alpha / rank) * up @ down``, ``W += scale * diff``, ``b += scale * diff_b``,
-computed in float32 and written back in the parameter's dtype. Merge before wrapping the model
-with FSDP. ``unmerge_lora`` restores the exact original tensors: re-read from the checkpoint file
+computed in float32 and written back in the parameter's dtype, one parameter at a time; under
+FSDP2 each rank updates its own shard. ``unmerge_lora`` restores the exact original tensors: re-read from the checkpoint file
 when the model came from ``load_transformer``, else from CPU copies taken at the first merge.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,28 @@ def read_lora(
 # --- merging ---------------------------------------------------------------------------------------
 
 
-def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(parameter name, parameter, float32 delta before ``scale``) for one module's update."""
+@dataclass
+class _Planned:
+    """One parameter a LoRA changes; ``delta()`` builds its float32 update (before ``scale``) on demand."""
+
+    name: str
+    param: torch.Tensor
+    parts: list[tuple[float, torch.Tensor | None, torch.Tensor]]  # (factor, up or None, down or full delta)
+
+    def delta(self) -> torch.Tensor:
+        device = self.param.device
+        total = torch.zeros(self.param.shape, dtype=torch.float32, device=device)
+        for factor, up, value in self.parts:
+            if up is not None:
+                product = up.to(device, torch.float32).flatten(1) @ value.to(device, torch.float32).flatten(1)
+                total += factor * product.reshape(self.param.shape)
+            else:
+                total += factor * value.to(device, torch.float32)
+        return total
+
+
+def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[_Planned]:
+    """The parameters one module's update changes, with every shape checked (no delta built yet)."""
     params = dict(model.named_parameters())
     if name in params:  # a bare parameter such as blocks.N.modulation: only full deltas make sense
         if update.down is not None or update.diff_b is not None or update.up_bias is not None:
@@ -177,35 +198,48 @@ def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[tuple[str,
     if update.down is not None or update.diff is not None:
         if weight is None:
             raise LoraError(f"LoRA targets {name}, which has no weight ({update.keys})")
-        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        parts = []
         if update.down is not None:
-            down = update.down.to(weight.device, torch.float32).flatten(1)
-            up = update.up.to(weight.device, torch.float32).flatten(1)
-            product = up @ down
-            if product.shape != (weight.shape[0], weight[0].numel()):
-                raise LoraError(f"LoRA for {name} gives a {tuple(product.shape)} update for a {tuple(weight.shape)} weight")
-            delta += lora_factor * product.reshape(weight.shape)
+            up_shape, down_shape = update.up.flatten(1).shape, update.down.flatten(1).shape
+            if up_shape[1] != down_shape[0]:
+                raise LoraError(f"LoRA for {name}: up {tuple(up_shape)} and down {tuple(down_shape)} do not multiply")
+            if (up_shape[0], down_shape[1]) != (weight.shape[0], math.prod(weight.shape[1:])):
+                raise LoraError(f"LoRA for {name} gives a {(up_shape[0], down_shape[1])} update for a "
+                                f"{tuple(weight.shape)} weight")
+            parts.append((lora_factor, update.up, update.down))
         if update.diff is not None:
             if update.diff.shape != weight.shape:
                 raise LoraError(f"{name}.diff has shape {tuple(update.diff.shape)}, the weight {tuple(weight.shape)}")
-            delta += update.diff.to(weight.device, torch.float32)
-        out.append((weight_name, weight, delta))
+            parts.append((1.0, None, update.diff))
+        out.append(_Planned(weight_name, weight, parts))
     if update.diff_b is not None or update.up_bias is not None:
         bias = params.get(bias_name) if bias_name else None
         if bias is None:
             raise LoraError(f"a bias delta is given for {name}, which has no bias ({update.keys})")
-        delta = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        for label, value, factor in (
-            ("diff_b", update.diff_b, 1.0),
-            ("lora_B.bias", update.up_bias, lora_factor),
-        ):
+        parts = []
+        for label, value, factor in (("diff_b", update.diff_b, 1.0), ("lora_B.bias", update.up_bias, lora_factor)):
             if value is None:
                 continue
             if value.shape != bias.shape:
                 raise LoraError(f"{name}.{label} has shape {tuple(value.shape)}, the bias {tuple(bias.shape)}")
-            delta += factor * value.to(bias.device, torch.float32)
-        out.append((bias_name, bias, delta))
+            parts.append((factor, None, value))
+        out.append(_Planned(bias_name, bias, parts))
     return out
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``param``: its shard under FSDP2 (a DTensor), else the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (a whole-parameter tensor), laid out as ``param``'s local shard.
+    Every rank holds ``full``, so this is local slicing, no communication."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 @torch.no_grad()
@@ -219,21 +253,26 @@ def merge_lora(
     """Add ``lora`` (file, PEFT folder or state dict) times ``scale`` into ``model``'s weights.
 
     Checks the whole LoRA first (unknown keys, shapes) and changes nothing if any check fails.
-    Several merges stack; ``unmerge_lora`` undoes them all. Returns the parameter names changed.
+    Then builds each parameter's update one at a time (a LoRA on every layer of a 14B model would
+    need tens of GB as deltas all at once). Under FSDP2 every rank adds its own shard of each
+    update. Several merges stack; ``unmerge_lora`` undoes them all. Returns the parameter names changed.
     """
     updates = read_lora(model, lora, alpha=alpha)
     planned = [t for name, update in updates.items() for t in _targets(model, name, update)]
 
     originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
     source = getattr(model, "checkpoint_source", None)
-    for param_name, param, delta in planned:
-        if param_name not in originals:
+    for target in planned:
+        local = _local(target.param)
+        if target.name not in originals:
             # Loaded models re-read their originals from the file; others keep an exact CPU copy.
-            originals[param_name] = None if source is not None else param.detach().to("cpu", copy=True)
-        param.copy_((param.float() + scale * delta).to(param.dtype))
+            originals[target.name] = None if source is not None else local.detach().to("cpu", copy=True)
+        delta = _shard_like(target.param, target.delta())
+        local.copy_((local.float() + scale * delta).to(local.dtype))
+        del delta
     model._lora_originals = originals
     model._lora_merged = [*getattr(model, "_lora_merged", []), (str(lora) if not isinstance(lora, Mapping) else "<state dict>", scale)]
-    return [name for name, _, _ in planned]
+    return [target.name for target in planned]
 
 
 @torch.no_grad()
@@ -244,9 +283,10 @@ def unmerge_lora(model: nn.Module) -> list[str]:
     source = getattr(model, "checkpoint_source", None)
     for name, original in originals.items():
         param = params[name]
+        local = _local(param)
         if original is None:
-            original = source.read(name, param.device)
-        param.copy_(original)
+            original = _shard_like(param, source.read(name, local.device))
+        local.copy_(original)
     model._lora_originals = {}
     model._lora_merged = []
     return list(originals)

@@ -390,8 +390,6 @@ class Generator:
                                           "into fp8 weights; use a deployment without fp8"})
         from wan_model.lora import merge_lora, unmerge_lora
 
-        if self.config.fsdp and wanted is not None:
-            raise ValueError("LoRA merging is not supported together with fsdp (weights are sharded)")
         if self._lora is not None:
             for model in self.parts.experts.values():
                 unmerge_lora(model)
