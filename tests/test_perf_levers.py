@@ -1,8 +1,11 @@
 """Performance levers (issue #6), each equal to the unoptimised path on CPU:
 
 * ``compile_blocks`` (regional torch.compile): output within 1e-5 of eager (float32; inductor fuses
-  and reorders float sums), state-dict names unchanged; 2 gloo ranks with Ulysses 2 + compile give
-  the 1-rank eager latents within 1e-4 (the tolerance of test_generator_parallel).
+  and reorders float sums), state-dict names unchanged; 2 gloo ranks with Ulysses 2 + compile (with
+  the all-to-alls overlapped in 2 head groups), and FSDP x Ulysses 2 + compile, give the 1-rank
+  eager latents within 1e-4 (the tolerance of test_generator_parallel).
+* FlashAttention-4 plumbing (a CPU stand-in for the package): layout, LSE, compile fake, ring merge;
+  missing package or wrong device is a clear error, never a fallback.
 * ``LocalAttention`` with a named kernel on one rank: within 1e-5 of plain SDPA; a kernel that
   cannot run raises (never swapped).
 * Step caching (lossy): threshold 0 gives exactly the uncached latents; a positive threshold skips
@@ -239,6 +242,8 @@ def test_step_cache_threshold_zero_is_exact_and_positive_skips_with_bounded_erro
 CASES = {
     # ... with the all-to-alls overlapped with attention in 2 head groups.
     "ulysses2_compile": ("tiny", dict(parallel="manual", ulysses=2, compile=True, head_chunks=2)),
+    # FSDP's all-gather hooks run inside the compiled block calls.
+    "fsdp_ulysses2_compile": ("tiny", dict(parallel="manual", ulysses=2, fsdp=True, compile=True)),
     "cfg2_step_cache": ("tiny-a14b", dict(parallel="manual", cfg_parallel=True, step_cache=CACHE_THRESHOLD)),
     # FSDP all-gathers inside the blocks: a skipped step must be skipped on every rank alike.
     "fsdp_ulysses2_step_cache": ("tiny-a14b", dict(parallel="manual", ulysses=2, fsdp=True,
@@ -274,7 +279,8 @@ def test_two_ranks_compile_and_step_cache_equal_one_rank(tmp_path_factory, tmp_p
     for name in ("cfg2_step_cache", "fsdp_ulysses2_step_cache"):
         ref_skipped = expected[name][1]
         assert ref_skipped and ranks[0][name]["skipped"] == ref_skipped, name
+    assert "fsdp=on" in ranks[0]["fsdp_ulysses2_compile"]["layout"]
     for rank in ranks:
-        assert rank["ulysses2_compile"]["compiled"]
+        assert rank["ulysses2_compile"]["compiled"] and rank["fsdp_ulysses2_compile"]["compiled"]
         for name in CASES:
             np.testing.assert_allclose(rank[name]["latents"], expected[name][0], rtol=0, atol=LATENT_ATOL, err_msg=name)

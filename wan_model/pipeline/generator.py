@@ -134,8 +134,6 @@ class Generator:
             raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
         if config.fsdp and not self.distributed:
             raise ValueError("fsdp needs several ranks in an initialized process group")
-        if config.compile and config.fsdp:
-            raise ValueError("compile together with fsdp is not supported (untested); choose one")
         if config.step_cache is not None and not (isinstance(config.step_cache, (int, float))
                                                   and config.step_cache >= 0):
             raise ValueError(f"step_cache must be a threshold >= 0 or None, got {config.step_cache!r}")
