@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, Optional
 
 import ray
@@ -24,6 +25,7 @@ logger = logging.getLogger("ray.serve")
 
 QUEUE_DEPLOYMENT = "JobQueue"
 RANK_GRACE_S = 5.0  # after one rank failed, the others get the process-group timeout plus this
+RECENT_OUTCOMES = 64  # final outcomes remembered per replica, so a job dispatched again is not run again
 
 
 def engine_bundles(settings: ServiceSettings) -> list[dict[str, float]]:
@@ -52,6 +54,11 @@ class EngineReplica:
         self.broken: Optional[str] = None
         self.busy_job: Optional[str] = None
         self.jobs_done = 0
+        # A job can reach this replica twice: its JobQueue replica restarted (or timed out its call)
+        # while the first run went on, and then sent it again. The second call returns the first
+        # run's outcome instead of running the job again. Crashes are not remembered: a crashed
+        # replica is replaced, and the job must run again elsewhere.
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         started = time.monotonic()
         context = serve.get_replica_context()
         self.app_name = context.app_name
@@ -133,6 +140,9 @@ class EngineReplica:
         """Run one job on all ranks. Outcome ``status``: succeeded | cancelled | failed (the job's
         fault or a generator error) | crashed (a worker died or hung: run it again) | unavailable."""
         log = job_log(logger, job["id"])  # Serve adds the replica id to JSON records
+        if job["id"] in self.recent:
+            log.warning("dispatched again after it ran here: returning that run's outcome, not running it twice")
+            return {**self.recent[job["id"]], "repeated": True}
         if self.broken:
             log.warning("refused: this replica is broken (%s)", self.broken)
             return {"status": "unavailable", "error": self.broken}
@@ -146,6 +156,10 @@ class EngineReplica:
                     "%s in %.1f s%s", outcome["status"], duration_s,
                     f": {outcome['error']}" if outcome.get("error") else "",
                     extra={"status": outcome["status"], "duration_s": duration_s})
+            if outcome["status"] in ("succeeded", "cancelled", "failed"):
+                self.recent[job["id"]] = outcome
+                while len(self.recent) > RECENT_OUTCOMES:
+                    self.recent.popitem(last=False)
             return outcome
         finally:
             self.busy_job = None

@@ -122,6 +122,30 @@ def test_worker_killed_mid_job_requeues_then_next_job_succeeds(app):
     assert nxt["status"] == "succeeded" and nxt["attempts"] == 1
 
 
+def test_a_job_sent_to_the_engine_again_is_not_run_twice(app):
+    """A JobQueue replica that restarted mid-job re-sends it: the engine replica that ran it returns
+    that run's outcome instead of running it again (here 200 slow steps would take 24 s)."""
+    import time
+
+    from ray import serve
+
+    settings, client, _ = app
+    job_id = submit(client, "once only", 3, seed=12345)
+    job = wait_status(client, job_id, ("succeeded", "failed"), timeout_s=90)
+    assert job["status"] == "succeeded", job
+    engine = serve.get_deployment_handle("EngineReplica", app_name=settings.app_name)
+    again = {"id": job_id, "progress_interval_s": 0.0,
+             "request": {"prompt": "slow once only", "output_dir": str(settings.results_dir / job_id),
+                         "job_id": job_id, "seed": 1, "steps": 200}}
+    t0 = time.monotonic()
+    outcome = engine.run.remote(again).result(timeout_s=60)
+    assert time.monotonic() - t0 < 10, "the job ran a second time"
+    assert outcome["status"] == "succeeded" and outcome["repeated"] is True
+    # The first run's result (its seed, its file), not a new run's (seed 1).
+    assert outcome["result"]["seed"] == job["result"]["seed"]
+    assert outcome["result"]["video_path"] == str(settings.results_dir / job_id / "video.mp4")
+
+
 def test_restart_with_jobs_in_sqlite_completes_them(app):
     from ray import serve
 
