@@ -31,6 +31,16 @@ def test_cli_writes_the_requested_video(tmp_path_factory, tmp_path, capsys):
     assert sorted(os.listdir(out.parent)) == ["cat.mp4", "cat.png"]  # the work folder is gone
 
 
+def test_cli_fp8_option_reaches_the_generator(tmp_path_factory, tmp_path, capsys):
+    out = tmp_path / "fp8.mp4"
+    code = main(["--prompt", "a cat", "--num-frames", "1", "--width", "32", "--height", "32", "--steps", "1",
+                 "--output", str(out), "--cache-dir", tiny_cache(tmp_path_factory), "--fp8", "--no-progress",
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "fp8=on" in json.loads(captured.out)["layout"]
+
+
 def test_wanserve_generate_entry_point(tmp_path_factory, tmp_path, capsys):
     from service.cli import main as wanserve
 

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="default: the official Wan negative prompt")
     p.add_argument("--image", help="input image (PNG/JPEG) for image-to-video models")
     p.add_argument("--num-frames", type=int, help="4n+1 (default: the model's)")
-    p.add_argument("--width", type=int)
+    p.add_argument("--width", type=int, help="pixels (default: the model's; with --image and no size, the "
+                   "model's default area in the image's aspect ratio)")
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--text-encoder", default="replicated", choices=["replicated", "fsdp", "cpu"])
-    p.add_argument("--attention", default="auto")
+    p.add_argument("--attention", default="auto",
+                   help="auto (FlashAttention-4 where installed, else cuDNN/SDPA), fa4, cudnn, flash, sdpa, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (GPU speed-up "
+                   "after a warm-up)")
+    p.add_argument("--fp8", action="store_true", help="fp8 GEMMs in the transformer blocks (faster on sm89+, lossy)")
     p.add_argument("--memory-fraction", type=float)
     p.add_argument("--cache-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,6 +85,7 @@ def _generator_config(args) -> dict:
         parallel="manual" if manual else "auto", ulysses=args.ulysses, ring=args.ring,
         cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, offload=args.offload, text_encoder=args.text_encoder,
         memory_fraction=args.memory_fraction, attention=args.attention, cache_dir=args.cache_dir,
+        compile=args.compile, fp8=args.fp8,
     )
 
 
