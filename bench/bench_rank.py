@@ -186,6 +186,10 @@ class Runner:
         self.maybe_compile(impl, model)
         return model
 
+    def compiles(self, impl: str) -> bool:
+        """``--compile`` compiles both implementations, unless ``--anchor-eager`` keeps diffusers eager."""
+        return self.args.compile and not (impl == "diffusers" and getattr(self.args, "anchor_eager", False))
+
     def maybe_compile(self, impl: str, model) -> None:
         """``--fp8`` (ours): fp8 GEMMs in the blocks. ``--compile``: regional compilation, every
         transformer block on its own (both impls alike)."""
@@ -193,7 +197,7 @@ class Runner:
             from wan_model.fp8 import quantize_blocks_fp8  # the product's own option (GeneratorConfig.fp8)
 
             quantize_blocks_fp8(model)
-        if not self.args.compile:
+        if not self.compiles(impl):
             return
         if impl == "ours":
             from wan_model.compile import compile_blocks  # the product's own option (GeneratorConfig.compile)
@@ -227,7 +231,8 @@ class Runner:
 
     def record(self, case: dict, **fields) -> dict:
         args = self.args
-        return dict(kind="case", **case, gpus=self.world, device=args.device, compile=args.compile,
+        return dict(kind="case", **case, gpus=self.world, device=args.device, compile=self.compiles(case["impl"]),
+                    compile_requested=args.compile, anchor_eager=getattr(args, "anchor_eager", False),
                     fp8=getattr(args, "fp8", False) and case["impl"] == "ours", ours_fp8_requested=getattr(args, "fp8", False),
                     head_chunks=args.head_chunks,
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,

@@ -31,8 +31,10 @@ def levers(r: dict) -> str:
         parts.append(f"ours-attn={r['ours_attn_requested']}")
     if r.get("ulysses_requested") is not None:
         parts.append(f"ulysses={r['ulysses_requested']}")
-    if r.get("compile"):
+    if r.get("compile_requested", r.get("compile")):  # older records have only "compile"
         parts.append("compile")
+    if r.get("anchor_eager"):
+        parts.append("diffusers-eager")
     if (r.get("head_chunks") or 1) > 1:
         parts.append(f"chunks{r['head_chunks']}")
     if r.get("ours_fp8_requested"):

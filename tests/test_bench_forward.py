@@ -91,3 +91,28 @@ def test_targets_and_sweep_efficiency_from_records():
     assert "ours scaling 1 -> 4 GPUs: 4.00x vs target >= 3.85x: met" in table
     sweep = sweep_table(sweep_cells(records, "ours"), "ours")
     assert "| 832x480 | 81 | 32760 | 0.600 | 0.150 (100%) |" in sweep
+
+
+def test_anchor_eager_keeps_diffusers_uncompiled_and_in_the_same_row():
+    """--compile --anchor-eager: ours compiled, diffusers eager (the issue's anchor), compared in one row."""
+    import argparse
+
+    from bench_rank import Runner
+
+    args = argparse.Namespace(compile=True, anchor_eager=True)
+    runner = Runner.__new__(Runner)  # only the lever logic, no process group
+    runner.args = args
+    assert runner.compiles("ours") and not runner.compiles("diffusers")
+    args.anchor_eager = False
+    assert runner.compiles("diffusers")
+
+    def case(impl, seconds):
+        return dict(kind="case", status="ok", model="14b", impl=impl, gpus=4, median_s=seconds, width=1280,
+                    height=720, frames=81, tokens=75600, layers=40, compile=impl == "ours",
+                    compile_requested=True, anchor_eager=True)
+
+    table = format_table([case("ours", 2.5), case("diffusers", 3.3)])
+    (row,) = [line for line in table.splitlines() if line.startswith("| 14b | 1280x720")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert "compile+diffusers-eager" in cells[4]
+    assert cells[6] == "2.500" and cells[7] == "3.300" and cells[8] == "1.32"
