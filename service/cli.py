@@ -95,6 +95,17 @@ def parallel_layout(settings) -> dict[str, Any]:
             "rule": f"{rule} (wan_model.pipeline.layout.choose_degrees)"}
 
 
+def attention_info(settings) -> dict[str, Any]:
+    """The attention kernel asked for, and whether FlashAttention-4 (what ``auto`` prefers) imports here."""
+    from wan_model.parallel.fa4 import import_problem
+
+    problem = import_problem()
+    return {"requested": settings.generator_config().get("attention", "auto"),
+            "flash_attn_4_here": "importable" if problem is None else problem,
+            "rule": "auto = fa4 on sm90+ GPUs where flash-attn-4 is installed, else cuDNN (ring) / SDPA; "
+                    "each job's layout line says which ran"}
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     try:
@@ -107,7 +118,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if shown.get("client_tokens"):
         names = shown["client_tokens"].values()
         shown["client_tokens"] = {f"<token {i + 1}, hidden>": name for i, name in enumerate(names)}
-    data = {"settings": shown, "parallel_layout": layout}
+    data = {"settings": shown, "parallel_layout": layout, "attention": attention_info(settings)}
     if args.format == "json":
         print(json.dumps(data, indent=2))
     else:

@@ -97,6 +97,12 @@ def test_config_default_is_tiny_on_two_cpu_workers(capsys):
     data = config_json([], capsys)
     assert data["settings"]["model"] == "tiny" and data["settings"]["gpus"] == 0
     assert data["parallel_layout"]["world"] == 2 and data["parallel_layout"]["variant"] == "tiny-t2v"
+    # Which attention kernel "auto" can pick here: FlashAttention-4 importable, or how to install it.
+    from wan_model.parallel.fa4 import import_problem
+
+    assert data["attention"]["requested"] == "auto"
+    here = data["attention"]["flash_attn_4_here"]
+    assert here == "importable" if import_problem() is None else "wanserve[fa4]" in here
 
 
 def test_config_impossible_layout_is_a_clear_error(capsys):
