@@ -148,6 +148,28 @@ def test_fa4_missing_is_a_clear_error_not_a_fallback(monkeypatch, tmp_path_facto
         Generator(GeneratorConfig(model="tiny", cache_dir=tiny_cache(tmp_path_factory), attention="fa4"))
 
 
+def test_fa4_auto_takes_it_on_hopper_and_blackwell_with_a_head_dim_it_runs(fake_fa4, monkeypatch):
+    from wan_model.parallel import fa4
+    from wan_model.parallel.kernels import resolve_kernel_name
+
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    for major, auto_takes in ((8, False), (9, True), (10, True), (12, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert fa4.usable(cuda, bf16, 128) is auto_takes, major
+        assert resolve_kernel_name("auto", cuda, bf16, 128) == ("fa4" if auto_takes else "cudnn")
+        assert resolve_kernel_name("fa4", cuda, bf16, 128) == "fa4"  # named: runs on every FA4 architecture
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fa4.usable(cuda, bf16, 256) and not fa4.usable(cuda, bf16, 12)  # 12: not a multiple of 8
+    assert resolve_kernel_name("auto", cuda, bf16, 12) == "cudnn"
+    with pytest.raises(ValueError, match="'fa4': head_dim must be a multiple of 8, got 12"):
+        resolve_kernel_name("fa4", cuda, bf16, 12)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert not fa4.usable(cuda, bf16, 192)  # Blackwell kernels: up to 128, or 256
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="needs an sm80\\+ GPU, got sm75"):
+        resolve_kernel_name("fa4", cuda, bf16, 128)
+
+
 def test_fa4_op_layout_and_compiled_fake_match_the_reference(fake_fa4):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

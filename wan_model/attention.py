@@ -49,13 +49,13 @@ class LocalAttention:
     def name(self) -> str:
         return self.kernel
 
-    def check(self, device: torch.device, dtype: torch.dtype) -> str:
+    def check(self, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
         """The kernel that will run on ``device``/``dtype``; raises ``ValueError`` if it cannot run there."""
         if self.kernel == "auto":
-            return "fa4" if self._fa4_usable(device, dtype) else "sdpa"
+            return "fa4" if self._fa4_usable(device, dtype, head_dim) else "sdpa"
         if self.kernel == "sdpa":
             return "sdpa"
-        return self._resolve(self.kernel, device, dtype)
+        return self._resolve(self.kernel, device, dtype, head_dim)
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, valid_len: int | None = None
@@ -64,7 +64,7 @@ class LocalAttention:
             # Padding sits at the end: dropping it is exact and keeps the fast kernels usable.
             k, v = k[:, :valid_len], v[:, :valid_len]
         q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        name = self.check(q.device, q.dtype)
+        name = self.check(q.device, q.dtype, q.shape[-1])
         if name == "sdpa":
             out = F.scaled_dot_product_attention(q_, k_, v_)
         else:

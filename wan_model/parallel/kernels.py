@@ -70,8 +70,9 @@ _LSE_KERNELS: dict[str, LseKernel] = {
 }
 
 
-def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete kernel ``kernel`` means on ``device``/``dtype``; raise if it cannot run there."""
+def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """The concrete kernel ``kernel`` means on ``device``/``dtype`` (and ``head_dim``, when known);
+    raise if it cannot run there."""
     if kernel not in KERNEL_NAMES:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
     if kernel == "auto":
@@ -80,7 +81,7 @@ def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype) -
             # cuDNN beats torch's flash; neither has fp32.
             if dtype not in (torch.float16, torch.bfloat16):
                 return "efficient"
-            return "fa4" if fa4.usable(device, dtype) else "cudnn"
+            return "fa4" if fa4.usable(device, dtype, head_dim) else "cudnn"
         return "cpu" if device.type == "cpu" else "math"
     if kernel in ("cudnn", "flash"):
         if device.type != "cuda":
@@ -88,7 +89,7 @@ def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype) -
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}")
     if kernel == "fa4":
-        fa4.check(device, dtype)
+        fa4.check(device, dtype, head_dim)
     if kernel == "efficient" and device.type != "cuda":
         raise ValueError(f"attention kernel 'efficient' needs CUDA tensors, got {device.type}")
     if kernel == "cpu" and device.type != "cpu":

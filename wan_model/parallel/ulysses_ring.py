@@ -50,9 +50,9 @@ class UlyssesRingAttention:
     def _kernel_for(self, q: torch.Tensor) -> tuple[str, LseKernel | None]:
         if callable(self.kernel):
             return getattr(self.kernel, "__name__", "custom"), self.kernel
-        if self.state.ring == 1 and self.kernel == "auto" and not fa4.usable(q.device, q.dtype):
+        if self.state.ring == 1 and self.kernel == "auto" and not fa4.usable(q.device, q.dtype, q.shape[-1]):
             return "sdpa", None
-        name = resolve_kernel_name(self.kernel, q.device, q.dtype)
+        name = resolve_kernel_name(self.kernel, q.device, q.dtype, q.shape[-1])
         return name, get_lse_kernel(name)
 
     def __call__(
