@@ -102,23 +102,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(WanSelfAttention):
     """Attention from the video tokens to the text context; with ``image_branch``, also to the CLIP image tokens.
 
+    Same projections and QK norms as self-attention (official Wan subclasses it too); no RoPE.
     The image branch (Wan2.1 I2V, official ``WanI2VCrossAttention``) has its own keys/values and
     adds its attention output to the text one before the output projection.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image_branch: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.image_branch = image_branch
         if image_branch:
             self.k_img = nn.Linear(dim, dim)
