@@ -69,15 +69,16 @@ class UlyssesRingAttention:
             raise ValueError(f"valid_len must be in [1, {padded_len}] (padded global length), got {valid_len}")
         name, kernel = self._kernel_for(q)
 
-        if state.ulysses > 1 and state.ring == 1 and self.head_chunks > 1:
-            def attend(q_span: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor) -> torch.Tensor:
-                k_span, v_span = k_span[:, :valid_len], v_span[:, :valid_len]
-                q_, k_, v_ = (x.transpose(1, 2) for x in (q_span, k_span, v_span))
-                out = kernel(q_, k_, v_)[0] if callable(self.kernel) else plain_attention(name, q_, k_, v_)
-                return out.transpose(1, 2)
+        def whole_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """This rank holds the whole sequence (for its heads): padding is the tail, drop it."""
+            k, v = k[:, :valid_len], v[:, :valid_len]
+            q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+            out = kernel(q_, k_, v_)[0] if callable(self.kernel) else plain_attention(name, q_, k_, v_)
+            return out.transpose(1, 2)
 
-            out = overlapped_ulysses_attention(q, k, v, attend, group=state.ulysses_group, ulysses=state.ulysses,
-                                               chunks=self.head_chunks)
+        if state.ulysses > 1 and state.ring == 1 and self.head_chunks > 1:
+            out = overlapped_ulysses_attention(q, k, v, whole_sequence, group=state.ulysses_group,
+                                               ulysses=state.ulysses, chunks=self.head_chunks)
             self.kernel_name = name
             return out
 
@@ -86,11 +87,7 @@ class UlyssesRingAttention:
             qkv = SeqAllToAll5D.apply(state.ulysses_group, torch.stack([q, k, v], dim=2), 3, 1)
             q, k, v = qkv.unbind(dim=2)
         if state.ring == 1:
-            # This rank holds the whole sequence (for its heads): padding is the tail, drop it.
-            k, v = k[:, :valid_len], v[:, :valid_len]
-            q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
-            out = (kernel(q_, k_, v_)[0] if callable(self.kernel) else plain_attention(name, q_, k_, v_))
-            out = out.transpose(1, 2)
+            out = whole_sequence(q, k, v)
         else:
             out = ring_attention(
                 q, k, v, kernel=kernel, ring_group=state.ring_group, ring_rank=state.ring_rank,
