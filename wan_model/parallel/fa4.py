@@ -43,8 +43,9 @@ def head_dim_problem(major: int, head_dim: int) -> str | None:
     return None if ok else f"head_dim {head_dim} is not supported on sm{major}x"
 
 
-def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> None:
-    """Raise ``ValueError`` naming the reason if FA4 cannot run on ``device``/``dtype`` (and ``head_dim``)."""
+def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> int:
+    """Raise ``ValueError`` naming the reason if FA4 cannot run on ``device``/``dtype`` (and ``head_dim``);
+    else return the GPU's compute-capability major."""
     if device.type != "cuda":
         raise ValueError(f"attention kernel 'fa4' needs CUDA tensors, got {device.type}")
     if dtype not in (torch.float16, torch.bfloat16):
@@ -58,15 +59,15 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None)
     problem = head_dim_problem(major, head_dim) if head_dim is not None else None
     if problem is not None:
         raise ValueError(f"attention kernel 'fa4': {problem}")
+    return major
 
 
 def usable(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> bool:
     """Whether the ``auto`` kernel choice takes FA4 here: it runs, and on Hopper or Blackwell."""
     try:
-        check(device, dtype, head_dim)
+        return check(device, dtype, head_dim) in AUTO_MAJOR
     except ValueError:
         return False
-    return torch.cuda.get_device_capability(device)[0] in AUTO_MAJOR
 
 
 @torch.library.custom_op("wanserve::fa4_attention", mutates_args=())
