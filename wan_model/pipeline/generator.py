@@ -146,7 +146,7 @@ class Generator:
         self.layout = setup_layout(config, self.variant, self.world_size, self.distributed)
         check = getattr(self.layout.attention, "check", None)
         if check is not None:  # one rank, named kernel: fail now if it cannot run here (never swapped)
-            check(self.device, self.dtype)
+            check(self.device, self.dtype, self.variant.transformer.head_dim)
         for model in self.parts.experts.values():
             model.set_parallel(self.layout.sharding, self.layout.attention)
         if config.fsdp:
