@@ -80,14 +80,20 @@ def test_matches_diffusers(variant: str, tmp_path) -> None:
     assert _relative_error(out, ref) <= 1e-4
 
 
-def test_shorter_context_is_zero_padded() -> None:
-    """Passing 7 text tokens is the same as passing them zero-padded to text_len (official behaviour)."""
+def _tiny_t2v_with_inputs() -> tuple[WanModel, torch.Tensor, torch.Tensor]:
+    """Seeded tiny T2V model (head not zero, so outputs are non-trivial), latents and a short context."""
     config = get_variant("tiny-t2v").transformer
     torch.manual_seed(0)
     model = WanModel(config).eval()
     torch.nn.init.normal_(model.head.head.weight, std=0.1)
     x = torch.randn(1, 16, FRAMES, HEIGHT, WIDTH)
-    context = torch.randn(1, CONTEXT_LEN, config.text_dim)
+    return model, x, torch.randn(1, CONTEXT_LEN, config.text_dim)
+
+
+def test_shorter_context_is_zero_padded() -> None:
+    """Passing 7 text tokens is the same as passing them zero-padded to text_len (official behaviour)."""
+    model, x, context = _tiny_t2v_with_inputs()
+    config = model.config
     t = torch.tensor([500.0])
     with torch.no_grad():
         short = model(x, t, context)
@@ -97,12 +103,7 @@ def test_shorter_context_is_zero_padded() -> None:
 
 
 def test_low_precision_parameters_run_close_to_fp32() -> None:
-    config = get_variant("tiny-t2v").transformer
-    torch.manual_seed(0)
-    model = WanModel(config).eval()
-    torch.nn.init.normal_(model.head.head.weight, std=0.1)
-    x = torch.randn(1, 16, FRAMES, HEIGHT, WIDTH)
-    context = torch.randn(1, CONTEXT_LEN, config.text_dim)
+    model, x, context = _tiny_t2v_with_inputs()
     t = torch.tensor([700.0])
     with torch.no_grad():
         ref = model(x, t, context)
