@@ -6,7 +6,10 @@ rows, and the error of a two-chunk merge (keys scaled differently per chunk, the
 expose a wrong LSE) against the same reference. It also checks that the kernel runs inside
 ``torch.compile(fullgraph=True)``.
 
-    python3 bench/bench_attention.py --kernels cudnn,flash,fa4 --out $OUT
+    python3 bench/bench_attention.py --kernels cudnn,flash,fa4,fa3,fa3_fp8,sage --out $OUT
+
+``sage`` is SageAttention 1 (``sageattention``, Triton, int8 QK), measured as a lever only: it
+returns no LSE, so it has no ring rows and is not a product kernel.
 
 Shapes are per GPU: ``14b-u4`` is the 14B model at 1280x720x81 (75,600 tokens) with its 40
 heads split over 4 Ulysses ranks (10 heads per GPU); ``14b-u1`` all 40 heads on one GPU.
@@ -64,6 +67,13 @@ def time_call(fn, iters: int) -> list[float]:
     return times
 
 
+def sage_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """SageAttention 1 in [B, H, L, D]. It subtracts the key mean in place, so it gets its own copy of k."""
+    from sageattention.core import sageattn
+
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=False), None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default="cudnn,flash,fa4")
@@ -91,17 +101,21 @@ def main() -> int:
         for kernel_name in args.kernels.split(","):
             record = {"shape": shape_name, "kernel": kernel_name, "heads": heads, "tokens": tokens}
             try:
-                name = resolve_kernel_name(kernel_name, device, dtype)
-                kernel = get_lse_kernel(name)
+                if kernel_name == "sage":
+                    kernel, keys = sage_kernel, k_varying.clone()
+                else:
+                    kernel, keys = get_lse_kernel(resolve_kernel_name(kernel_name, device, dtype)), k_varying
                 t0 = time.perf_counter()
-                kernel(q, k_varying, v)  # first call: JIT compile for the DSL kernels
+                kernel(q, keys, v)  # first call: JIT compile for the DSL/Triton kernels
                 torch.cuda.synchronize()
                 record["first_call_s"] = round(time.perf_counter() - t0, 3)
-                times = time_call(lambda: kernel(q, k_varying, v), args.iters)
+                times = time_call(lambda: kernel(q, keys, v), args.iters)
                 med = statistics.median(times)
                 record.update(median_s=med, tflops=flops / med / 1e12)
-                out, lse = kernel(q, k_varying, v)
+                out, lse = kernel(q, keys, v)
                 record["out_err"] = rel(out[:, :, sample], ref_out)
+                if lse is None:  # no LSE: no ring merge, not a product kernel
+                    raise LookupError("returns no LSE")
                 record["lse_err"] = rel(lse[:, :, sample], ref_lse)
                 o1, l1 = kernel(q, k_varying[:, :, :half], v[:, :, :half])
                 o2, l2 = kernel(q, k_varying[:, :, half:], v[:, :, half:])
@@ -111,6 +125,8 @@ def main() -> int:
                 torch._dynamo.reset()  # a fresh compile per kernel (same lambda code object)
                 compiled = torch.compile(lambda a, b, c: kernel(a, b, c)[0] * 1.0, fullgraph=True)
                 record["compiled_out_err"] = rel(compiled(q, k_varying, v)[:, :, sample], ref_out)
+            except LookupError as exc:
+                record["note"] = str(exc)
             except Exception as exc:  # report and go on with the next kernel
                 record["error"] = f"{type(exc).__name__}: {exc}"[:500]
             print(json.dumps(record), flush=True)
@@ -123,6 +139,9 @@ def main() -> int:
     for r in rows_table:
         if "error" in r:
             print(f"{r['shape']:13s} {r['kernel']:7s} ERROR {r['error'][:120]}")
+            continue
+        if "note" in r:
+            print(f"{r['shape']:13s} {r['kernel']:7s} {r['median_s']:.4f}  {r['tflops']:7.1f}  {r['out_err']:.2e}  ({r['note']})")
             continue
         print(f"{r['shape']:13s} {r['kernel']:7s} {r['median_s']:.4f}  {r['tflops']:7.1f}  {r['out_err']:.2e}  "
               f"{r['lse_err']:.2e}  {r['ring2_out_err']:.2e}   {r['compiled_out_err']:.2e}")

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per case: fewer timed iterations (at least 1) if warmup shows they would not fit")
     p.add_argument("--deadline", type=float, default=480.0,
                    help="whole command: no world starts after this many seconds, a running one is killed")
-    p.add_argument("--attn", default=None, help="our kernel: cudnn, fa4, flash, sdpa (default cudnn; cpu on --device cpu)")
+    p.add_argument("--attn", default=None, help="our kernel: cudnn, fa3, fa3_fp8, fa4, flash, sdpa (default cudnn; cpu on --device cpu)")
     p.add_argument("--diffusers-attn", default=None,
                    help="diffusers attention backend (default _native_cudnn; native on --device cpu)")
     p.add_argument("--ulysses", type=int, default=None,
@@ -116,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be >= 0 and --iters >= 1")
     if args.attn is None:
         args.attn = "cudnn" if args.device == "cuda" else "cpu"
-    if args.attn not in ("cudnn", "fa4", "flash", "sdpa", "cpu", "math"):
-        p.error(f"unknown --attn {args.attn!r}; choose cudnn, fa4, flash, sdpa (cuda) or cpu, math")
+    if args.attn not in ("cudnn", "fa3", "fa3_fp8", "fa4", "flash", "sdpa", "cpu", "math"):
+        p.error(f"unknown --attn {args.attn!r}; choose cudnn, fa3, fa3_fp8, fa4, flash, sdpa (cuda) or cpu, math")
     if args.diffusers_attn is None:
         args.diffusers_attn = "_native_cudnn" if args.device == "cuda" else "native"
     if args.out is None:

@@ -40,7 +40,7 @@ LENGTHS = (32760, 9999)
 KERNEL_DTYPES = [("cudnn", torch.bfloat16), ("cudnn", torch.float16), ("flash", torch.bfloat16),
                  ("flash", torch.float16), ("cudnn", torch.float32), ("efficient", torch.float32),
                  ("efficient", torch.bfloat16), ("math", torch.float32), ("fa4", torch.bfloat16),
-                 ("fa4", torch.float16)]
+                 ("fa4", torch.float16), ("fa3", torch.bfloat16), ("fa3_fp8", torch.bfloat16)]
 MATH_MAX_LEN = 10000  # the fp32 math kernel materializes the score matrix
 
 
@@ -187,7 +187,7 @@ def model_checks(world, device, emit):
     context = torch.randn(1, 7, config.text_dim, generator=gen, device=device)
     t = torch.tensor([700.0], device=device)
     layouts = [(u, world // u) for u in range(1, world + 1) if world % u == 0 and config.num_heads % u == 0]
-    for dtype, kernels in ((torch.float32, ("auto", "math")), (torch.bfloat16, ("cudnn", "fa4", "flash"))):
+    for dtype, kernels in ((torch.float32, ("auto", "math")), (torch.bfloat16, ("cudnn", "fa3", "fa3_fp8", "fa4", "flash"))):
         model.to(dtype)
         with torch.no_grad():
             from wan_model.attention import LocalAttention

@@ -26,16 +26,16 @@ class LocalAttention:
     """Plain scaled-dot-product attention over the whole sequence held by this process.
 
     ``kernel`` "sdpa": PyTorch's SDPA dispatch picks flash/cuDNN/efficient itself. "auto"
-    (default): FlashAttention-4 where it is installed and can run (sm90+, half precision),
-    otherwise "sdpa", as the Ulysses backend does at ring degree 1. A named kernel ("cudnn",
-    "fa4", "flash", "efficient", "cpu", "math"; see ``wan_model.parallel.kernels``) runs exactly
+    (default): FlashAttention-3 or -4 where installed and able to run (Hopper/Blackwell, half
+    precision; ``kernels.fast_kernel``), otherwise "sdpa", as the Ulysses backend does at ring
+    degree 1. A named kernel ("cudnn", "fa3", "fa3_fp8", "fa4", "flash", "efficient", "cpu",
+    "math"; see ``wan_model.parallel.kernels``) runs exactly
     that kernel and raises if it cannot run on these tensors: it is never swapped for another.
     ``kernel_name`` says which one ran in the last call.
     """
 
     def __init__(self, kernel: str = "auto"):
-        from .parallel import fa4
-        from .parallel.kernels import KERNEL_NAMES, plain_attention, resolve_kernel_name
+        from .parallel.kernels import KERNEL_NAMES, fast_kernel, plain_attention, resolve_kernel_name
 
         if kernel not in (*KERNEL_NAMES, "sdpa"):
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
@@ -43,7 +43,7 @@ class LocalAttention:
         self.kernel_name: str | None = None
         # Held here so that the call path has no import (it may run under torch.compile).
         self._plain_attention, self._resolve = plain_attention, resolve_kernel_name
-        self._fa4_usable = fa4.usable
+        self._fast_kernel = fast_kernel
 
     @property
     def name(self) -> str:
@@ -52,7 +52,7 @@ class LocalAttention:
     def check(self, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
         """The kernel that will run on ``device``/``dtype``; raises ``ValueError`` if it cannot run there."""
         if self.kernel == "auto":
-            return "fa4" if self._fa4_usable(device, dtype, head_dim) else "sdpa"
+            return self._fast_kernel(device, dtype, head_dim) or "sdpa"
         if self.kernel == "sdpa":
             return "sdpa"
         return self._resolve(self.kernel, device, dtype, head_dim)

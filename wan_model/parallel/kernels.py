@@ -15,10 +15,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import fa4
+from . import fa3, fa4
+from .fa3 import fa3_attention, fa3_fp8_attention  # optional fa3-fwd, imported on first call
 from .fa4 import fa4_attention  # optional flash-attn-4, imported on first call
 
-KERNEL_NAMES = ("auto", "cudnn", "fa4", "flash", "efficient", "cpu", "math")
+KERNEL_NAMES = ("auto", "cudnn", "fa3", "fa3_fp8", "fa4", "flash", "efficient", "cpu", "math")
+
+# What "auto" takes on a GPU for half precision, first that is installed and runs here; cuDNN when
+# none is. Measured on H200 at the Wan shapes (bench/RESULTS.md): FA3 > FA4 > cuDNN > torch flash.
+# The lossy fa3_fp8 is never picked automatically.
+AUTO_FAST_KERNELS = (("fa3", fa3), ("fa4", fa4))
 
 # (q, k, v) -> (out, lse)
 LseKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -62,12 +68,24 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
 
 _LSE_KERNELS: dict[str, LseKernel] = {
     "cudnn": cudnn_attention,
+    "fa3": fa3_attention,
+    "fa3_fp8": fa3_fp8_attention,
     "fa4": fa4_attention,
     "flash": flash_attention,
     "efficient": efficient_attention,
     "cpu": cpu_attention,
     "math": math_attention,
 }
+
+
+def fast_kernel(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
+    """The optional fast kernel ``auto`` takes here (``fa3``/``fa4``), or None when none is installed and runs."""
+    if device.type != "cuda":
+        return None
+    for name, module in AUTO_FAST_KERNELS:
+        if module.usable(device, dtype, head_dim):
+            return name
+    return None
 
 
 def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
@@ -77,17 +95,19 @@ def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype, h
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
     if kernel == "auto":
         if device.type == "cuda":
-            # FlashAttention-4 (when installed, sm90+) beats cuDNN on Hopper for half precision, and
-            # cuDNN beats torch's flash; neither has fp32.
+            # FA3/FA4 (when installed) beat cuDNN for half precision, and cuDNN beats torch's
+            # flash; none of them has fp32.
             if dtype not in (torch.float16, torch.bfloat16):
                 return "efficient"
-            return "fa4" if fa4.usable(device, dtype, head_dim) else "cudnn"
+            return fast_kernel(device, dtype, head_dim) or "cudnn"
         return "cpu" if device.type == "cpu" else "math"
     if kernel in ("cudnn", "flash"):
         if device.type != "cuda":
             raise ValueError(f"attention kernel {kernel!r} needs CUDA tensors, got {device.type}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}")
+    if kernel in ("fa3", "fa3_fp8"):
+        fa3.check(device, dtype, head_dim, name=kernel)
     if kernel == "fa4":
         fa4.check(device, dtype, head_dim)
     if kernel == "efficient" and device.type != "cuda":
@@ -107,8 +127,8 @@ def plain_attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
     if name == "flash":
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[0]
-    if name == "fa4":
-        return fa4_attention(q, k, v)[0]
+    if name in ("fa3", "fa3_fp8", "fa4"):
+        return _LSE_KERNELS[name](q, k, v)[0]
     if name == "efficient":
         return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, False)[0]
     if name == "math":

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 from yunchang.comm.all_to_all import SeqAllToAll4D, SeqAllToAll5D
 
-from . import fa4
 from .groups import ParallelState
-from .kernels import KERNEL_NAMES, LseKernel, get_lse_kernel, plain_attention, resolve_kernel_name
+from .kernels import KERNEL_NAMES, LseKernel, fast_kernel, get_lse_kernel, plain_attention, resolve_kernel_name
 from .ring import ring_attention
 from .ulysses_overlap import overlapped_ulysses_attention
 
@@ -29,9 +28,9 @@ class UlyssesRingAttention:
     ``head_chunks`` > 1 (ring degree 1 only): the heads go in that many groups whose all-to-alls
     overlap the attention of the others (``ulysses_overlap``); the result is the same.
 
-    ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``fa4``, ``flash``,
-    ``efficient``, ``cpu``, ``math``; ``auto`` = FlashAttention-4 for bf16/fp16 on CUDA where it
-    is installed and runs, else cuDNN (plain SDPA when the ring degree is 1), ``efficient`` for
+    ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``fa3``, ``fa3_fp8``,
+    ``fa4``, ``flash``, ``efficient``, ``cpu``, ``math``; ``auto`` = FlashAttention-3 or -4 for
+    bf16/fp16 on CUDA where installed and able to run (``kernels.fast_kernel``), else cuDNN (plain SDPA when the ring degree is 1), ``efficient`` for
     fp32 on CUDA, ``cpu`` on CPU) or is a callable
     ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout. ``kernel_name`` says which kernel
     ran in the last call; a named kernel that cannot run raises, it is never swapped.
@@ -50,7 +49,7 @@ class UlyssesRingAttention:
     def _kernel_for(self, q: torch.Tensor) -> tuple[str, LseKernel | None]:
         if callable(self.kernel):
             return getattr(self.kernel, "__name__", "custom"), self.kernel
-        if self.state.ring == 1 and self.kernel == "auto" and not fa4.usable(q.device, q.dtype, q.shape[-1]):
+        if self.state.ring == 1 and self.kernel == "auto" and fast_kernel(q.device, q.dtype, q.shape[-1]) is None:
             return "sdpa", None
         name = resolve_kernel_name(self.kernel, q.device, q.dtype, q.shape[-1])
         return name, get_lse_kernel(name)
