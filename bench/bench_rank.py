@@ -234,7 +234,7 @@ class Runner:
         return dict(kind="case", **case, gpus=self.world, device=args.device, compile=self.compiles(case["impl"]),
                     compile_requested=args.compile, anchor_eager=getattr(args, "anchor_eager", False),
                     fp8=getattr(args, "fp8", False) and case["impl"] == "ours", ours_fp8_requested=getattr(args, "fp8", False),
-                    head_chunks=args.head_chunks,
+                    head_chunks=args.head_chunks, sm_margin=getattr(args, "sm_margin", 0),
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,
                     ours_attn_requested=args.attn, ulysses_requested=args.ulysses,
                     **fields)
@@ -413,6 +413,10 @@ def rank_main(args: argparse.Namespace, cases: list[dict], check_here: bool, emi
 
         device = init_distributed(rank, world, "127.0.0.1", port, backend="nccl" if args.device == "cuda" else "gloo",
                                   timeout_s=args.max_seconds * 2 + 300)
+    if getattr(args, "sm_margin", 0):
+        from wan_model.parallel import fa3
+
+        fa3.sm_margin = args.sm_margin
     if args.mem_fraction is not None and device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(args.mem_fraction, device)
     try:
