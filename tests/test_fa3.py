@@ -186,3 +186,21 @@ def test_fa3_fp8_is_close_lossy_and_merges_with_its_lse(fake_fa3):
     merge_err = ((merged[0] - expected_out).norm() / expected_out.norm()).item()
     assert merge_err < 0.08, merge_err  # the true (de-scaled) LSE keeps the ring merge right
     assert get_lse_kernel("fa3")(q.to(BF16), k.to(BF16), v.to(BF16))[0].dtype == BF16
+
+
+def test_kernel_availability_checks_trace_cleanly_under_compile():
+    """The checks run on every attention call inside compiled blocks: dynamo must trace them as a read
+    of a remembered value (functools.lru_cache made it warn and trace around the cache)."""
+    import warnings
+
+    fa3.import_problem()  # computed eagerly once, as the generator's build-time check does
+    fa4.import_problem()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * (2.0 if fa3.import_problem() is None else 3.0)
+                             + (fa4.import_problem() is None), fullgraph=True, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(torch.ones(2))
+    expected = (2.0 if fa3.import_problem() is None else 3.0) + (fa4.import_problem() is None)
+    assert torch.equal(out, torch.full((2,), expected))
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]

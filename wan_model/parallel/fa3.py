@@ -17,9 +17,9 @@ treats the kernel as opaque and fuses the fp8 quantization into the kernels arou
 """
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .memo import computed_once
 
 # FA3's kernels use Hopper-only instructions (wgmma, TMA): sm90 only.
 SUPPORTED_MAJOR = (9,)
@@ -31,7 +31,7 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 sm_margin = 0
 
 
-@functools.lru_cache(maxsize=1)
+@computed_once
 def import_problem() -> str | None:
     """Why FlashAttention-3 cannot be imported here, or None when it can."""
     try:
@@ -42,7 +42,7 @@ def import_problem() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+@computed_once
 def float16_built() -> bool:
     """Whether the installed FA3 build has its float16 kernels (the published ``fa3-fwd`` has not)."""
     try:

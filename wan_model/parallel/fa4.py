@@ -10,9 +10,9 @@ block treats it as one opaque kernel instead of tracing into the DSL.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .memo import computed_once
 
 # FA4's forward kernels exist for Ampere (8), Hopper (9), Blackwell (10, 11) and consumer Blackwell
 # (12). "auto" prefers it only where its warp-specialized kernels run (Hopper, measured faster than
@@ -21,7 +21,7 @@ SUPPORTED_MAJOR = (8, 9, 10, 11, 12)
 AUTO_MAJOR = (9, 10, 11)
 
 
-@functools.lru_cache(maxsize=1)
+@computed_once
 def import_problem() -> str | None:
     """Why FlashAttention-4 cannot be imported here, or None when it can."""
     try:
