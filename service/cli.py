@@ -96,14 +96,15 @@ def parallel_layout(settings) -> dict[str, Any]:
 
 
 def attention_info(settings) -> dict[str, Any]:
-    """The attention kernel asked for, and whether FlashAttention-4 (what ``auto`` prefers) imports here."""
-    from wan_model.parallel.fa4 import import_problem
+    """The attention kernel asked for, and whether FlashAttention-3/-4 (what ``auto`` prefers) import here."""
+    from wan_model.parallel import fa3, fa4
 
-    problem = import_problem()
+    fa3_problem, fa4_problem = fa3.import_problem(), fa4.import_problem()
     return {"requested": settings.generator_config().get("attention", "auto"),
-            "flash_attn_4_here": "importable" if problem is None else problem,
-            "rule": "auto = fa4 on sm90+ GPUs where flash-attn-4 is installed, else cuDNN (ring) / SDPA; "
-                    "each job's layout line says which ran"}
+            "flash_attn_3_here": "importable" if fa3_problem is None else fa3_problem,
+            "flash_attn_4_here": "importable" if fa4_problem is None else fa4_problem,
+            "rule": "auto = fa3 on Hopper (sm90) where fa3-fwd is installed, else fa4 on Hopper/Blackwell "
+                    "where flash-attn-4 is, else cuDNN (ring) / SDPA; each job's layout line says which ran"}
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -97,12 +97,13 @@ def test_config_default_is_tiny_on_two_cpu_workers(capsys):
     data = config_json([], capsys)
     assert data["settings"]["model"] == "tiny" and data["settings"]["gpus"] == 0
     assert data["parallel_layout"]["world"] == 2 and data["parallel_layout"]["variant"] == "tiny-t2v"
-    # Which attention kernel "auto" can pick here: FlashAttention-4 importable, or how to install it.
-    from wan_model.parallel.fa4 import import_problem
+    # Which attention kernels "auto" can pick here: FlashAttention-3/-4 importable, or how to install them.
+    from wan_model.parallel import fa3, fa4
 
     assert data["attention"]["requested"] == "auto"
-    here = data["attention"]["flash_attn_4_here"]
-    assert here == "importable" if import_problem() is None else "wanserve[fa4]" in here
+    for key, module, extra in (("flash_attn_3_here", fa3, "wanserve[fa3]"), ("flash_attn_4_here", fa4, "wanserve[fa4]")):
+        here = data["attention"][key]
+        assert here == "importable" if module.import_problem() is None else extra in here
 
 
 def test_config_impossible_layout_is_a_clear_error(capsys):

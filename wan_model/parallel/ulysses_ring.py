@@ -30,8 +30,8 @@ class UlyssesRingAttention:
 
     ``kernel`` picks the attention kernel by name (``auto``, ``cudnn``, ``fa3``, ``fa3_fp8``,
     ``fa4``, ``flash``, ``efficient``, ``cpu``, ``math``; ``auto`` = FlashAttention-3 or -4 for
-    bf16/fp16 on CUDA where installed and able to run (``kernels.fast_kernel``), else cuDNN (plain SDPA when the ring degree is 1), ``efficient`` for
-    fp32 on CUDA, ``cpu`` on CPU) or is a callable
+    bf16/fp16 on CUDA where installed and able to run (``kernels.fast_kernel``), else cuDNN
+    (plain SDPA when the ring degree is 1), ``efficient`` for fp32 on CUDA, ``cpu`` on CPU) or is a callable
     ``(q, k, v) -> (out, lse)`` in ``[B, H, L, D]`` layout. ``kernel_name`` says which kernel
     ran in the last call; a named kernel that cannot run raises, it is never swapped.
     """

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true")
     p.add_argument("--text-encoder", default="replicated", choices=["replicated", "fsdp", "cpu"])
     p.add_argument("--attention", default="auto",
-                   help="auto (FlashAttention-4 where installed, else cuDNN/SDPA), fa4, cudnn, flash, sdpa, ...")
+                   help="auto (FlashAttention-3/-4 where installed, else cuDNN/SDPA), fa3, fa3_fp8 (lossy), fa4, cudnn, flash, sdpa, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (GPU speed-up "
                    "after a warm-up)")
     p.add_argument("--fp8", action="store_true", help="fp8 GEMMs in the transformer blocks (faster on sm89+, lossy)")

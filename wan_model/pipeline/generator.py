@@ -52,7 +52,8 @@ class GeneratorConfig:
     # (saves ~11 GB of GPU memory per rank for UMT5-XXL, costs a few seconds per prompt).
     text_encoder: str = "replicated"
     memory_fraction: Optional[float] = None  # cap this process's CUDA memory (0, 1]
-    attention: str = "auto"  # attention kernel: auto, cudnn, fa4, flash, cpu, math (see wan_model.parallel)
+    # attention kernel: auto, cudnn, fa3, fa3_fp8 (lossy), fa4, flash, cpu, math (see wan_model.parallel)
+    attention: str = "auto"
     cache_dir: Optional[str] = None  # where "tiny" model folders are built (default ~/.cache/wanserve)
     # torch.compile each transformer block (wan_model.compile): ~10-20% faster forwards on GPU once
     # warm; the first job (and each new video size) pays the compilation, tens of seconds.
