@@ -204,3 +204,22 @@ def test_kernel_availability_checks_trace_cleanly_under_compile():
     expected = (2.0 if fa3.import_problem() is None else 3.0) + (fa4.import_problem() is None)
     assert torch.equal(out, torch.full((2,), expected))
     assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_fa3_fp8_centres_the_keys_so_a_shared_offset_costs_no_precision(fake_fa3):
+    """Keys with a large offset shared by every token (as DiT keys carry from biases and modulation):
+    softmax ignores it, and so must the fp8 rounding. The LSE still includes it (the true one)."""
+    q, k, v = _inputs(11)
+    offset = 40.0 * torch.randn(2, 3, 1, 16)  # per batch, head and channel: the same for every token
+    kernel = get_lse_kernel("fa3_fp8")
+    plain_out, _ = kernel(q, k, v)
+    out, lse = kernel(q, k + offset, v)
+    expected_out, expected_lse = math_attention(q, k + offset, v)
+    plain_err = ((plain_out - expected_out).norm() / expected_out.norm()).item()
+    err = ((out - expected_out).norm() / expected_out.norm()).item()
+    assert err < 1.5 * plain_err, (err, plain_err)  # without centring: about 10x worse
+    torch.testing.assert_close(lse, expected_lse, rtol=2e-2, atol=0.5)
+    merged = None, None
+    for chunk in (slice(0, 13), slice(13, 40)):  # each chunk centred on its own mean: merge still right
+        merged = merge_partial(*merged, *kernel(q, (k + offset)[:, :, chunk], v[:, :, chunk]))
+    assert ((merged[0] - expected_out).norm() / expected_out.norm()).item() < 1.5 * plain_err

@@ -7,10 +7,10 @@ without it raises, it never falls back to another kernel.
 Two kernels:
 
 * ``fa3``: bfloat16 (the published wheel is built without float16).
-* ``fa3_fp8``: an opt-in lossy mode. q, k and v are quantized to float8 e4m3 with one scale per
-  (batch, head), and FA3's fp8 kernel takes the scales back out (``*_descale``). The LSE it returns
-  is in the true (de-scaled) logits, so it still merges exactly across ring steps; the loss is only
-  the rounding of q, k and v.
+* ``fa3_fp8``: an opt-in lossy mode. q, k (centred) and v are quantized to float8 e4m3 with one
+  scale per (batch, head), and FA3's fp8 kernel takes the scales back out (``*_descale``). The LSE
+  it returns is in the true (de-scaled) logits, so it still merges exactly across ring steps; the
+  loss is the rounding of q, k and v (and of the probabilities, inside the kernel).
 
 Each call is a ``torch.library`` custom op with a shape-only fake, so ``torch.compile`` of a block
 treats the kernel as opaque and fuses the fp8 quantization into the kernels around it.
@@ -131,7 +131,15 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
 
 
 def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lossy fp8 FA3 in the ``LseKernel`` form; the output is in q's dtype."""
-    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8_per_head(t.transpose(1, 2)) for t in (q, k, v))
+    """Lossy fp8 FA3 in the ``LseKernel`` form; the output is in q's dtype.
+
+    The keys are centred first (their mean over the tokens, per head and channel, subtracted, as
+    SageAttention does): every score of a query row then shifts by the same ``q . mean``, which
+    softmax ignores, while fp8's few mantissa bits go to what differs between keys instead of to a
+    shared offset. The shift is added back to the LSE, so the LSE stays the true one (ring merge).
+    """
+    k_mean = k.float().mean(dim=2, keepdim=True)  # [B, H, 1, D]
+    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8_per_head(t.transpose(1, 2)) for t in (q, k.float() - k_mean, v))
     out, lse = _fa3_fp8_blhd(q8, k8, v8, qd, kd, vd)
-    return out.to(q.dtype).transpose(1, 2), lse
+    shift = torch.matmul(q.float(), k_mean.transpose(-1, -2)).squeeze(-1) * q.shape[-1] ** -0.5  # [B, H, L]
+    return out.to(q.dtype).transpose(1, 2), lse + shift
