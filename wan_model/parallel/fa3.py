@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .memo import computed_once
+from .optional_kernel import check_cuda_half, computed_once, import_problem_of
 
 # FA3's kernels use Hopper-only instructions (wgmma, TMA): sm90 only.
 SUPPORTED_MAJOR = (9,)
@@ -34,12 +34,7 @@ sm_margin = 0
 @computed_once
 def import_problem() -> str | None:
     """Why FlashAttention-3 cannot be imported here, or None when it can."""
-    try:
-        import fa3_fwd_interface  # noqa: F401  (registers torch.ops.fa3_fwd)
-    except Exception as exc:  # ImportError, or the extension failing to load against this torch
-        return (f"fa3-fwd is not importable ({type(exc).__name__}: {exc}); "
-                "install it with: pip install 'wanserve[fa3]'")
-    return None
+    return import_problem_of("fa3_fwd_interface", "fa3-fwd", "fa3")
 
 
 @computed_once
@@ -55,13 +50,7 @@ def float16_built() -> bool:
 def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None, *, name: str = "fa3") -> int:
     """Raise ``ValueError`` naming the reason if kernel ``name`` (``fa3``/``fa3_fp8``) cannot run on
     ``device``/``dtype`` (and ``head_dim``); else return the GPU's compute-capability major."""
-    if device.type != "cuda":
-        raise ValueError(f"attention kernel {name!r} needs CUDA tensors, got {device.type}")
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"attention kernel {name!r} supports float16/bfloat16 only, got {dtype}")
-    problem = import_problem()
-    if problem is not None:
-        raise ValueError(f"attention kernel {name!r} is unavailable: {problem}")
+    check_cuda_half(name, device, dtype, import_problem)
     # The fp8 kernel writes its output in bfloat16, so only a float16 model needs the float16 build.
     if dtype == torch.float16 and not float16_built():
         raise ValueError(f"attention kernel {name!r}: this fa3-fwd build has no float16 kernels; "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .memo import computed_once
+from .optional_kernel import check_cuda_half, computed_once, import_problem_of
 
 # FA4's forward kernels exist for Ampere (8), Hopper (9), Blackwell (10, 11) and consumer Blackwell
 # (12). "auto" prefers it only where its warp-specialized kernels run (Hopper, measured faster than
@@ -24,12 +24,7 @@ AUTO_MAJOR = (9, 10, 11)
 @computed_once
 def import_problem() -> str | None:
     """Why FlashAttention-4 cannot be imported here, or None when it can."""
-    try:
-        from flash_attn.cute import flash_attn_func  # noqa: F401
-    except Exception as exc:  # ImportError, or the DSL failing to load its native libraries
-        return (f"flash-attn-4 is not importable ({type(exc).__name__}: {exc}); "
-                "install it with: pip install 'wanserve[fa4]'")
-    return None
+    return import_problem_of("flash_attn.cute", "flash-attn-4", "fa4")
 
 
 def head_dim_problem(major: int, head_dim: int) -> str | None:
@@ -46,13 +41,7 @@ def head_dim_problem(major: int, head_dim: int) -> str | None:
 def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> int:
     """Raise ``ValueError`` naming the reason if FA4 cannot run on ``device``/``dtype`` (and ``head_dim``);
     else return the GPU's compute-capability major."""
-    if device.type != "cuda":
-        raise ValueError(f"attention kernel 'fa4' needs CUDA tensors, got {device.type}")
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"attention kernel 'fa4' supports float16/bfloat16 only, got {dtype}")
-    problem = import_problem()
-    if problem is not None:
-        raise ValueError(f"attention kernel 'fa4' is unavailable: {problem}")
+    check_cuda_half("fa4", device, dtype, import_problem)
     major, minor = torch.cuda.get_device_capability(device)
     if major not in SUPPORTED_MAJOR:
         raise ValueError(f"attention kernel 'fa4' needs an sm80+ GPU, got sm{major}{minor}")
