@@ -98,6 +98,7 @@ def test_auto_takes_fa3_on_hopper_only_and_never_the_lossy_fp8(fake_fa3, monkeyp
         with pytest.raises(ValueError, match="no float16 kernels"):
             resolve_kernel_name("fa3", CUDA, torch.float16, 128)
         assert resolve_kernel_name("auto", CUDA, torch.float16, 128) == "cudnn"
+        assert resolve_kernel_name("fa3_fp8", CUDA, torch.float16, 128) == "fa3_fp8"  # fp8 in, bf16 out: no fp16 kernel
         for major in (8, 10):
             _on(monkeypatch, major)
             assert resolve_kernel_name("auto", CUDA, BF16, 128) == "cudnn"
@@ -186,6 +187,7 @@ def test_fa3_fp8_is_close_lossy_and_merges_with_its_lse(fake_fa3):
     merge_err = ((merged[0] - expected_out).norm() / expected_out.norm()).item()
     assert merge_err < 0.08, merge_err  # the true (de-scaled) LSE keeps the ring merge right
     assert get_lse_kernel("fa3")(q.to(BF16), k.to(BF16), v.to(BF16))[0].dtype == BF16
+    assert kernel(q.half(), k.half(), v.half())[0].dtype == torch.float16  # the kernel's bf16, cast back
 
 
 def test_kernel_availability_checks_trace_cleanly_under_compile():

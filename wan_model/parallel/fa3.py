@@ -51,8 +51,9 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
     """Raise ``ValueError`` naming the reason if kernel ``name`` (``fa3``/``fa3_fp8``) cannot run on
     ``device``/``dtype`` (and ``head_dim``); else return the GPU's compute-capability major."""
     check_cuda_half(name, device, dtype, import_problem)
-    # The fp8 kernel writes its output in bfloat16, so only a float16 model needs the float16 build.
-    if dtype == torch.float16 and not float16_built():
+    # The fp8 kernel writes its output in bfloat16 (cast to the model's dtype after), so only the
+    # plain kernel in a float16 model needs the float16 build.
+    if name == "fa3" and dtype == torch.float16 and not float16_built():
         raise ValueError(f"attention kernel {name!r}: this fa3-fwd build has no float16 kernels; "
                          "run the model in bfloat16")
     major, minor = torch.cuda.get_device_capability(device)
