@@ -116,3 +116,14 @@ def test_anchor_eager_keeps_diffusers_uncompiled_and_in_the_same_row():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert "compile+diffusers-eager" in cells[4]
     assert cells[6] == "2.500" and cells[7] == "3.300" and cells[8] == "1.32"
+
+
+def test_alltoall_bench_runs_on_gloo_and_checks_what_arrives(tmp_path):
+    """bench_alltoall.py --smoke: the same collectives and timing loop on CPU, and every rank checks
+    that it received each peer's slice (the script fails otherwise)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_alltoall.py"), "--smoke", "--gpus", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "alltoall.jsonl").read_text().splitlines()]
+    assert [r.get("tensor") for r in rows] == ["qkv", "out", None]
+    assert all(r["median_ms"] > 0 for r in rows[:2]) and rows[2]["forward_ms"] > 0 and rows[2]["layers"] == 2
