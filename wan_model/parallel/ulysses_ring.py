@@ -49,8 +49,10 @@ class UlyssesRingAttention:
     def _kernel_for(self, q: torch.Tensor) -> tuple[str, LseKernel | None]:
         if callable(self.kernel):
             return getattr(self.kernel, "__name__", "custom"), self.kernel
-        if self.state.ring == 1 and self.kernel == "auto" and fast_kernel(q.device, q.dtype, q.shape[-1]) is None:
-            return "sdpa", None
+        if self.state.ring == 1 and self.kernel == "auto":
+            # No LSE needed here: a fast kernel when one runs, else PyTorch's own SDPA dispatch.
+            name = fast_kernel(q.device, q.dtype, q.shape[-1])
+            return (name, get_lse_kernel(name)) if name else ("sdpa", None)
         name = resolve_kernel_name(self.kernel, q.device, q.dtype, q.shape[-1])
         return name, get_lse_kernel(name)
 
