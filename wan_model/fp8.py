@@ -17,16 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["Fp8Linear", "quantize_blocks_fp8", "blocks_fp8"]
+__all__ = ["Fp8Linear", "quantize_blocks_fp8", "blocks_fp8", "quantize_fp8"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 _MIN_SCALE = 1e-12  # an all-zero row or channel gets this scale instead of 0 (no division by zero)
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with ``x ~= q * scale`` row by row."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+def quantize_fp8(x: torch.Tensor, dim: int | tuple[int, ...] = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 tensor, float32 scale) with ``x ~= q * scale``: one scale per slice along ``dim`` (kept
+    as size-1 dims), chosen so that the slice's largest magnitude maps to the fp8 maximum. Rows of
+    [M, K] with ``dim=-1``; the attention kernels use it per head as well (``parallel.fa3``)."""
+    scale = (x.abs().amax(dim=dim, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
@@ -39,7 +41,7 @@ class Fp8Linear(nn.Module):
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = out_dtype or weight.dtype
-        w_q, w_scale = _quantize_rows(weight)
+        w_q, w_scale = quantize_fp8(weight)
         self.register_buffer("weight_fp8", w_q)
         self.register_buffer("weight_scale", w_scale.view(1, -1).contiguous())  # [1, N] as _scaled_mm wants
         bias = linear.bias.detach().to(self.out_dtype) if linear.bias is not None else None
@@ -47,7 +49,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x_q, x_scale = _quantize_rows(x.reshape(-1, self.in_features))
+        x_q, x_scale = quantize_fp8(x.reshape(-1, self.in_features))
         out = torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=self.out_dtype)
         return out.view(*lead, self.out_features)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from ..fp8 import quantize_fp8
 from .optional_kernel import check_cuda_half, computed_once, import_problem_of
 
 # FA3's kernels use Hopper-only instructions (wgmma, TMA): sm90 only.
 SUPPORTED_MAJOR = (9,)
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 # SMs FA3 leaves idle (its ``sm_margin``), so that a collective overlapped with attention
 # (``head_chunks``) finds SMs to run on instead of queueing behind every attention block. Read at
@@ -108,10 +108,8 @@ _fa3_fp8_blhd.register_fake(_fake)
 def quantize_fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, L, H, D]`` -> (float8 e4m3 of the same shape, ``[B, H]`` float32 descale), one scale per
     (batch, head) so that the head's largest magnitude maps to the fp8 maximum."""
-    amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-12)  # [B, H]
-    descale = amax / FP8_MAX
-    quantized = (x.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return quantized, descale
+    quantized, scale = quantize_fp8(x, dim=(1, 3))  # scale [B, 1, H, 1]
+    return quantized, scale[:, 0, :, 0]
 
 
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
