@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..fp8 import quantize_fp8
-from .optional_kernel import check_cuda_half, computed_once, import_problem_of
+from .optional_kernel import check_cuda_half, computed_once, import_problem_of, out_and_lse_like
 
 # FA3's kernels use Hopper-only instructions (wgmma, TMA): sm90 only.
 SUPPORTED_MAJOR = (9,)
@@ -95,10 +95,7 @@ def _fa3_fp8_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: 
 
 
 def _fake(q: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-    return out, lse
+    return out_and_lse_like(q, torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype)
 
 
 _fa3_blhd.register_fake(_fake)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .optional_kernel import check_cuda_half, computed_once, import_problem_of
+from .optional_kernel import check_cuda_half, computed_once, import_problem_of, out_and_lse_like
 
 # FA4's forward kernels exist for Ampere (8), Hopper (9), Blackwell (10, 11) and consumer Blackwell
 # (12). "auto" prefers it only where its warp-specialized kernels run (Hopper, measured faster than
@@ -71,9 +71,7 @@ def _fa4_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
 
 @_fa4_blhd.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-    return out, lse
+    return out_and_lse_like(q)
 
 
 def fa4_attention_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,3 +49,11 @@ def check_cuda_half(name: str, device: torch.device, dtype: torch.dtype, import_
     problem = import_problem()
     if problem is not None:
         raise ValueError(f"attention kernel {name!r} is unavailable: {problem}")
+
+
+def out_and_lse_like(q: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (out ``[B, L, H, D]``, lse ``[B, H, L]`` float32) for ``[B, L, H, D]`` queries: the
+    shape-only fake that ``torch.compile`` traces the kernels' custom ops with."""
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    return out, lse
