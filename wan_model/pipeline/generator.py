@@ -62,7 +62,8 @@ class GeneratorConfig:
     # whose accumulated relative change of the time modulation stays below this threshold. None: off.
     step_cache: Optional[float] = None
     # Lossy fp8 GEMMs in the transformer blocks (wan_model.fp8): e4m3 weights (per channel) and
-    # activations (per token) on sm89+ GPUs; faster GEMMs, about 1e-2 relative error per forward.
+    # activations (per token) on sm89+ GPUs; faster GEMMs. Relative error of one forward against bf16:
+    # 0.20 on random 14B weights (bf16 against another bf16 implementation: 0.03); see bench/RESULTS.md.
     fp8: bool = False
     # Ulysses layouts (ring degree 1): split the heads into this many groups so that each group's
     # all-to-all overlaps the attention of the others (wan_model.parallel.ulysses_overlap). Same result.
