@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ulysses", type=int, default=None,
                    help="Ulysses degree (rest ring), both impls; default: the largest that divides heads and world")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of every block (both impls)")
+    p.add_argument("--compile-mode", default=None,
+                   help="ours, with --compile: torch.compile mode (max-autotune-no-cudagraphs, reduce-overhead, ...)")
     p.add_argument("--anchor-eager", action="store_true",
                    help="with --compile: leave diffusers uncompiled (the issue's anchor), so one run gives the ratio")
     p.add_argument("--fp8", action="store_true",
