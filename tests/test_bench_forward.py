@@ -127,3 +127,20 @@ def test_alltoall_bench_runs_on_gloo_and_checks_what_arrives(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "alltoall.jsonl").read_text().splitlines()]
     assert [r.get("tensor") for r in rows] == ["qkv", "out", None]
     assert all(r["median_ms"] > 0 for r in rows[:2]) and rows[2]["forward_ms"] > 0 and rows[2]["layers"] == 2
+
+
+def test_gemm_bench_alternatives_compute_what_the_model_computes():
+    """bench_gemm.py's candidate forms (fused q/k/v, GELU epilogue) equal the forms the block runs,
+    on CPU at toy widths: a faster form that computed something else would be no lever."""
+    import torch
+
+    from bench_gemm import forms
+
+    table = forms(tokens=8, dim=16, ffn_dim=32, device=torch.device("cpu"), autotune=False)
+    assert {"qkv_separate", "qkv_fused", "ffn1_gelu_epilogue", "ffn2"} <= set(table)
+    for name, (fn, flops, ref) in table.items():
+        assert flops > 0, name
+        if ref is not None:
+            got, want = fn().float(), ref().float()
+            assert got.shape == want.shape, name
+            assert torch.allclose(got, want, rtol=3e-2, atol=3e-2), name
