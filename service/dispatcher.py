@@ -3,6 +3,17 @@
 It records jobs for the ingress, takes progress from the engines' rank 0, and dispatches queued
 jobs to engine replicas in FIFO order, at most one per engine replica at a time, so that a job
 waits in the durable queue (cancellable, survives restarts) rather than in Serve's memory.
+
+A JobQueue replica can restart while engine replicas go on running the jobs it dispatched. The new
+replica finds those jobs ``running`` in SQLite, and it must not send them out again, because another
+engine replica would then run them a second time. So it holds them as *orphans* until each engine
+replica has reported (engines report the job they are busy with at start-up and at every health
+check):
+- a job that an engine reports busy with is *adopted*: it stays running, and the engine pushes its
+  outcome when it ends (``report_outcome``);
+- a job that no engine holds is re-queued, as is one whose engine is lost or ends it without an
+  outcome.
+The jobs this replica dispatched itself get their outcome as the engine call's return value.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from wan_model.pipeline.video import mp4_problem
 logger = logging.getLogger("ray.serve")
 
 ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
+ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
 
 
 class JobQueueService:
@@ -31,11 +43,17 @@ class JobQueueService:
         self.engine = engine
         self.queue = JobQueue(self.settings.db_path, max_size=self.settings.queue_size,
                               max_attempts=self.settings.max_attempts)
-        recovered = self.queue.recover_interrupted()
-        for job in recovered:
-            job_log(logger, job["id"]).warning("was running when the service stopped: now %s", job["status"])
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.engines: dict[str, dict[str, Any]] = {}
+        # Jobs a previous JobQueue replica left running: job id -> when to stop waiting for an engine
+        # to claim it (monotonic clock).
+        grace = max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 10.0)
+        self.orphans: dict[str, float] = {job_id: time.monotonic() + grace for job_id in self.queue.running_ids()}
+        self.adopted: dict[str, dict[str, Any]] = {}  # job id -> {"replica", "ended_at": first report not busy with it}
+        self.reported: set[str] = set()  # engine replicas heard from since this replica started
+        for job_id in self.orphans:
+            job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
+                                            "engine replica to claim it (at most %.0f s)", grace)
         self.inflight: dict[str, asyncio.Task] = {}
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
@@ -60,7 +78,9 @@ class JobQueueService:
     async def _dispatch_loop(self) -> None:
         while True:
             try:
-                if len(self.inflight) < self.settings.engine_replicas:
+                self._settle_orphans()
+                busy = len(self.inflight) + len(self.orphans) + len(self.adopted)
+                if busy < self.settings.engine_replicas:
                     job = self.queue.next_queued()
                     if job is not None:
                         job = self.queue.mark_running(job["id"])
@@ -77,6 +97,33 @@ class JobQueueService:
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 logger.exception("dispatch loop error")
                 await asyncio.sleep(1.0)
+
+    def _settle_orphans(self) -> None:
+        """Re-queue the orphans no engine holds, and the adopted jobs whose engine went away without an outcome."""
+        now = time.monotonic()
+        all_reported = len(self.reported) >= self.settings.engine_replicas
+        for job_id, deadline in list(self.orphans.items()):
+            if all_reported or now >= deadline:
+                del self.orphans[job_id]
+                job = self.queue.requeue(job_id, "the service stopped while the job was running, and no engine "
+                                                 "replica was running it when the JobQueue restarted")
+                job_log(logger, job_id).warning("no engine replica is running it: now %s", job["status"],
+                                                extra={"status": job["status"]})
+        wall = time.time()
+        stale_s = max(ENGINE_STALE_S, 3 * self.settings.health_check_period_s)
+        # An engine pushes the outcome as soon as the job ends, before its next health report.
+        outcome_wait_s = max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 15.0)
+        for job_id, adoption in list(self.adopted.items()):
+            engine = self.engines.get(adoption["replica"])
+            if engine is None or wall - engine["seen_at"] > stale_s:
+                reason = f"engine replica {adoption['replica']} stopped reporting while running the adopted job"
+            elif adoption["ended_at"] is not None and wall - adoption["ended_at"] > outcome_wait_s:
+                reason = f"engine replica {adoption['replica']} ended the adopted job without reporting its outcome"
+            else:
+                continue
+            del self.adopted[job_id]
+            job = self.queue.requeue(job_id, reason)
+            job_log(logger, job_id).warning("%s: now %s", reason, job["status"], extra={"status": job["status"]})
 
     def _engine_job(self, job: dict[str, Any]) -> dict[str, Any]:
         """The stored API request -> ``GenerationRequest`` fields for the workers."""
@@ -98,7 +145,8 @@ class JobQueueService:
         if req.get("lora"):
             fields["lora"] = str(resolve_lora(self.settings.lora_dir, req["lora"]["name"]))
             fields["lora_scale"] = float(req["lora"].get("scale", 1.0))
-        return {"id": job["id"], "request": fields, "progress_interval_s": self.settings.progress_interval_s}
+        return {"id": job["id"], "attempt": job["attempts"], "request": fields,
+                "progress_interval_s": self.settings.progress_interval_s}
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
@@ -229,7 +277,31 @@ class JobQueueService:
 
     async def report_engine(self, replica_id: str, info: dict[str, Any]) -> None:
         self._ensure_dispatcher()
-        self.engines[replica_id] = {**self.engines.get(replica_id, {}), **info, "seen_at": time.time()}
+        now = time.time()
+        self.engines[replica_id] = {**self.engines.get(replica_id, {}), **info, "seen_at": now}
+        self.reported.add(replica_id)
+        busy = info.get("busy_job")
+        if busy in self.orphans:
+            del self.orphans[busy]
+            self.adopted[busy] = {"replica": replica_id, "ended_at": None}
+            job_log(logger, busy).info("adopted: engine replica %s is still running it", replica_id)
+        for job_id, adoption in self.adopted.items():
+            if adoption["replica"] == replica_id and busy != job_id and adoption["ended_at"] is None:
+                adoption["ended_at"] = now
+        self._poke()
+
+    async def report_outcome(self, job_id: str, outcome: dict[str, Any]) -> bool:
+        """An engine replica's outcome of a job, pushed when the job ends. Recorded only for a job
+        that a previous JobQueue replica dispatched (an orphan, adopted or not yet); the jobs this
+        replica dispatched get the same outcome as their call's return value. Returns whether it
+        was recorded."""
+        if job_id not in self.orphans and job_id not in self.adopted:
+            return False
+        self.orphans.pop(job_id, None)
+        self.adopted.pop(job_id, None)
+        self._apply_outcome(job_id, outcome)
+        self._poke()
+        return True
 
     async def state(self) -> dict[str, Any]:
         """Engines, counts and counters for /models, /readyz and /metrics."""
@@ -240,7 +312,7 @@ class JobQueueService:
         self.engines = fresh
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
-                "running": [jid for jid in self.inflight]}
+                "running": [*self.inflight, *self.adopted], "orphaned": list(self.orphans)}
 
     async def check_health(self) -> None:
         self._ensure_dispatcher()

@@ -26,6 +26,7 @@ logger = logging.getLogger("ray.serve")
 QUEUE_DEPLOYMENT = "JobQueue"
 RANK_GRACE_S = 5.0  # after one rank failed, the others get the process-group timeout plus this
 RECENT_OUTCOMES = 64  # final outcomes remembered per replica, so a job dispatched again is not run again
+OUTCOME_PUSH_S = 120.0  # how long an outcome push to the JobQueue is retried (it may be restarting)
 
 
 def engine_bundles(settings: ServiceSettings) -> list[dict[str, float]]:
@@ -59,6 +60,7 @@ class EngineReplica:
         # run's outcome instead of running the job again. Crashes are not remembered: a crashed
         # replica is replaced, and the job must run again elsewhere.
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._pushes: set[asyncio.Task] = set()  # outcome pushes under way (held so they are not collected)
         started = time.monotonic()
         context = serve.get_replica_context()
         self.app_name = context.app_name
@@ -160,10 +162,31 @@ class EngineReplica:
                 self.recent[job["id"]] = outcome
                 while len(self.recent) > RECENT_OUTCOMES:
                     self.recent.popitem(last=False)
+            # Also pushed: if the JobQueue replica that sent the job has restarted meanwhile, this call's
+            # return value goes nowhere, and its successor learns the outcome only from the push.
+            self._pushes.add(asyncio.get_running_loop().create_task(self._push_outcome(job["id"], outcome)))
             return outcome
         finally:
             self.busy_job = None
             self.jobs_done += 1
+
+    async def _push_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
+        """Send a job's outcome to the JobQueue deployment (``report_outcome``), retrying while it is down."""
+        deadline = time.monotonic() + OUTCOME_PUSH_S
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(_await_ref(self.queue.report_outcome.remote(job_id, outcome)), timeout=10.0)
+                    return
+                except Exception as exc:  # noqa: BLE001 - the queue replica is restarting: try again
+                    if time.monotonic() + delay > deadline:
+                        job_log(logger, job_id).warning("could not push the outcome to the JobQueue: %s", exc)
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+        finally:
+            self._pushes.discard(asyncio.current_task())
 
     async def _run_on_all_ranks(self, job: dict[str, Any]) -> dict[str, Any]:
         futures = {asyncio.ensure_future(_await_ref(w.run.remote(job))): rank for rank, w in enumerate(self.workers)}
@@ -215,5 +238,6 @@ class EngineReplica:
                 pass
 
 
-async def _await_ref(ref: ray.ObjectRef) -> Any:
+async def _await_ref(ref: Any) -> Any:
+    """Await a Ray ``ObjectRef`` or a Serve ``DeploymentResponse`` (for ``asyncio.wait``/``wait_for``)."""
     return await ref

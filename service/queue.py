@@ -341,11 +341,14 @@ class JobQueue:
                     (QUEUED, attempts, now, f"re-queued: {reason}", job_id))
             return self._to_dict(self._require(job_id))
 
+    def running_ids(self) -> list[str]:
+        """Ids of the jobs now ``running`` (at start: the ones a previous JobQueue replica dispatched)."""
+        with self._lock:
+            return [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))]
+
     def recover_interrupted(self, reason: str = "the service stopped while the job was running") -> list[dict]:
         """At start: every job left ``running`` by a previous run is re-queued once or failed."""
-        with self._lock:
-            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
-        return [self.requeue(job_id, reason) for job_id in ids]
+        return [self.requeue(job_id, reason) for job_id in self.running_ids()]
 
 
 class _Transaction:
