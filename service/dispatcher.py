@@ -145,8 +145,7 @@ class JobQueueService:
         if req.get("lora"):
             fields["lora"] = str(resolve_lora(self.settings.lora_dir, req["lora"]["name"]))
             fields["lora_scale"] = float(req["lora"].get("scale", 1.0))
-        return {"id": job["id"], "attempt": job["attempts"], "request": fields,
-                "progress_interval_s": self.settings.progress_interval_s}
+        return {"id": job["id"], "request": fields, "progress_interval_s": self.settings.progress_interval_s}
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]

@@ -3,10 +3,10 @@
 Life of a job: ``queued -> running -> succeeded | failed | cancelled``. The queue is bounded
 (queued + running); a full queue raises ``QueueFull`` before anything is written. Jobs leave in
 FIFO order within a priority (higher priority first). A job whose replica died goes back to the
-queue once (``max_attempts`` = 2 runs in all), then fails with the reason; a job never stays
-``running`` across a restart (``recover_interrupted``). An idempotency key remembers a fingerprint of
-its request: a retry of the same request returns the same job; the key reused with a different request
-raises ``IdempotencyKeyReused``.
+queue once (``max_attempts`` = 2 runs in all), then fails with the reason. After a restart, the
+dispatcher re-queues the ``running`` jobs that no engine replica still runs (``running_ids``, then
+``requeue``). An idempotency key remembers a fingerprint of its request: a retry of the same request
+returns the same job; the key reused with a different request raises ``IdempotencyKeyReused``.
 """
 from __future__ import annotations
 
@@ -346,9 +346,6 @@ class JobQueue:
         with self._lock:
             return [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))]
 
-    def recover_interrupted(self, reason: str = "the service stopped while the job was running") -> list[dict]:
-        """At start: every job left ``running`` by a previous run is re-queued once or failed."""
-        return [self.requeue(job_id, reason) for job_id in self.running_ids()]
 
 
 class _Transaction:

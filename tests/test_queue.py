@@ -179,7 +179,9 @@ def test_restart_recovers_running_jobs(tmp_path):
     q.mark_running(once["id"])
     q.close()  # the service stops with two jobs "running"
     q2 = JobQueue(path, max_size=4)
-    recovered = {j["id"]: j for j in q2.recover_interrupted()}
+    # What a new JobQueue replica does with the ones no engine replica still runs (service.dispatcher).
+    assert q2.running_ids() == [once["id"], twice["id"]]
+    recovered = {i: q2.requeue(i, "the service stopped while the job was running") for i in q2.running_ids()}
     assert recovered[once["id"]]["status"] == QUEUED
     assert recovered[twice["id"]]["status"] == FAILED and "stopped" in recovered[twice["id"]]["error"]
     assert q2.get(waiting["id"])["status"] == QUEUED
