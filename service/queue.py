@@ -347,7 +347,6 @@ class JobQueue:
             return [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))]
 
 
-
 class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the queue's lock: all of a change, or none of it."""
 
