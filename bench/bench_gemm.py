@@ -31,18 +31,13 @@ MODELS = {"14b": (5120, 13824), "1.3b": (1536, 8960)}  # dim, ffn_dim
 
 
 def _time(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn`` on the GPU after ``warmup`` calls."""
+    from bench_attention import time_call  # this folder's timing loop (CUDA events)
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_call(fn, iters)) * 1e3
 
 
 def forms(tokens: int, dim: int, ffn_dim: int, device: torch.device, autotune: bool) -> dict:
