@@ -25,6 +25,7 @@ def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.A
     settings.variant_spec  # fail here, not in a replica, on an unknown variant
     settings.resolved_auth_token()  # and on an unreadable token file
     settings.parallel_layout()  # and on degrees that cannot lay out the workers and heads
+    settings.warmup_requests("/")  # and on warm-up shapes the variant cannot make
     plain = settings.to_args()
     logging_config = serve_logging_config(settings.log_format)
     engine = serve.deployment(EngineReplica).options(

@@ -10,12 +10,25 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wan_model.config import VARIANTS, VariantSpec, get_variant
 
 Degree = Union[int, Literal["auto"]]
+
+
+class WarmupShape(BaseModel):
+    """One job an engine replica runs before it reports ready, so that the first user job of this
+    shape does not pay for compiling kernels (``compile: true``, FA4's JIT, cuDNN plans).
+    Sizes left out are the variant's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: Optional[int] = None
+    height: Optional[int] = None
+    num_frames: Optional[int] = None
+    steps: int = Field(2, ge=1)  # compiled code is the same for every step; two also run the sampler's second order
 
 
 class ServiceSettings(BaseSettings):
@@ -55,6 +68,8 @@ class ServiceSettings(BaseSettings):
     max_prompt_chars: int = Field(4000, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_attempts: int = Field(2, ge=1)  # a job that was running on a replica that died runs again once
+    # Jobs each engine replica runs before it reports ready (the shapes users will ask for).
+    warmup: list[WarmupShape] = Field(default_factory=list)
 
     # --- timeouts and periods (seconds) ---
     nccl_timeout_s: float = Field(600.0, gt=0)
@@ -194,6 +209,27 @@ class ServiceSettings(BaseSettings):
         config = {k: v for k, v in self.generator_config().items() if k in GeneratorConfig.__dataclass_fields__}
         return choose_degrees(GeneratorConfig.from_dict(config), self.variant_spec, self.world_size)
 
+    def warmup_requests(self, output_dir: str) -> list[dict[str, Any]]:
+        """``GenerationRequest`` fields of the warm-up jobs, checked against the variant like a user's
+        request; raises ``ValueError`` naming the entry and the field. Image-to-video variants get a
+        mid-grey input image of the job's size."""
+        from wan_model.pipeline.request import GenerationRequest, InvalidRequest
+        from wan_model.pipeline.validation import resolve_request
+
+        spec = self.variant_spec
+        requests = []
+        for i, shape in enumerate(self.warmup):
+            fields: dict[str, Any] = {"prompt": "warm-up", "output_dir": output_dir, "seed": 0,
+                                      "job_id": f"warmup-{i}", **shape.model_dump(exclude_none=True)}
+            if spec.task == "i2v":
+                fields["image"] = _grey_png(shape.width or spec.default_size[0], shape.height or spec.default_size[1])
+            try:
+                resolve_request(GenerationRequest(**fields), spec)
+            except InvalidRequest as exc:
+                raise ValueError(f"warmup[{i}] {shape.model_dump(exclude_none=True)}: {exc}") from None
+            requests.append(fields)
+        return requests
+
     def to_args(self) -> dict[str, Any]:
         """A plain dict that ``build_app`` / ``serve deploy`` accept back."""
         return self.model_dump(mode="json")
@@ -214,3 +250,14 @@ def _variant_from_model_dir(model_dir: str) -> Optional[str]:
         if not spec.tiny and name in lowered.replace("_", "-"):
             return name
     return None
+
+
+def _grey_png(width: int, height: int) -> bytes:
+    """A mid-grey PNG (the input image of an image-to-video warm-up job)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections import OrderedDict
 from typing import Any, Optional
@@ -96,10 +97,30 @@ class EngineReplica:
         ], timeout=timeout)
         self.layout = infos[0].get("layout", "")
         self.backend = "nccl" if use_gpu else "gloo"
+        self.warmup = self._warm_up()
         self.init_s = time.monotonic() - started
         logger.info("engine replica %s ready: %d %s workers in %.1f s (%s)", self.replica_id, world,
                     self.backend, self.init_s, self.layout)
         self._report({"ready": True})
+
+    def _warm_up(self) -> list[dict[str, Any]]:
+        """Run the configured warm-up jobs on all ranks (first compilations happen here, not in a user's
+        job); raise if one fails, so that a replica that cannot make these shapes never reports ready."""
+        done = []
+        with tempfile.TemporaryDirectory(prefix="wanserve-warmup-") as out_dir:
+            for fields in self.settings.warmup_requests(out_dir):
+                job = {"id": f"{fields['job_id']}-{self.replica_id}", "request": fields, "report_progress": False}
+                started = time.monotonic()
+                outcomes = ray.get([w.run.remote(job) for w in self.workers], timeout=self.settings.job_timeout_s)
+                failed = [o for o in outcomes if o["status"] != "succeeded"]
+                if failed:
+                    raise RuntimeError(f"warm-up job {fields['job_id']} ({_shape(fields)}) failed: "
+                                       f"{failed[0].get('error') or failed[0]['status']}")
+                seconds = time.monotonic() - started
+                logger.info("engine replica %s warmed up %s in %.1f s", self.replica_id, _shape(fields), seconds)
+                done.append({**{k: fields.get(k) for k in ("width", "height", "num_frames", "steps")},
+                             "seconds": round(seconds, 2)})
+        return done
 
     # ---------------------------------------------------------------- info
 
@@ -107,7 +128,8 @@ class EngineReplica:
         return {
             "replica": self.replica_id, "variant": self.settings.variant_name, "model": self.settings.model,
             "world_size": self.settings.world_size, "gpus": self.settings.gpus, "backend": self.backend,
-            "layout": self.layout, "init_s": self.init_s, "busy_job": self.busy_job, "broken": self.broken,
+            "layout": self.layout, "init_s": self.init_s, "warmup": self.warmup, "busy_job": self.busy_job,
+            "broken": self.broken,
             "jobs_done": self.jobs_done, "workers": workers or [], "reported_at": time.time(),
         }
 
@@ -236,6 +258,10 @@ class EngineReplica:
                 ray.kill(w)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _shape(fields: dict[str, Any]) -> str:
+    return "x".join(str(fields.get(k, "default")) for k in ("width", "height", "num_frames")) + f", {fields['steps']} steps"
 
 
 async def _await_ref(ref: Any) -> Any:

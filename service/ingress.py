@@ -308,7 +308,7 @@ class Ingress:
             "gpus_per_replica": self.settings.gpus, "world_size": self.settings.world_size,
             "backend": "nccl" if self.settings.use_gpu else "gloo",
             "replicas": [{k: e.get(k) for k in ("replica", "layout", "ready", "busy_job", "broken", "init_s",
-                                                 "workers")} for e in state["engines"]],
+                                                 "warmup", "workers")} for e in state["engines"]],
         }]}
 
     @api.get("/healthz")

@@ -79,8 +79,9 @@ class GenerationWorker:
 
         self.busy_job = job["id"]
         log = job_log(logger, job["id"], rank=self.rank)
+        # Warm-up jobs are no job of the queue's: nothing to report to it, and nobody can cancel them.
         reporter = _ProgressReporter(job["id"], self.progress_target, job.get("progress_interval_s", 0.5), log) \
-            if self.rank == 0 else None
+            if self.rank == 0 and job.get("report_progress", True) else None
         started = time.monotonic()
         log.info("rank %d: started", self.rank)
         try:

@@ -70,3 +70,20 @@ def test_builder_refuses_parallel_degrees_that_do_not_fit():
     with pytest.raises(ValueError, match="heads"):
         build_app({"gpus": 8, "ulysses": 8})  # tiny has 4 heads
     build_app({"gpus": 8, "ulysses": 4, "cfg_parallel": 2})
+
+
+def test_warmup_shapes_are_checked_like_a_request_before_anything_starts(tmp_path):
+    """A warm-up the variant cannot make fails the build, naming the entry and the field, so a
+    deployment never waits on replicas that can never report ready."""
+    from service.app import build_app
+    from service.config import ServiceSettings
+
+    good = ServiceSettings(data_dir=str(tmp_path), warmup=[{"width": 16, "height": 16, "num_frames": 1}])
+    (fields,) = good.warmup_requests(str(tmp_path))
+    assert fields["width"] == 16 and fields["steps"] == 2 and fields["prompt"]
+    bad = ServiceSettings(data_dir=str(tmp_path), warmup=[{"width": 16}, {"width": 16, "num_frames": 6}])
+    with pytest.raises(ValueError, match=r"warmup\[1\].*num_frames"):
+        build_app(bad)
+    with pytest.raises(ValueError, match="frames"):
+        ServiceSettings(data_dir=str(tmp_path), warmup=[{"frames": 5}])  # unknown key
+    assert ServiceSettings(data_dir=str(tmp_path)).warmup_requests(str(tmp_path)) == []

@@ -1,8 +1,11 @@
-"""The JobQueue replica dies mid-job while its engine replica goes on: the job runs once.
+"""An app with two engine replicas (one gloo worker each) and a warm-up job.
 
-Two engine replicas (one gloo worker each), so that a job sent out again would find a free
-replica and really run twice. The new JobQueue replica must adopt the running job from the
-engine's report and take its outcome from the engine's push.
+- The JobQueue replica dies mid-job while its engine replica goes on: the job runs once. With two
+  engine replicas, a job sent out again would find an idle replica and really run twice. The new
+  JobQueue replica must adopt the running job from the engine's report and take its outcome from
+  the engine's push.
+- Each engine replica runs the configured warm-up job before it reports ready, and the warm-up
+  leaves no job record and no files.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from service_helpers import TOKEN, deploy, make_settings, wait_for
 pytestmark = pytest.mark.slow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+WARMUP = {"width": 16, "height": 16, "num_frames": 1, "steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,8 @@ def app(serve_url, tmp_path_factory):
     from ray import serve
 
     settings = make_settings(tmp_path_factory.mktemp("wanserve-queue-restart"), app_name="wanserve-qrestart",
-                             engine_replicas=2, cpu_workers=1, generator_options={"step_s": 0.03})
+                             engine_replicas=2, cpu_workers=1, generator_options={"step_s": 0.03},
+                             warmup=[WARMUP])
     deploy(settings, serve_url)
     client = httpx.Client(base_url=serve_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     yield settings, client
@@ -75,3 +80,19 @@ def test_a_job_running_when_the_jobqueue_replica_dies_is_adopted_and_runs_once(a
     done = wait_for(lambda: (j := job_state(client, nxt.json()["id"])) and j["status"] in TERMINAL and j, 60,
                     "the next job to end")
     assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_every_engine_replica_ran_the_warmup_before_it_reported_ready(app):
+    from reliability_helpers import job_rows
+
+    settings, client = app
+    models = client.get("/models").json()["models"][0]
+    replicas = models["replicas"]
+    assert len(replicas) == 2, replicas
+    for replica in replicas:
+        assert replica["ready"] is True
+        (done,) = replica["warmup"]
+        assert {k: done[k] for k in WARMUP} == WARMUP and done["seconds"] > 0, replica
+    # Not a job: nothing in the job table, nothing in the results folder.
+    assert not [r for r in job_rows(settings) if "warm-up" in r["request"]]
+    assert all(not p.name.startswith("warmup") for p in settings.results_dir.iterdir())
