@@ -13,6 +13,8 @@ one ``POST /generate``, waits for it, downloads the MP4, and writes the timings 
 - ``time_to_start_s``: ``serve.run`` returned (it waits for the replicas' constructors, model load included);
 - ``time_to_ready_s``: ``/readyz`` answered 200 (every worker joined NCCL and built its generator);
 - ``job_s``: the job's run time on the engine (started -> finished), ``job_wall_s``: submit -> done;
+- with ``--warmup``, each replica's warm-up time (``/models``); with ``--compile``, the first job's
+  steps show whether it still paid for compiling;
 - the generator's stage timings and layout, and GPU memory per worker as /metrics reports it.
 
 ``--model random-1.3b`` builds the DiT, a 2-layer UMT5 of the real width and the Wan2.1 VAE with
@@ -50,7 +52,7 @@ def build_random_generator(config: dict, rank: int, world_size: int):
     gen_config = GeneratorConfig(model="<in-memory>", device=str(device), dtype=str(dtype).replace("torch.", ""),
                                  parallel=config.get("parallel", "auto"), ulysses=config.get("ulysses"),
                                  ring=config.get("ring"), cfg_parallel=config.get("cfg_parallel"),
-                                 attention=config.get("attention", "auto"))
+                                 attention=config.get("attention", "auto"), compile=bool(config.get("compile", False)))
     return Generator(gen_config, components=components)
 
 
@@ -63,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=float, default=540.0, help="seconds for start-up and the job together")
+    p.add_argument("--compile", action="store_true", help="generator option compile: true (regional torch.compile)")
+    p.add_argument("--warmup", action="store_true",
+                   help="service setting warmup: each engine replica runs the job's shape (2 steps) before it is ready")
     p.add_argument("--smoke", action="store_true", help="CPU workers (gloo), tiny model: tests the script")
     return p.parse_args(argv)
 
@@ -103,11 +108,15 @@ def main(argv=None) -> int:
     else:
         fields.update(model="random-1.3b", variant="wan2.1-t2v-1.3b", gpus=args.gpus,
                       generator_factory="bench.run_service_gpu:build_random_generator")
-    settings = ServiceSettings(**fields)
-    spec = settings.variant_spec
+    if args.compile:
+        fields["generator_options"] = {"compile": True}
+    spec = ServiceSettings(**fields).variant_spec
     body = {"prompt": "a red fox running through fresh snow, cinematic", "seed": 0, "steps": args.steps,
             "width": args.width or spec.default_size[0], "height": args.height or spec.default_size[1],
             "num_frames": args.frames or spec.default_frames}
+    if args.warmup:
+        fields["warmup"] = [{k: body[k] for k in ("width", "height", "num_frames")}]
+    settings = ServiceSettings(**fields)
     report.update(variant=spec.name, settings={k: fields[k] for k in ("model", "gpus") if k in fields}, request=body)
     url = f"http://127.0.0.1:{settings.port}"
     ray.init(num_cpus=max(4, settings.world_size + 2), include_dashboard=False)
@@ -159,6 +168,10 @@ def main(argv=None) -> int:
         (out_dir / "service_gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(json.dumps({k: report.get(k) for k in ("ok", "error", "variant", "time_to_start_s", "time_to_ready_s",
                                                      "job_s", "job_wall_s", "total_s")}, indent=2))
+        timings = (report.get("job") or {}).get("timings") or {}
+        print("job stages:", {k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 2)
+                              for k, v in timings.items() if isinstance(v, (int, float, list))})
+        print("warm-up:", [r.get("warmup") for m in report.get("models") or [] for r in m.get("replicas", [])])
         print(f"wrote {out_dir / 'service_gpu.json'}")
         try:
             serve.shutdown()
