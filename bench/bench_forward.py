@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ours: overlap the Ulysses all-to-alls with attention in this many groups of heads")
     p.add_argument("--sm-margin", type=int, default=0,
                    help="ours, fa3 kernels: SMs attention leaves free for overlapped all-to-alls (with --head-chunks)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="samples per forward (2: CFG's cond and uncond passes batched into one forward)")
     p.add_argument("--fsdp", action="store_true", help="ours: FSDP2 fully_shard per block over the world")
     p.add_argument("--mem-fraction", type=float, default=None,
                    help="cap each process's CUDA memory (torch.cuda.set_per_process_memory_fraction); 24 GB of 141: 0.17")

@@ -180,13 +180,15 @@ def ours_from_diffusers(diffusers_model: nn.Module, config: WanConfig, device: t
     return model.requires_grad_(False).eval()
 
 
-def make_inputs(config: WanConfig, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int):
-    """(latents [1, C, F, H, W], timestep [1], context [1, text_len, text_dim]); identical on every rank."""
+def make_inputs(config: WanConfig, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int,
+                batch: int = 1):
+    """(latents [B, C, F, H, W], timestep [B], context [B, text_len, text_dim]); identical on every rank.
+    ``batch`` 2 stands for the cond and uncond passes of CFG batched into one forward."""
     generator = torch.Generator().manual_seed(seed)
     f, h, w = shape.latent()
-    x = torch.randn(1, config.in_dim, f, h, w, generator=generator).to(device=device, dtype=dtype)
-    t = torch.tensor([500.0], device=device)
-    context = torch.randn(1, config.text_len, config.text_dim, generator=generator).to(device=device, dtype=dtype)
+    x = torch.randn(batch, config.in_dim, f, h, w, generator=generator).to(device=device, dtype=dtype)
+    t = torch.full((batch,), 500.0, device=device)
+    context = torch.randn(batch, config.text_len, config.text_dim, generator=generator).to(device=device, dtype=dtype)
     return x, t, context
 
 

@@ -235,7 +235,7 @@ class Runner:
                     compile_requested=args.compile, anchor_eager=getattr(args, "anchor_eager", False),
                     fp8=getattr(args, "fp8", False) and case["impl"] == "ours", ours_fp8_requested=getattr(args, "fp8", False),
                     head_chunks=args.head_chunks, sm_margin=getattr(args, "sm_margin", 0),
-                    compile_mode=getattr(args, "compile_mode", None),
+                    compile_mode=getattr(args, "compile_mode", None), batch=getattr(args, "batch", 1),
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,
                     ours_attn_requested=args.attn, ulysses_requested=args.ulysses,
                     **fields)
@@ -265,7 +265,8 @@ class Runner:
         for case in cases:
             try:
                 shape = Shape(case["width"], case["height"], case["frames"])
-                inputs = make_inputs(config, shape, self.device, self.dtype, self.args.seed + 1)
+                inputs = make_inputs(config, shape, self.device, self.dtype, self.args.seed + 1,
+                                     batch=getattr(self.args, "batch", 1))
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 with torch.no_grad():
@@ -308,7 +309,8 @@ class Runner:
             self.maybe_compile("diffusers", reference)  # with --compile, check the compiled code that was timed
             self.maybe_compile("ours", ours)
             shape = Shape(case["width"], case["height"], case["frames"])
-            inputs = make_inputs(config, shape, self.device, self.dtype, self.args.seed + 1)
+            inputs = make_inputs(config, shape, self.device, self.dtype, self.args.seed + 1,
+                                     batch=getattr(self.args, "batch", 1))
             with torch.no_grad():
                 expected = self.forward_fn("diffusers", reference, inputs)().float()
                 got = self.forward_fn("ours", ours, inputs)().float()
