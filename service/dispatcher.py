@@ -98,6 +98,11 @@ class JobQueueService:
                 logger.exception("dispatch loop error")
                 await asyncio.sleep(1.0)
 
+    @property
+    def _engine_stale_s(self) -> float:
+        """How old an engine's last report may be before the engine no longer counts (ready or alive)."""
+        return max(ENGINE_STALE_S, 3 * self.settings.health_check_period_s)
+
     def _settle_orphans(self) -> None:
         """Re-queue the orphans no engine holds, and the adopted jobs whose engine went away without an outcome."""
         now = time.monotonic()
@@ -110,12 +115,11 @@ class JobQueueService:
                 job_log(logger, job_id).warning("no engine replica is running it: now %s", job["status"],
                                                 extra={"status": job["status"]})
         wall = time.time()
-        stale_s = max(ENGINE_STALE_S, 3 * self.settings.health_check_period_s)
         # An engine pushes the outcome as soon as the job ends, before its next health report.
         outcome_wait_s = max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 15.0)
         for job_id, adoption in list(self.adopted.items()):
             engine = self.engines.get(adoption["replica"])
-            if engine is None or wall - engine["seen_at"] > stale_s:
+            if engine is None or wall - engine["seen_at"] > self._engine_stale_s:
                 reason = f"engine replica {adoption['replica']} stopped reporting while running the adopted job"
             elif adoption["ended_at"] is not None and wall - adoption["ended_at"] > outcome_wait_s:
                 reason = f"engine replica {adoption['replica']} ended the adopted job without reporting its outcome"
@@ -307,7 +311,7 @@ class JobQueueService:
         self._ensure_dispatcher()
         now = time.time()
         fresh = {rid: e for rid, e in self.engines.items()
-                 if now - e["seen_at"] < max(ENGINE_STALE_S, 3 * self.settings.health_check_period_s)}
+                 if now - e["seen_at"] < self._engine_stale_s}
         self.engines = fresh
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),

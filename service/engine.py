@@ -129,8 +129,7 @@ class EngineReplica:
             "replica": self.replica_id, "variant": self.settings.variant_name, "model": self.settings.model,
             "world_size": self.settings.world_size, "gpus": self.settings.gpus, "backend": self.backend,
             "layout": self.layout, "init_s": self.init_s, "warmup": self.warmup, "busy_job": self.busy_job,
-            "broken": self.broken,
-            "jobs_done": self.jobs_done, "workers": workers or [], "reported_at": time.time(),
+            "broken": self.broken, "jobs_done": self.jobs_done, "workers": workers or [], "reported_at": time.time(),
         }
 
     def _report(self, extra: dict[str, Any], workers: Optional[list[dict]] = None) -> None:
