@@ -33,28 +33,23 @@ class FakeEngine:
         return outcome()
 
 
-def left_running(settings, n: int = 1) -> list[str]:
-    """Jobs a previous JobQueue replica marked running, then the store closed (the replica died)."""
+def service(tmp_path, engine_replicas: int = 2, left_running: int = 0) -> tuple[JobQueueService, FakeEngine, list[str]]:
+    """A JobQueue replica starting on a store where a previous replica marked ``left_running`` jobs
+    running and then died (the store closed); returns it, its fake engine, and those job ids."""
+    settings = make_settings(tmp_path, engine_replicas=engine_replicas)
     q = JobQueue(settings.db_path, max_size=settings.queue_size, max_attempts=settings.max_attempts)
     ids = []
-    for i in range(n):
+    for i in range(left_running):
         job, _ = q.submit({"prompt": f"p{i}", "seed": i})
         q.mark_running(job["id"])
         ids.append(job["id"])
     q.close()
-    return ids
-
-
-def service(tmp_path, engine_replicas: int = 2) -> tuple[JobQueueService, FakeEngine]:
-    settings = make_settings(tmp_path, engine_replicas=engine_replicas)
     engine = FakeEngine()
-    return JobQueueService(settings.to_args(), engine), engine
+    return JobQueueService(settings.to_args(), engine), engine, ids
 
 
 def test_a_job_an_engine_still_runs_is_adopted_and_its_pushed_outcome_ends_it(tmp_path):
-    settings = make_settings(tmp_path, engine_replicas=2)
-    (job_id,) = left_running(settings)
-    svc, engine = service(tmp_path)
+    svc, engine, (job_id,) = service(tmp_path, engine_replicas=2, left_running=1)
 
     async def scenario():
         assert job_id in svc.orphans
@@ -71,9 +66,7 @@ def test_a_job_an_engine_still_runs_is_adopted_and_its_pushed_outcome_ends_it(tm
 
 
 def test_orphans_no_engine_holds_are_requeued_once_every_engine_has_reported(tmp_path):
-    settings = make_settings(tmp_path, engine_replicas=2)
-    held, free = left_running(settings, 2)
-    svc, _ = service(tmp_path)
+    svc, _, (held, free) = service(tmp_path, engine_replicas=2, left_running=2)
 
     async def scenario():
         await svc.report_engine("A", {"ready": True, "busy_job": held})
@@ -89,9 +82,7 @@ def test_orphans_no_engine_holds_are_requeued_once_every_engine_has_reported(tmp
 
 
 def test_orphans_are_requeued_when_the_engines_stay_silent_past_the_grace(tmp_path):
-    settings = make_settings(tmp_path, engine_replicas=2)
-    (job_id,) = left_running(settings)
-    svc, _ = service(tmp_path)
+    svc, _, (job_id,) = service(tmp_path, engine_replicas=2, left_running=1)
     svc._settle_orphans()
     assert svc.queue.get(job_id)["status"] == "running"  # within the grace: wait for the engines
     svc.orphans[job_id] = time.monotonic() - 1.0  # the grace has run out
@@ -100,9 +91,7 @@ def test_orphans_are_requeued_when_the_engines_stay_silent_past_the_grace(tmp_pa
 
 
 def test_an_adopted_job_whose_engine_ends_it_without_an_outcome_is_requeued(tmp_path):
-    settings = make_settings(tmp_path, engine_replicas=1)
-    (job_id,) = left_running(settings)
-    svc, _ = service(tmp_path, engine_replicas=1)
+    svc, _, (job_id,) = service(tmp_path, engine_replicas=1, left_running=1)
 
     async def scenario():
         await svc.report_engine("A", {"ready": True, "busy_job": job_id})
@@ -118,9 +107,7 @@ def test_an_adopted_job_whose_engine_ends_it_without_an_outcome_is_requeued(tmp_
 
 
 def test_an_adopted_job_whose_engine_stops_reporting_is_requeued(tmp_path):
-    settings = make_settings(tmp_path, engine_replicas=1)
-    (job_id,) = left_running(settings)
-    svc, _ = service(tmp_path, engine_replicas=1)
+    svc, _, (job_id,) = service(tmp_path, engine_replicas=1, left_running=1)
 
     async def scenario():
         await svc.report_engine("A", {"ready": True, "busy_job": job_id})
@@ -133,7 +120,7 @@ def test_an_adopted_job_whose_engine_stops_reporting_is_requeued(tmp_path):
 
 
 def test_a_pushed_outcome_of_a_job_dispatched_here_is_left_to_the_call(tmp_path):
-    svc, _ = service(tmp_path)
+    svc, _, _ = service(tmp_path)
     job, _ = svc.queue.submit({"prompt": "p", "seed": 1})
     svc.queue.mark_running(job["id"])
     assert asyncio.run(svc.report_outcome(job["id"], {"status": "failed", "error": "x"})) is False
@@ -143,9 +130,7 @@ def test_a_pushed_outcome_of_a_job_dispatched_here_is_left_to_the_call(tmp_path)
 def test_an_adopted_job_holds_its_engine_slot_until_its_outcome_arrives(tmp_path):
     """With one engine replica busy with an adopted job, a queued job is not dispatched (it would
     wait in Serve's memory, shown as running); it is once the adopted job's outcome is in."""
-    settings = make_settings(tmp_path, engine_replicas=1)
-    (orphan,) = left_running(settings)
-    svc, engine = service(tmp_path, engine_replicas=1)
+    svc, engine, (orphan,) = service(tmp_path, engine_replicas=1, left_running=1)
 
     async def wait_until(predicate, timeout_s: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -171,5 +156,5 @@ def test_an_adopted_job_holds_its_engine_slot_until_its_outcome_arrives(tmp_path
 
 @pytest.mark.parametrize("engine_replicas", [1, 2])
 def test_a_fresh_start_has_no_orphans(tmp_path, engine_replicas):
-    svc, _ = service(tmp_path, engine_replicas=engine_replicas)
+    svc, _, _ = service(tmp_path, engine_replicas=engine_replicas)
     assert svc.orphans == {} and svc.adopted == {}
