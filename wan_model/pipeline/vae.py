@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -273,11 +274,25 @@ class WanVAE:
         mu = posterior.mode().float()
         return (mu - self.latents_mean.to(mu.device)) / self.latents_std.to(mu.device)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents [B, z, F', H', W'] -> video [B, 3, 4(F'-1)+1, H, W] in [-1, 1], float32."""
+    def _decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"latents must be [B, {self.z_dim}, F, H, W]; got {tuple(latents.shape)}")
         z = latents.float().to(self.device)
-        z = z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)
-        return self.model.decode(z.to(self.dtype), return_dict=False)[0].float()
+        return (z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents [B, z, F', H', W'] -> video [B, 3, 4(F'-1)+1, H, W] in [-1, 1], float32."""
+        return self.model.decode(self._decoder_input(latents), return_dict=False)[0].float()
+
+    @torch.no_grad()
+    def decode_by_rows(self, latents: torch.Tensor, group, dst: int = 0) -> Optional[torch.Tensor]:
+        """``decode`` with the rows split over the ranks of ``group`` (``wan_model.parallel.vae_decode``).
+
+        Collective: every rank calls it with the same latents. The video (the whole-frame decode's,
+        up to float rounding) comes back on group rank ``dst``; the others get None.
+        """
+        from wan_model.parallel.vae_decode import decode_by_rows
+
+        video = decode_by_rows(self.model, self._decoder_input(latents), group, dst=dst)
+        return None if video is None else video.float()
