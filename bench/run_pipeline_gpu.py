@@ -66,6 +66,9 @@ def parse_args(argv=None):
                    help="also run the timed job with GeneratorConfig.step_cache=THRESHOLD and compare")
     p.add_argument("--t5", choices=["small", "real"], default="small")
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--decode", choices=["rows", "rank0"], default="rows",
+                   help="GeneratorConfig.parallel_decode: split the VAE decode by rows over the ranks (default), "
+                        "or decode on rank 0 alone")
     p.add_argument("--save-latents", help="write the timed job's final latents here (rank 0)")
     p.add_argument("--compare-latents", help="report the max/mean abs difference to latents saved by an earlier "
                    "run (e.g. --gpus 1 --save-latents ref.pt, then --gpus 2 --compare-latents ref.pt)")
@@ -114,9 +117,10 @@ def build_components(args, device: torch.device, dtype: torch.dtype, rank: int):
     text_encoder = TextEncoder(t5, tokenizer, device=device, placement="replicated")
 
     vae = None
-    if rank == 0:
+    if rank == 0 or args.decode == "rows":  # a split decode needs the (same) VAE on every rank
         from diffusers import AutoencoderKLWan
 
+        torch.manual_seed(1)
         config = vae_config(variant.vae, base_dim=8 if args.smoke else None)
         vae_model = AutoencoderKLWan(**config).eval().requires_grad_(False)
         vae = WanVAE(vae_model.to(getattr(torch, args.vae_dtype)), device=device)
@@ -139,7 +143,7 @@ def run(rank: int, world_size: int, args) -> None:
     config = GeneratorConfig(model="<in-memory>", device=str(device), dtype="float32" if args.smoke else "bfloat16",
                              parallel="manual" if manual else "auto", ulysses=args.ulysses, ring=args.ring,
                              cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, attention=args.attention,
-                             compile=args.compile, fp8=args.fp8)
+                             compile=args.compile, fp8=args.fp8, parallel_decode=args.decode == "rows")
     generator = Generator(config, components=components)
     build_s = time.perf_counter() - build_start
 

@@ -1,7 +1,8 @@
 """N ranks give the 1-rank result (gloo, CPU): on 2 ranks Ulysses 2, Ring 2, CFG-parallel 2,
 FSDP x Ulysses 2 and FSDP x CFG-parallel 2 (tiny A14B), image-to-video with CLIP on CFG-parallel 2
 and TI2V on Ulysses 2 (rank 0 encodes the image and broadcasts it); on 4 ranks CFG-parallel 2 x
-Ulysses 2.
+Ulysses 2. Every case but one splits the VAE decode by rows over the ranks; ``cfg2_rank0_decode``
+decodes on rank 0 alone.
 
 Tolerance: final latents (float32, values of order 1) within 1e-4 absolute -- the ranks run one
 thread each, the reference several, so float sums may round differently (seen: up to 1.1e-5) --
@@ -27,6 +28,7 @@ LAYOUTS = {
     "cfg2": dict(parallel="manual", cfg_parallel=True),
     "fsdp_ulysses2": dict(parallel="manual", ulysses=2, fsdp=True),
     "fsdp_cfg2": dict(parallel="manual", cfg_parallel=True, fsdp=True),
+    "cfg2_rank0_decode": dict(parallel="manual", cfg_parallel=True, parallel_decode=False),
 }
 
 # Image-to-video: (model, layout); rank 0 alone runs the VAE encoder and broadcasts its latents.
@@ -61,6 +63,8 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
             layout=result.layout if result is not None else None,
             experts=result.experts_per_step if result is not None else None,
             returned=result is not None,
+            decode_ranks=result.timings["decode_ranks"] if result is not None else None,
+            holds_vae=generator.parts.vae is not None,
         )
     return results
 
@@ -85,9 +89,14 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
         assert np.abs(ranks[0][name]["frames"].astype(int) - ref_fr.astype(int)).max() <= 1, name
     for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2 ring=1"), ("ring2", "cfg=1 ulysses=1 ring=2"),
                                   ("cfg2", "cfg=2 ulysses=1 ring=1"), ("fsdp_ulysses2", "cfg=1 ulysses=2 ring=1"),
-                                  ("fsdp_cfg2", "cfg=2 ulysses=1 ring=1")]:
+                                  ("fsdp_cfg2", "cfg=2 ulysses=1 ring=1"),
+                                  ("cfg2_rank0_decode", "cfg=2 ulysses=1 ring=1")]:
         rank0, rank1 = ranks[0][name], ranks[1][name]
         assert rank0["returned"] and not rank1["returned"], "only rank 0 returns the result"
+        # The VAE decode is split by rows over both ranks unless parallel_decode is off.
+        split = name != "cfg2_rank0_decode"
+        assert f"decode={'rows' if split else 'rank0'}" in rank0["layout"]
+        assert rank0["decode_ranks"] == (2 if split else 1) and rank1["holds_vae"] == split
         assert expected_layout in rank0["layout"] and "world=2" in rank0["layout"]
         assert ("fsdp=on" in rank0["layout"]) == name.startswith("fsdp")
         assert rank0["experts"] == ref_result.experts_per_step
@@ -105,6 +114,7 @@ def test_four_ranks_cfg_parallel_times_ulysses_equal_one_rank(tmp_path_factory, 
     layouts = {"cfg2_ulysses2": dict(parallel="manual", cfg_parallel=True, ulysses=2)}
     ranks = run_ranks(run_layouts, 4, cache, str(tmp_path), layouts, timeout=400)
     assert "world=4 cfg=2 ulysses=2 ring=1" in ranks[0]["cfg2_ulysses2"]["layout"]
+    assert ranks[0]["cfg2_ulysses2"]["decode_ranks"] == 4
     assert ranks[0]["cfg2_ulysses2"]["experts"] == ref_result.experts_per_step
     for rank in ranks:
         np.testing.assert_allclose(rank["cfg2_ulysses2"]["latents"], reference.last_latents.numpy(), rtol=0,

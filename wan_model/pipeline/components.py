@@ -16,7 +16,7 @@ class Components:
     model_dir: Path
     experts: dict  # expert name -> WanModel ("" for single-expert models)
     text_encoder: object  # TextEncoder
-    vae: Optional[object]  # WanVAE, on rank 0 only (it alone encodes images and decodes)
+    vae: Optional[object]  # WanVAE: on rank 0 (it encodes images), and on every rank for a split decode
     clip: Optional[object]  # CLIPImageEncoder, Wan2.1 I2V only
 
 
@@ -86,7 +86,7 @@ def load_components(config, device: torch.device, dtype: torch.dtype, rank: int 
     if config.offload and config.text_encoder == "replicated":
         text_encoder.model.to("cpu")  # the generator brings it to the GPU for each encode
     vae = None
-    if rank == 0:
+    if rank == 0 or getattr(config, "parallel_decode", False):  # a split decode needs it on every rank
         vae_device = torch.device("cpu") if config.offload else device
         vae = WanVAE.load(files.vae, kind=files.vae_kind, dtype=torch.float32, device=vae_device)
     clip = CLIPImageEncoder.load(files.clip, device=device) if variant.uses_clip else None

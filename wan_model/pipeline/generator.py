@@ -2,7 +2,8 @@
 
 SPMD over one process group: every rank builds a ``Generator`` with the same config and calls
 ``generate`` with the same request; the ranks split each sequence (Ulysses x Ring) and/or the
-two CFG branches, rank 0 decodes and writes the files. See ``docs/DESIGN.md``.
+two CFG branches, then decode a band of rows each (``parallel_decode``); rank 0 writes the files.
+See ``docs/DESIGN.md``.
 """
 from __future__ import annotations
 
@@ -68,6 +69,10 @@ class GeneratorConfig:
     # Ulysses layouts (ring degree 1): split the heads into this many groups so that each group's
     # all-to-all overlaps the attention of the others (wan_model.parallel.ulysses_overlap). Same result.
     head_chunks: int = 1
+    # Split the VAE decode by rows over all ranks (wan_model.parallel.vae_decode): the video of a
+    # whole-frame decode (up to float rounding) in a fraction of the time; every rank then holds the VAE.
+    # False: rank 0 loads the VAE and decodes alone.
+    parallel_decode: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> "GeneratorConfig":
@@ -146,6 +151,9 @@ class Generator:
         self.parts = components
         self.variant: VariantSpec = self.parts.variant
         self.layout = setup_layout(config, self.variant, self.world_size, self.distributed)
+        self.split_decode = config.parallel_decode and self.distributed and self.world_size > 1
+        if self.split_decode and self.parts.vae is None:
+            raise ValueError("parallel_decode needs the VAE on every rank; these components have it on rank 0 only")
         check = getattr(self.layout.attention, "check", None)
         if check is not None:  # one rank, named kernel: fail now if it cannot run here (never swapped)
             check(self.device, self.dtype, self.variant.transformer.head_dim)
@@ -181,7 +189,8 @@ class Generator:
                 f"attention={lay.attention_name()} dtype={str(self.dtype).replace('torch.', '')} "
                 f"device={self.device.type} compile={'on' if self.config.compile else 'off'} "
                 f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache} "
-                f"fp8={'on' if self.config.fp8 else 'off'} head_chunks={lay.head_chunks}")
+                f"fp8={'on' if self.config.fp8 else 'off'} head_chunks={lay.head_chunks} "
+                f"decode={'rows' if self.split_decode else 'rank0'}")
 
     def validate(self, request: GenerationRequest) -> ResolvedJob:
         """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""
@@ -244,11 +253,12 @@ class Generator:
                             elapsed_s=time.perf_counter() - total_start)
 
         report(done("decode"))
+        start = time.perf_counter()
+        video, decode_ranks = self._decode(outcome.latents)  # every rank joins a split decode
         if self.rank != 0:
             return None
-        start = time.perf_counter()
-        video = self._decode(outcome.latents)
         timings["decode"] = time.perf_counter() - start
+        timings["decode_ranks"] = decode_ranks
         if progress_callback is not None:
             progress_callback(done("encode"))
         start = time.perf_counter()
@@ -288,7 +298,8 @@ class Generator:
         return cond, uncond
 
     def _vae_on_device(self):
-        """The VAE (rank 0 only) on the device; with offload it waits on the CPU between uses."""
+        """The VAE (rank 0, or every rank with a split decode) on the device; with offload it waits on
+        the CPU between uses."""
         vae = self.parts.vae
         if self.config.offload:
             vae.model.to(self.device)
@@ -362,12 +373,25 @@ class Generator:
             for model in self.parts.experts.values():
                 model.to("cpu")
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
+        """The video [3, F, H, W] in [-1, 1] on rank 0 (None elsewhere), and how many ranks decoded it.
+
+        Split by rows over every rank when ``parallel_decode`` is on and each rank gets a latent row
+        (only toy sizes have fewer rows than ranks); otherwise rank 0 decodes alone.
+        """
+        ranks = self.world_size if self.split_decode and latents.shape[-2] >= self.world_size else 1
+        if ranks == 1 and self.rank != 0:
+            return None, ranks
         vae = self._vae_on_device()
-        with torch.no_grad():
-            video = vae.decode(latents)[0].float()  # [3, F, H, W] in [-1, 1]
-        self._vae_park()
-        return video
+        try:
+            with torch.no_grad():
+                if ranks > 1:
+                    video = vae.decode_by_rows(latents, dist.group.WORLD, dst=0)
+                else:
+                    video = vae.decode(latents)
+        finally:
+            self._vae_park()
+        return (None if video is None else video[0].float()), ranks
 
     def _write(self, request: GenerationRequest, job: ResolvedJob, frames) -> GenerationResult:
         os.makedirs(request.output_dir, exist_ok=True)
