@@ -9,11 +9,16 @@ replica finds those jobs ``running`` in SQLite, and it must not send them out ag
 engine replica would then run them a second time. So it holds them as *orphans* until each engine
 replica has reported (engines report the job they are busy with at start-up and at every health
 check):
-- a job that an engine reports busy with is *adopted*: it stays running, and the engine pushes its
-  outcome when it ends (``report_outcome``);
+- a job that an engine reports busy with, or claims, is *adopted*: it stays running, and the engine
+  pushes its outcome when it ends (``report_outcome``);
 - a job that no engine holds is re-queued, as is one whose engine is lost or ends it without an
   outcome.
 The jobs this replica dispatched itself get their outcome as the engine call's return value.
+
+Every dispatch is numbered (the job's ``attempts``), and an engine replica claims its dispatch
+before it starts the job (``claim``). A dispatch that waited in an engine replica's Serve queue
+while its JobQueue replica died, and whose job has since been re-queued or sent elsewhere, is
+refused there, so it does not run a second time.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ class JobQueueService:
         # to claim it (monotonic clock).
         grace = max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 10.0)
         self.orphans: dict[str, float] = {job_id: time.monotonic() + grace for job_id in self.queue.running_ids()}
-        self.adopted: dict[str, dict[str, Any]] = {}  # job id -> {"replica", "ended_at": first report not busy with it}
+        # job id -> {"replica", "since": adopted at (wall clock), "ended_at": first later report not busy with it}
+        self.adopted: dict[str, dict[str, Any]] = {}
         self.reported: set[str] = set()  # engine replicas heard from since this replica started
         for job_id in self.orphans:
             job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
@@ -149,7 +155,8 @@ class JobQueueService:
         if req.get("lora"):
             fields["lora"] = str(resolve_lora(self.settings.lora_dir, req["lora"]["name"]))
             fields["lora_scale"] = float(req["lora"].get("scale", 1.0))
-        return {"id": job["id"], "request": fields, "progress_interval_s": self.settings.progress_interval_s}
+        return {"id": job["id"], "attempt": job["attempts"], "request": fields,
+                "progress_interval_s": self.settings.progress_interval_s}
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
@@ -194,6 +201,9 @@ class JobQueueService:
     def _apply_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
         """Record the engine's outcome, then log what the job became (from the record: it is the truth)."""
         status = outcome["status"]
+        if status == "superseded":  # the engine did not run this dispatch: the job's record is not its to touch
+            job_log(logger, job_id).info("engine did not run this dispatch: %s", outcome.get("error"))
+            return
         self._record_outcome(job_id, outcome)
         job = self.queue.get(job_id) or {}
         log = job_log(logger, job_id)
@@ -284,14 +294,34 @@ class JobQueueService:
         self.engines[replica_id] = {**self.engines.get(replica_id, {}), **info, "seen_at": now}
         self.reported.add(replica_id)
         busy = info.get("busy_job")
+        made_at = info.get("reported_at", now)  # the engine's clock, as is an adoption's "since"
         if busy in self.orphans:
             del self.orphans[busy]
-            self.adopted[busy] = {"replica": replica_id, "ended_at": None}
+            self.adopted[busy] = {"replica": replica_id, "ended_at": None, "since": made_at}
             job_log(logger, busy).info("adopted: engine replica %s is still running it", replica_id)
+        # A report the engine made before it claimed the job (reports are not ordered with claims)
+        # says nothing about whether the job has ended.
         for job_id, adoption in self.adopted.items():
-            if adoption["replica"] == replica_id and busy != job_id and adoption["ended_at"] is None:
+            if (adoption["replica"] == replica_id and busy != job_id and adoption["ended_at"] is None
+                    and made_at > adoption["since"]):
                 adoption["ended_at"] = now
         self._poke()
+
+    async def claim(self, job_id: str, attempt: int, replica_id: str, claimed_at: Optional[float] = None) -> bool:
+        """An engine replica asks, before it starts a job, whether dispatch ``attempt`` is still current:
+        the job is running and has had no later attempt. A job left running by a previous JobQueue
+        replica is adopted by that engine replica, so it is not re-queued behind its back.
+        ``claimed_at``: the engine's clock when it claimed (its reports carry the same clock)."""
+        self._ensure_dispatcher()
+        job = self.queue.get(job_id)
+        if job is None or job["status"] != RUNNING or job["attempts"] != attempt:
+            return False
+        if job_id in self.orphans:
+            del self.orphans[job_id]
+            since = claimed_at if claimed_at is not None else time.time()
+            self.adopted[job_id] = {"replica": replica_id, "ended_at": None, "since": since}
+            job_log(logger, job_id).info("adopted: engine replica %s claimed it", replica_id)
+        return True
 
     async def report_outcome(self, job_id: str, outcome: dict[str, Any]) -> bool:
         """An engine replica's outcome of a job, pushed when the job ends. Recorded only for a job

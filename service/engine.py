@@ -28,6 +28,7 @@ QUEUE_DEPLOYMENT = "JobQueue"
 RANK_GRACE_S = 5.0  # after one rank failed, the others get the process-group timeout plus this
 RECENT_OUTCOMES = 64  # final outcomes remembered per replica, so a job dispatched again is not run again
 OUTCOME_PUSH_S = 120.0  # how long an outcome push to the JobQueue is retried (it may be restarting)
+CLAIM_WAIT_S = 120.0  # how long a job's claim is retried while the JobQueue is unreachable
 
 
 def engine_bundles(settings: ServiceSettings) -> list[dict[str, float]]:
@@ -161,7 +162,8 @@ class EngineReplica:
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job on all ranks. Outcome ``status``: succeeded | cancelled | failed (the job's
-        fault or a generator error) | crashed (a worker died or hung: run it again) | unavailable."""
+        fault or a generator error) | crashed (a worker died or hung: run it again) | unavailable |
+        superseded (not run: this dispatch is no longer the job's current one, see ``_claim``)."""
         log = job_log(logger, job["id"])  # Serve adds the replica id to JSON records
         if job["id"] in self.recent:
             log.warning("dispatched again after it ran here: returning that run's outcome, not running it twice")
@@ -171,8 +173,14 @@ class EngineReplica:
             return {"status": "unavailable", "error": self.broken}
         self.busy_job = job["id"]
         started = time.monotonic()
-        log.info("started on %d ranks of replica %s", self.settings.world_size, self.replica_id)
+        ran = False
         try:
+            refusal = await self._claim(job)
+            if refusal is not None:
+                log.warning("not run: %s", refusal)
+                return {"status": "superseded", "error": refusal}
+            ran = True
+            log.info("started on %d ranks of replica %s", self.settings.world_size, self.replica_id)
             outcome = await self._run_on_all_ranks(job)
             duration_s = time.monotonic() - started
             log.log(logging.INFO if outcome["status"] in ("succeeded", "cancelled") else logging.WARNING,
@@ -189,7 +197,36 @@ class EngineReplica:
             return outcome
         finally:
             self.busy_job = None
-            self.jobs_done += 1
+            self.jobs_done += ran
+
+    async def _claim(self, job: dict[str, Any]) -> Optional[str]:
+        """Ask the JobQueue whether this dispatch of the job is still the current one; None = run it.
+
+        A job can wait in this replica's Serve queue while the JobQueue replica that sent it dies, and
+        its successor may meanwhile have sent the job to another engine replica (a later attempt).
+        The claim fences that off. While the JobQueue is unreachable the claim is retried, and
+        ``busy_job`` already names the job, so a restarting JobQueue adopts it from this replica's
+        report rather than sending it elsewhere.
+        """
+        if "attempt" not in job:
+            return None  # a caller that does not number its dispatches
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        delay = 0.5
+        while True:
+            try:
+                granted = await asyncio.wait_for(
+                    _await_ref(self.queue.claim.remote(job["id"], job["attempt"], self.replica_id, time.time())),
+                    timeout=10.0)
+                break
+            except Exception as exc:  # noqa: BLE001 - the queue replica is restarting: try again
+                if time.monotonic() + delay > deadline:
+                    return f"the JobQueue could not be reached for {CLAIM_WAIT_S:.0f} s to claim the job ({exc})"
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
+        if not granted:
+            return (f"attempt {job['attempt']} is no longer the job's current dispatch (it was re-queued, "
+                    "sent elsewhere or ended)")
+        return None
 
     async def _push_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
         """Send a job's outcome to the JobQueue deployment (``report_outcome``), retrying while it is down."""

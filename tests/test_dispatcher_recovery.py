@@ -158,3 +158,141 @@ def test_an_adopted_job_holds_its_engine_slot_until_its_outcome_arrives(tmp_path
 def test_a_fresh_start_has_no_orphans(tmp_path, engine_replicas):
     svc, _, _ = service(tmp_path, engine_replicas=engine_replicas)
     assert svc.orphans == {} and svc.adopted == {}
+
+
+# ---- claims: an engine replica asks before it starts a dispatch ------------------------------------
+
+def test_a_claim_is_granted_only_for_the_current_dispatch(tmp_path):
+    svc, _, _ = service(tmp_path)
+    job_id = svc.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+
+    async def scenario():
+        assert await svc.claim(job_id, 1, "A") is False  # queued: nothing dispatched yet
+        svc.queue.mark_running(job_id)  # dispatch 1
+        assert await svc.claim(job_id, 1, "A") is True
+        svc.queue.requeue(job_id, "engine lost")
+        assert await svc.claim(job_id, 1, "A") is False  # re-queued since
+        svc.queue.mark_running(job_id)  # dispatch 2, to another engine
+        assert await svc.claim(job_id, 1, "A") is False and await svc.claim(job_id, 2, "B") is True
+        svc.queue.finish(job_id, "cancelled", error="cancelled while running")
+        return await svc.claim(job_id, 2, "B")
+
+    assert asyncio.run(scenario()) is False
+    assert svc.adopted == {}  # jobs this replica dispatched are not adoptions
+
+
+def test_an_orphan_claimed_by_an_engine_is_adopted_and_not_requeued_on_an_older_report(tmp_path):
+    """The dispatch waited in engine A's Serve queue while the JobQueue restarted: A reported idle,
+    then claimed it. The idle report may arrive after the claim; it must not re-queue the job."""
+    svc, engine, (job_id,) = service(tmp_path, engine_replicas=2, left_running=1)
+    t0 = time.time()
+
+    async def scenario():
+        assert await svc.claim(job_id, 1, "A", claimed_at=t0) is True
+        assert job_id in svc.adopted and job_id not in svc.orphans
+        await svc.report_engine("B", {"ready": True, "busy_job": None, "reported_at": t0})
+        await svc.report_engine("A", {"ready": True, "busy_job": None, "reported_at": t0 - 1})  # made before
+        svc._settle_orphans()
+        assert svc.queue.get(job_id)["status"] == "running" and svc.adopted[job_id]["ended_at"] is None
+        await svc.report_engine("A", {"ready": True, "busy_job": job_id, "reported_at": t0 + 1})
+        assert await svc.report_outcome(job_id, {"status": "failed", "error": "x"}) is True
+        return svc.queue.get(job_id)
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "failed" and job["attempts"] == 1 and engine.sent == []
+
+
+def test_an_orphan_requeued_before_its_claim_is_refused_there(tmp_path):
+    svc, _, (job_id,) = service(tmp_path, engine_replicas=1, left_running=1)
+
+    async def scenario():
+        await svc.report_engine("A", {"ready": True, "busy_job": None})
+        svc._settle_orphans()  # every engine reported, none holds it: re-queued
+        assert svc.queue.get(job_id)["status"] == "queued"
+        return await svc.claim(job_id, 1, "A")
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_a_superseded_outcome_leaves_the_job_as_it_is(tmp_path):
+    svc, _, _ = service(tmp_path)
+    job_id = svc.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+    before = svc.queue.mark_running(job_id)
+    svc._apply_outcome(job_id, {"status": "superseded", "error": "attempt 1 is no longer current"})
+    after = svc.queue.get(job_id)
+    assert (after["status"], after["attempts"], after["error"]) == ("running", 1, before["error"])
+
+
+class FakeQueueHandle:
+    """The JobQueue handle an engine replica holds: ``claim`` answers from a script, the first
+    ``unreachable`` calls fail as while the JobQueue replica restarts."""
+
+    def __init__(self, grant: bool, unreachable: int = 0) -> None:
+        self.grant, self.unreachable, self.claims, self.outcomes = grant, unreachable, [], []
+        self.claim = _Remote(self._claim)
+        self.report_outcome = _Remote(self._report_outcome)
+
+    async def _claim(self, job_id, attempt, replica_id, claimed_at):
+        self.claims.append((job_id, attempt, replica_id))
+        if self.unreachable:
+            self.unreachable -= 1
+            raise ConnectionError("JobQueue replica restarting")
+        return self.grant
+
+    async def _report_outcome(self, job_id, outcome):
+        self.outcomes.append((job_id, outcome["status"]))
+        return True
+
+
+class _Remote:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+def engine_replica(tmp_path, queue: FakeQueueHandle):
+    """An ``EngineReplica`` without Ray: its ranks are a stub that records the jobs they run."""
+    from collections import OrderedDict
+
+    from service.engine import EngineReplica
+
+    replica = object.__new__(EngineReplica)
+    replica.settings, replica.queue, replica.replica_id = make_settings(tmp_path), queue, "A"
+    replica.broken, replica.busy_job, replica.jobs_done = None, None, 0
+    replica.recent, replica._pushes, replica.ran = OrderedDict(), set(), []
+
+    async def run_on_all_ranks(job):
+        replica.ran.append((job["id"], replica.busy_job))
+        return {"status": "succeeded", "result": {}}
+
+    replica._run_on_all_ranks = run_on_all_ranks
+    return replica
+
+
+@pytest.mark.parametrize("grant", [True, False])
+def test_an_engine_runs_a_dispatch_only_when_its_claim_is_granted(tmp_path, monkeypatch, grant):
+    import service.engine as engine_module
+
+    monkeypatch.setattr(engine_module.asyncio, "sleep", _no_wait)
+    queue = FakeQueueHandle(grant=grant, unreachable=2)  # the first two claims find no JobQueue
+    replica = engine_replica(tmp_path, queue)
+
+    async def scenario():
+        outcome = await replica.run({"id": "j1", "attempt": 3, "request": {}})
+        await asyncio.gather(*replica._pushes)
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    assert queue.claims == [("j1", 3, "A")] * 3 and replica.busy_job is None
+    if grant:
+        assert outcome["status"] == "succeeded" and replica.ran == [("j1", "j1")] and replica.jobs_done == 1
+        assert queue.outcomes == [("j1", "succeeded")]
+    else:
+        assert outcome["status"] == "superseded" and "attempt 3 is no longer" in outcome["error"]
+        assert replica.ran == [] and replica.jobs_done == 0 and queue.outcomes == []  # nothing pushed
+
+
+async def _no_wait(_delay):
+    return None
