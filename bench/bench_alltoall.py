@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import spawn_ranks
 
 # name -> (tokens, heads, head_dim, layers)
 SHAPES = {"14b-720p": (75600, 40, 128, 40), "1.3b-480p": (32760, 12, 128, 30), "smoke": (96, 4, 8, 2)}
@@ -99,10 +99,7 @@ def main() -> int:
     if args.smoke:
         args.shapes, args.warmup, args.iters = "smoke", 1, 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_main, args=(args.gpus, port, args, str(Path(args.out) / "alltoall.jsonl")), nprocs=args.gpus, join=True)
+    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "alltoall.jsonl")
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -30,7 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import enable_symmetric_memory, finish_ranks, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,14 +62,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
     sizes = {"qkv": local * 3 * heads * HEAD_DIM, "out": local * heads * HEAD_DIM}  # elements per peer slice
     biggest = max(sizes.values())
     # Send buffer: slice j (one per destination rank) at offset j * biggest; a constant naming (src, dst).
-    try:  # needed by older torch (2.11 on the GPU image may still want it), deprecated by newer
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-    except Exception:  # noqa: BLE001
-        pass
+    enable_symmetric_memory(group)
     send = symm_mem.empty(world * biggest, dtype=torch.bfloat16, device=device)
     handle = symm_mem.rendezvous(send, group)
     for dst in range(world):
@@ -174,12 +167,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
                  transfers_ms=round(statistics.median(comm_ms), 2) if comm_ms else None,
                  wall_ms=round(statistics.median(wall_ms), 2))
     fa3.sm_margin = 0
-    if rank == 0:
-        with open(out_file, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(rank, rows, out_file)
 
 
 def main() -> int:
@@ -195,11 +183,7 @@ def main() -> int:
         print("bench_copy_engine needs at least 2 GPUs", file=sys.stderr)
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_main, args=(args.gpus, port, args, str(Path(args.out) / "copy_engine.jsonl")),
-             nprocs=args.gpus, join=True)
+    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "copy_engine.jsonl")
     return 0
 
 

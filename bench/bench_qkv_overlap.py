@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import enable_symmetric_memory, finish_ranks, spawn_ranks
 
 DIM, HEAD_DIM, TOKENS = 5120, 128, 75600  # 14B 720p
 
@@ -54,14 +54,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
     weights = [torch.randn(DIM, DIM, generator=g, device=device, dtype=torch.bfloat16) * DIM**-0.5
                for _ in range(3)]  # q, k, v
 
-    try:  # older torch wants the group enabled first; newer warns that it is not needed
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-    except Exception:  # noqa: BLE001
-        pass
+    enable_symmetric_memory(group)
     # Receive buffer [3 (q, k, v), world (source rank), local, part] in symmetric memory: peers push into it.
     recv_symm = symm_mem.empty(3 * world * local * part, dtype=torch.bfloat16, device=device)
     handle = symm_mem.rendezvous(recv_symm, group)
@@ -151,12 +144,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
                 times.append((time.perf_counter() - start) / args.blocks)
         emit(kind="per_block", how=how, median_ms=round(statistics.median(times) * 1e3, 3),
              spread_ms=round((max(times) - min(times)) * 1e3, 3))
-    if rank == 0:
-        with open(out_file, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(rank, rows, out_file)
 
 
 def main() -> int:
@@ -172,11 +160,7 @@ def main() -> int:
         print("bench_qkv_overlap needs at least 2 GPUs", file=sys.stderr)
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_main, args=(args.gpus, port, args, str(Path(args.out) / "qkv_overlap.jsonl")),
-             nprocs=args.gpus, join=True)
+    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "qkv_overlap.jsonl")
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import finish_ranks, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -114,12 +114,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
                        times={k: [round(t, 3) for t in v] for k, v in timings.items()})
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if rank == 0:
-        with open(out_file, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(rank, rows, out_file)
 
 
 def main() -> int:
@@ -141,11 +136,7 @@ def main() -> int:
         print("bench_vae_decode needs at least 2 ranks", file=sys.stderr)
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_main, args=(args.gpus, port, args, str(Path(args.out) / "vae_decode.jsonl")),
-             nprocs=args.gpus, join=True)
+    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "vae_decode.jsonl")
     return 0
 
 

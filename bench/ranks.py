@@ -1,0 +1,44 @@
+"""What the multi-GPU probes in bench/ share: spawning one process per rank, and symmetric memory."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def spawn_ranks(rank_main: Callable, world: int, args, out_file: Path) -> None:
+    """``rank_main(rank, world, port, args, out_file)`` in ``world`` processes, rendezvous on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_main, args=(world, port, args, str(out_file)), nprocs=world, join=True)
+
+
+def enable_symmetric_memory(group: dist.ProcessGroup) -> None:
+    """Older torch (2.11 on the GPU image) wants symmetric memory enabled per group; newer warns that
+    it is not needed, so both the call and its warning are optional."""
+    import warnings
+
+    import torch.distributed._symmetric_memory as symm_mem
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def finish_ranks(rank: int, rows: list[dict], out_file: str) -> None:
+    """Rank 0 appends its JSON rows to ``out_file``; then every rank leaves the process group together."""
+    import json
+
+    if rank == 0:
+        with open(out_file, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
