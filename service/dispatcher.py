@@ -296,9 +296,7 @@ class JobQueueService:
         busy = info.get("busy_job")
         made_at = info.get("reported_at", now)  # the engine's clock, as is an adoption's "since"
         if busy in self.orphans:
-            del self.orphans[busy]
-            self.adopted[busy] = {"replica": replica_id, "ended_at": None, "since": made_at}
-            job_log(logger, busy).info("adopted: engine replica %s is still running it", replica_id)
+            self._adopt(busy, replica_id, made_at, "is still running it")
         # A report the engine made before it claimed the job (reports are not ordered with claims)
         # says nothing about whether the job has ended.
         for job_id, adoption in self.adopted.items():
@@ -317,11 +315,14 @@ class JobQueueService:
         if job is None or job["status"] != RUNNING or job["attempts"] != attempt:
             return False
         if job_id in self.orphans:
-            del self.orphans[job_id]
-            since = claimed_at if claimed_at is not None else time.time()
-            self.adopted[job_id] = {"replica": replica_id, "ended_at": None, "since": since}
-            job_log(logger, job_id).info("adopted: engine replica %s claimed it", replica_id)
+            self._adopt(job_id, replica_id, claimed_at if claimed_at is not None else time.time(), "claimed it")
         return True
+
+    def _adopt(self, job_id: str, replica_id: str, since: float, how: str) -> None:
+        """An orphan becomes engine replica ``replica_id``'s: it stays running until that engine's outcome."""
+        del self.orphans[job_id]
+        self.adopted[job_id] = {"replica": replica_id, "ended_at": None, "since": since}
+        job_log(logger, job_id).info("adopted: engine replica %s %s", replica_id, how)
 
     async def report_outcome(self, job_id: str, outcome: dict[str, Any]) -> bool:
         """An engine replica's outcome of a job, pushed when the job ends. Recorded only for a job

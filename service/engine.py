@@ -210,19 +210,11 @@ class EngineReplica:
         """
         if "attempt" not in job:
             return None  # a caller that does not number its dispatches
-        deadline = time.monotonic() + CLAIM_WAIT_S
-        delay = 0.5
-        while True:
-            try:
-                granted = await asyncio.wait_for(
-                    _await_ref(self.queue.claim.remote(job["id"], job["attempt"], self.replica_id, time.time())),
-                    timeout=10.0)
-                break
-            except Exception as exc:  # noqa: BLE001 - the queue replica is restarting: try again
-                if time.monotonic() + delay > deadline:
-                    return f"the JobQueue could not be reached for {CLAIM_WAIT_S:.0f} s to claim the job ({exc})"
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 10.0)
+        try:
+            granted = await self._call_queue(
+                lambda: self.queue.claim.remote(job["id"], job["attempt"], self.replica_id, time.time()), CLAIM_WAIT_S)
+        except Exception as exc:  # noqa: BLE001
+            return f"the JobQueue could not be reached for {CLAIM_WAIT_S:.0f} s to claim the job ({exc})"
         if not granted:
             return (f"attempt {job['attempt']} is no longer the job's current dispatch (it was re-queued, "
                     "sent elsewhere or ended)")
@@ -230,21 +222,27 @@ class EngineReplica:
 
     async def _push_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
         """Send a job's outcome to the JobQueue deployment (``report_outcome``), retrying while it is down."""
-        deadline = time.monotonic() + OUTCOME_PUSH_S
-        delay = 0.5
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(_await_ref(self.queue.report_outcome.remote(job_id, outcome)), timeout=10.0)
-                    return
-                except Exception as exc:  # noqa: BLE001 - the queue replica is restarting: try again
-                    if time.monotonic() + delay > deadline:
-                        job_log(logger, job_id).warning("could not push the outcome to the JobQueue: %s", exc)
-                        return
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 10.0)
+            await self._call_queue(lambda: self.queue.report_outcome.remote(job_id, outcome), OUTCOME_PUSH_S)
+        except Exception as exc:  # noqa: BLE001
+            job_log(logger, job_id).warning("could not push the outcome to the JobQueue: %s", exc)
         finally:
             self._pushes.discard(asyncio.current_task())
+
+    @staticmethod
+    async def _call_queue(call: Any, wait_s: float) -> Any:
+        """``await call()`` (a JobQueue method's ``.remote``), retried with back-off while the JobQueue
+        replica is unreachable (it may be restarting); after ``wait_s`` the last error is raised."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.wait_for(_await_ref(call()), timeout=10.0)
+            except Exception:  # noqa: BLE001 - the queue replica is restarting: try again
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     async def _run_on_all_ranks(self, job: dict[str, Any]) -> dict[str, Any]:
         futures = {asyncio.ensure_future(_await_ref(w.run.remote(job))): rank for rank, w in enumerate(self.workers)}
