@@ -68,12 +68,18 @@ def exchange_halo(x: torch.Tensor, halo: int, band: RowBand) -> torch.Tensor:
     return torch.cat([top, x, bottom], dim=-2)
 
 
-def gather_rows(x: torch.Tensor, band: RowBand, sizes: list[int]) -> torch.Tensor:
-    """Every rank's band of ``[..., h, W]`` (``sizes`` rows each, in rank order) -> ``[..., H, W]`` on all ranks."""
-    tallest = max(sizes)
-    padded = F.pad(x, (0, 0, 0, tallest - x.shape[-2])).contiguous()
-    parts = [torch.empty_like(padded) for _ in range(band.world)]
-    dist.all_gather(parts, padded, group=band.group)
+def gather_rows(x: torch.Tensor, band: RowBand, sizes: list[int], dst: Optional[int] = None
+                ) -> Optional[torch.Tensor]:
+    """Every rank's band of ``[..., h, W]`` (``sizes`` rows each, in rank order) -> ``[..., H, W]``:
+    on every rank, or with ``dst`` on that group rank only (None on the others)."""
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[-2])).contiguous()  # collectives want equal shapes
+    parts = [torch.empty_like(padded) for _ in range(band.world)] if dst in (None, band.rank) else None
+    if dst is None:
+        dist.all_gather(parts, padded, group=band.group)
+    else:
+        dist.gather(padded, parts, dst=band.peer(dst), group=band.group)
+    if parts is None:
+        return None
     return torch.cat([part[..., :rows, :] for part, rows in zip(parts, sizes)], dim=-2)
 
 
@@ -163,11 +169,4 @@ def decode_by_rows(vae_model: nn.Module, z: torch.Tensor, group: dist.ProcessGro
     ratio = vae_model.config.scale_factor_spatial
     with rows_split(vae_model.decoder, band, sizes):
         video = vae_model.decode(z[..., start:start + sizes[band.rank], :], return_dict=False)[0]
-    pixel_sizes = [rows * ratio for rows in sizes]
-    tallest = max(pixel_sizes)
-    padded = F.pad(video, (0, 0, 0, tallest - video.shape[-2])).contiguous()
-    parts = [torch.empty_like(padded) for _ in range(band.world)] if band.rank == dst else None
-    dist.gather(padded, parts, dst=dist.get_global_rank(group, dst), group=group)
-    if band.rank != dst:
-        return None
-    return torch.cat([part[..., :rows, :] for part, rows in zip(parts, pixel_sizes)], dim=-2)
+    return gather_rows(video, band, [rows * ratio for rows in sizes], dst=dst)
