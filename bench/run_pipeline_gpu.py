@@ -16,6 +16,10 @@ timings are what this is for.
 Prints the stage timings on rank 0 and writes them to ``$OUT/pipeline_gpu.json`` (``./.out`` if
 ``$OUT`` is unset).
 
+Image-to-video variants (``--variant wan2.1-i2v-14b``, ``wan2.2-ti2v-5b``, ...) get a random image of
+the job's size in each request, and Wan2.1 I2V a CLIP ViT-H/14 of the real shape (fp16); the
+timings then include ``image_encode`` (VAE encode, and CLIP) and ``image_encode_ranks``.
+
 ``--compile``: ``GeneratorConfig.compile`` (regional torch.compile; the warm-up job pays the
 compilation). ``--step-cache X``: after the timed uncached job, the same generator runs the same
 job again with ``GeneratorConfig.step_cache=X``; the report gives both denoise
@@ -66,9 +70,9 @@ def parse_args(argv=None):
                    help="also run the timed job with GeneratorConfig.step_cache=THRESHOLD and compare")
     p.add_argument("--t5", choices=["small", "real"], default="small")
     p.add_argument("--vae-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--decode", choices=["rows", "rank0"], default="rows",
-                   help="GeneratorConfig.parallel_decode: split the VAE decode by rows over the ranks (default), "
-                        "or decode on rank 0 alone")
+    p.add_argument("--vae", choices=["rows", "rank0"], default="rows",
+                   help="GeneratorConfig.parallel_vae: split the VAE (decode, image encode) by rows over the "
+                        "ranks (default), or run it on rank 0 alone")
     p.add_argument("--save-latents", help="write the timed job's final latents here (rank 0)")
     p.add_argument("--compare-latents", help="report the max/mean abs difference to latents saved by an earlier "
                    "run (e.g. --gpus 1 --save-latents ref.pt, then --gpus 2 --compare-latents ref.pt)")
@@ -117,15 +121,43 @@ def build_components(args, device: torch.device, dtype: torch.dtype, rank: int):
     text_encoder = TextEncoder(t5, tokenizer, device=device, placement="replicated")
 
     vae = None
-    if rank == 0 or args.decode == "rows":  # a split decode needs the (same) VAE on every rank
+    if rank == 0 or args.vae == "rows":  # a split VAE needs the (same) VAE on every rank
         from diffusers import AutoencoderKLWan
 
         torch.manual_seed(1)
         config = vae_config(variant.vae, base_dim=8 if args.smoke else None)
         vae_model = AutoencoderKLWan(**config).eval().requires_grad_(False)
         vae = WanVAE(vae_model.to(getattr(torch, args.vae_dtype)), device=device)
+    clip = None
+    if variant.uses_clip:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        from wan_model.pipeline.clip import CLIPImageEncoder
+
+        width = variant.transformer.image_dim  # 1280: ViT-H/14, as the official I2V release
+        shape = dict(intermediate_size=64, num_attention_heads=2, num_hidden_layers=3) if args.smoke else dict(
+            intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32)
+        clip_config = CLIPVisionConfig(hidden_size=width, image_size=224, patch_size=14, hidden_act="gelu",
+                                       layer_norm_eps=1e-5, **shape)
+        torch.manual_seed(2)
+        clip_dtype = torch.float32 if args.smoke else torch.float16
+        clip = CLIPImageEncoder(CLIPVisionModel(clip_config).eval().requires_grad_(False).to(clip_dtype),
+                                device=device)
     return Components(variant=variant, model_dir=Path("<random weights in memory>"), experts={"": dit},
-                      text_encoder=text_encoder, vae=vae, clip=None)
+                      text_encoder=text_encoder, vae=vae, clip=clip)
+
+
+def random_png(width: int, height: int) -> bytes:
+    """A random image for image-to-video jobs (its content does not change the timings)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def run(rank: int, world_size: int, args) -> None:
@@ -135,7 +167,8 @@ def run(rank: int, world_size: int, args) -> None:
     device = torch.device("cpu") if args.smoke else torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:
-        args.variant, args.frames, args.width, args.height = "tiny-t2v", 5, 64, 64
+        args.variant = "tiny-i2v" if get_variant(args.variant).task == "i2v" else "tiny-t2v"
+        args.frames, args.width, args.height = 5, 64, 64
         args.steps, args.warmup_steps = min(args.steps, 8 if args.step_cache is not None else 3), 1
     build_start = time.perf_counter()
     components = build_components(args, device, dtype, rank)
@@ -143,17 +176,19 @@ def run(rank: int, world_size: int, args) -> None:
     config = GeneratorConfig(model="<in-memory>", device=str(device), dtype="float32" if args.smoke else "bfloat16",
                              parallel="manual" if manual else "auto", ulysses=args.ulysses, ring=args.ring,
                              cfg_parallel=args.cfg_parallel, fsdp=args.fsdp, attention=args.attention,
-                             compile=args.compile, fp8=args.fp8, parallel_decode=args.decode == "rows")
+                             compile=args.compile, fp8=args.fp8, parallel_vae=args.vae == "rows")
     generator = Generator(config, components=components)
     build_s = time.perf_counter() - build_start
 
     out_dir = Path(os.environ.get("OUT") or REPO / ".out")
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    image = random_png(args.width, args.height) if generator.variant.task != "t2v" else None
+
     def job(steps: int, name: str) -> GenerationRequest:
         return GenerationRequest(prompt="a red fox running through fresh snow, cinematic", output_dir=str(out_dir / name),
                                  num_frames=args.frames, width=args.width, height=args.height, steps=steps,
-                                 guidance=args.guidance, sampler=args.sampler, seed=0)
+                                 guidance=args.guidance, sampler=args.sampler, seed=0, image=image)
 
     generator.generate(job(args.warmup_steps, "pipeline_warmup"))
     if device.type == "cuda":

@@ -373,6 +373,14 @@ def test_generator_config_rejects_unknown_settings():
         Generator(GeneratorConfig(model="tiny", fsdp=True))
 
 
+def test_generator_config_takes_the_old_name_of_parallel_vae():
+    with pytest.warns(DeprecationWarning, match="parallel_decode is now called parallel_vae"):
+        config = GeneratorConfig.from_dict({"model": "tiny", "parallel_decode": False})
+    assert config.parallel_vae is False
+    with pytest.raises(ValueError, match="give parallel_vae only"):
+        GeneratorConfig.from_dict({"parallel_decode": False, "parallel_vae": True})
+
+
 # --- peer check ---------------------------------------------------------------------------------
 
 

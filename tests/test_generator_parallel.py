@@ -1,8 +1,8 @@
 """N ranks give the 1-rank result (gloo, CPU): on 2 ranks Ulysses 2, Ring 2, CFG-parallel 2,
 FSDP x Ulysses 2 and FSDP x CFG-parallel 2 (tiny A14B), image-to-video with CLIP on CFG-parallel 2
-and TI2V on Ulysses 2 (rank 0 encodes the image and broadcasts it); on 4 ranks CFG-parallel 2 x
-Ulysses 2. Every case but one splits the VAE decode by rows over the ranks; ``cfg2_rank0_decode``
-decodes on rank 0 alone.
+and TI2V on Ulysses 2; on 4 ranks CFG-parallel 2 x Ulysses 2. Every case but two splits the VAE
+(decode, and the image encode) by rows over the ranks; in ``cfg2_rank0_vae`` and
+``i2v_cfg2_rank0_vae`` rank 0 runs the VAE alone and broadcasts the image latents.
 
 Tolerance: final latents (float32, values of order 1) within 1e-4 absolute -- the ranks run one
 thread each, the reference several, so float sums may round differently (seen: up to 1.1e-5) --
@@ -28,13 +28,14 @@ LAYOUTS = {
     "cfg2": dict(parallel="manual", cfg_parallel=True),
     "fsdp_ulysses2": dict(parallel="manual", ulysses=2, fsdp=True),
     "fsdp_cfg2": dict(parallel="manual", cfg_parallel=True, fsdp=True),
-    "cfg2_rank0_decode": dict(parallel="manual", cfg_parallel=True, parallel_decode=False),
+    "cfg2_rank0_vae": dict(parallel="manual", cfg_parallel=True, parallel_vae=False),
 }
 
-# Image-to-video: (model, layout); rank 0 alone runs the VAE encoder and broadcasts its latents.
+# Image-to-video: (model, layout).
 IMAGE_CASES = {
     "i2v_cfg2": ("tiny-i2v", dict(parallel="manual", cfg_parallel=True)),
     "ti2v_ulysses2": ("tiny-ti2v", dict(parallel="manual", ulysses=2)),
+    "i2v_cfg2_rank0_vae": ("tiny-i2v", dict(parallel="manual", cfg_parallel=True, parallel_vae=False)),
 }
 
 
@@ -64,6 +65,7 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
             experts=result.experts_per_step if result is not None else None,
             returned=result is not None,
             decode_ranks=result.timings["decode_ranks"] if result is not None else None,
+            image_encode_ranks=result.timings.get("image_encode_ranks") if result is not None else None,
             holds_vae=generator.parts.vae is not None,
         )
     return results
@@ -75,6 +77,7 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
     ref_result = reference.generate(request(str(tmp_path / "ref")))
     ref_latents, ref_frames = reference.last_latents.numpy(), reference.last_frames
     assert set(ref_result.experts_per_step) == {"high_noise", "low_noise"}
+    assert "image_encode_ranks" not in ref_result.timings  # text-to-video: no image
 
     image_refs = {}
     for name, (model, _) in IMAGE_CASES.items():
@@ -87,15 +90,18 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
         for rank in ranks:
             np.testing.assert_allclose(rank[name]["latents"], ref_lat, rtol=0, atol=LATENT_ATOL, err_msg=name)
         assert np.abs(ranks[0][name]["frames"].astype(int) - ref_fr.astype(int)).max() <= 1, name
+        split = not name.endswith("rank0_vae")
+        assert ranks[0][name]["image_encode_ranks"] == (2 if split else 1), name
+        assert f"vae={'rows' if split else 'rank0'}" in ranks[0][name]["layout"]
     for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2 ring=1"), ("ring2", "cfg=1 ulysses=1 ring=2"),
                                   ("cfg2", "cfg=2 ulysses=1 ring=1"), ("fsdp_ulysses2", "cfg=1 ulysses=2 ring=1"),
                                   ("fsdp_cfg2", "cfg=2 ulysses=1 ring=1"),
-                                  ("cfg2_rank0_decode", "cfg=2 ulysses=1 ring=1")]:
+                                  ("cfg2_rank0_vae", "cfg=2 ulysses=1 ring=1")]:
         rank0, rank1 = ranks[0][name], ranks[1][name]
         assert rank0["returned"] and not rank1["returned"], "only rank 0 returns the result"
-        # The VAE decode is split by rows over both ranks unless parallel_decode is off.
-        split = name != "cfg2_rank0_decode"
-        assert f"decode={'rows' if split else 'rank0'}" in rank0["layout"]
+        # The VAE decode is split by rows over both ranks unless parallel_vae is off.
+        split = name != "cfg2_rank0_vae"
+        assert f"vae={'rows' if split else 'rank0'}" in rank0["layout"]
         assert rank0["decode_ranks"] == (2 if split else 1) and rank1["holds_vae"] == split
         assert expected_layout in rank0["layout"] and "world=2" in rank0["layout"]
         assert ("fsdp=on" in rank0["layout"]) == name.startswith("fsdp")

@@ -86,7 +86,7 @@ def load_components(config, device: torch.device, dtype: torch.dtype, rank: int 
     if config.offload and config.text_encoder == "replicated":
         text_encoder.model.to("cpu")  # the generator brings it to the GPU for each encode
     vae = None
-    if rank == 0 or config.parallel_decode:  # a split decode needs it on every rank
+    if rank == 0 or config.parallel_vae:  # a split VAE needs it on every rank
         vae_device = torch.device("cpu") if config.offload else device
         vae = WanVAE.load(files.vae, kind=files.vae_kind, dtype=torch.float32, device=vae_device)
     clip = CLIPImageEncoder.load(files.clip, device=device) if variant.uses_clip else None

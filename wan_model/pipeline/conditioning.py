@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Callable
-
 import torch
 
 from .denoise import FirstFrameLock
@@ -71,30 +69,27 @@ def first_frame_mask(num_frames: int, lat_h: int, lat_w: int, temporal_stride: i
     return mask.transpose(1, 2)[0]
 
 
-def i2v_condition(
-    image: torch.Tensor, num_frames: int, encode_video: Callable[[torch.Tensor], torch.Tensor],
-    vae_stride: tuple[int, int, int],
-) -> torch.Tensor:
-    """``y`` for the I2V transformers: ``[1, 4 + z, F_lat, lat_h, lat_w]``.
-
-    ``image`` is ``[3, H, W]`` in [-1, 1]; ``encode_video([1, 3, F, H, W]) -> [1, z, F_lat, h, w]``
-    is the VAE encoder (normalized latents).
-    """
+def i2v_video(image: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The video the I2V VAE encodes: ``image`` (``[3, H, W]`` in [-1, 1]), then ``num_frames - 1``
+    zero frames: ``[1, 3, F, H, W]``."""
     _, height, width = image.shape
     video = torch.zeros(1, 3, num_frames, height, width, dtype=image.dtype, device=image.device)
     video[0, :, 0] = image
-    latent = encode_video(video)
-    lat_h, lat_w = height // vae_stride[1], width // vae_stride[2]
+    return video
+
+
+def i2v_y(latent: torch.Tensor, num_frames: int, vae_stride: tuple[int, int, int]) -> torch.Tensor:
+    """``y`` for the I2V transformers, ``[1, 4 + z, F_lat, lat_h, lat_w]``: the frame mask, then the
+    normalized latents of ``i2v_video``."""
+    lat_h, lat_w = latent.shape[-2:]
     mask = first_frame_mask(num_frames, lat_h, lat_w, vae_stride[0]).to(latent.device, latent.dtype)
     return torch.cat([mask.unsqueeze(0), latent], dim=1)
 
 
-def ti2v_lock(
-    image: torch.Tensor, latent_shape: tuple[int, ...], encode_video: Callable[[torch.Tensor], torch.Tensor],
-    patch_size: tuple[int, int, int],
-) -> FirstFrameLock:
-    """The TI2V first-frame lock for ``latents`` of ``latent_shape`` ``[1, C, F_lat, h, w]``."""
-    image_latent = encode_video(image[None, :, None])  # [1, C, 1, h, w]
+def ti2v_lock(image_latent: torch.Tensor, latent_shape: tuple[int, ...], patch_size: tuple[int, int, int]
+              ) -> FirstFrameLock:
+    """The TI2V first-frame lock for ``latents`` of ``latent_shape`` ``[1, C, F_lat, h, w]``, from the
+    image's normalized latent ``[1, C, 1, h, w]``."""
     if tuple(image_latent.shape[-2:]) != tuple(latent_shape[-2:]) or image_latent.shape[1] != latent_shape[1]:
         raise ValueError(f"image latent {tuple(image_latent.shape)} does not fit latents {tuple(latent_shape)}")
     mask = torch.ones(latent_shape, dtype=torch.float32, device=image_latent.device)

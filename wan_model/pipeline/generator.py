@@ -2,13 +2,14 @@
 
 SPMD over one process group: every rank builds a ``Generator`` with the same config and calls
 ``generate`` with the same request; the ranks split each sequence (Ulysses x Ring) and/or the
-two CFG branches, then decode a band of rows each (``parallel_decode``); rank 0 writes the files.
+two CFG branches, and run the VAE on a band of rows each (``parallel_vae``); rank 0 writes the files.
 See ``docs/DESIGN.md``.
 """
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -69,13 +70,19 @@ class GeneratorConfig:
     # Ulysses layouts (ring degree 1): split the heads into this many groups so that each group's
     # all-to-all overlaps the attention of the others (wan_model.parallel.ulysses_overlap). Same result.
     head_chunks: int = 1
-    # Split the VAE decode by rows over all ranks (wan_model.parallel.vae_decode): the video of a
-    # whole-frame decode (up to float rounding) in a fraction of the time; every rank then holds the VAE.
-    # False: rank 0 loads the VAE and decodes alone.
-    parallel_decode: bool = True
+    # Split the VAE by rows over all ranks (wan_model.parallel.vae_rows): the decode, and the image
+    # encode of image-to-video jobs. The whole-frame result (up to float rounding) in a fraction of the
+    # time; every rank then holds the VAE. False: rank 0 loads the VAE and runs it alone.
+    parallel_vae: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> "GeneratorConfig":
+        if "parallel_decode" in values:  # its name until the VAE encode was split too
+            if "parallel_vae" in values:
+                raise ValueError("give parallel_vae only (parallel_decode is its old name)")
+            warnings.warn("generator setting parallel_decode is now called parallel_vae", DeprecationWarning,
+                          stacklevel=2)
+            values = {("parallel_vae" if k == "parallel_decode" else k): v for k, v in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -151,9 +158,9 @@ class Generator:
         self.parts = components
         self.variant: VariantSpec = self.parts.variant
         self.layout = setup_layout(config, self.variant, self.world_size, self.distributed)
-        self.split_decode = config.parallel_decode and self.distributed and self.world_size > 1
-        if self.split_decode and self.parts.vae is None:
-            raise ValueError("parallel_decode needs the VAE on every rank; these components have it on rank 0 only")
+        self.split_vae = config.parallel_vae and self.distributed and self.world_size > 1
+        if self.split_vae and self.parts.vae is None:
+            raise ValueError("parallel_vae needs the VAE on every rank; these components have it on rank 0 only")
         check = getattr(self.layout.attention, "check", None)
         if check is not None:  # one rank, named kernel: fail now if it cannot run here (never swapped)
             check(self.device, self.dtype, self.variant.transformer.head_dim)
@@ -190,7 +197,7 @@ class Generator:
                 f"device={self.device.type} compile={'on' if self.config.compile else 'off'} "
                 f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache} "
                 f"fp8={'on' if self.config.fp8 else 'off'} head_chunks={lay.head_chunks} "
-                f"decode={'rows' if self.split_decode else 'rank0'}")
+                f"vae={'rows' if self.split_vae else 'rank0'}")
 
     def validate(self, request: GenerationRequest) -> ResolvedJob:
         """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""
@@ -221,8 +228,10 @@ class Generator:
 
             start = time.perf_counter()
             latent_shape = job.latent_shape(self.variant)
-            lock = self._condition_on_image(job, cond, uncond, latent_shape)
+            lock, encode_ranks = self._condition_on_image(job, cond, uncond, latent_shape)
             timings["image_encode"] = time.perf_counter() - start
+            if encode_ranks:
+                timings["image_encode_ranks"] = encode_ranks
 
             # The noise depends on the seed only: the same on every rank, whatever the layout.
             noise_gen = torch.Generator(device="cpu").manual_seed(job.seed)
@@ -297,8 +306,13 @@ class Generator:
         uncond = Branch(context=context[1:2]) if needs_uncond else None
         return cond, uncond
 
+    def _vae_ranks(self, latent_rows: int) -> int:
+        """How many ranks run the VAE on latents of ``latent_rows`` rows: all of them when ``parallel_vae``
+        is on and each gets a row (only toy sizes have fewer rows than ranks), else rank 0 alone."""
+        return self.world_size if self.split_vae and latent_rows >= self.world_size else 1
+
     def _vae_on_device(self):
-        """The VAE (rank 0, or every rank with a split decode) on the device; with offload it waits on
+        """The VAE (rank 0, or every rank with a split VAE) on the device; with offload it waits on
         the CPU between uses."""
         vae = self.parts.vae
         if self.config.offload:
@@ -311,46 +325,47 @@ class Generator:
             self.parts.vae.model.to("cpu")
             self.parts.vae.device = torch.device("cpu")
 
+    def _encode_video(self, make_video, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """The normalized latents ``latent_shape`` (float32) of the video ``make_video()`` on every rank,
+        and how many ranks encoded it: split by rows, or rank 0 alone and then broadcast."""
+        ranks = self._vae_ranks(latent_shape[-2])
+        if ranks > 1 or self.rank == 0:
+            vae = self._vae_on_device()
+            try:
+                video = make_video()
+                latent = vae.encode_by_rows(video, dist.group.WORLD) if ranks > 1 else vae.encode(video)
+            finally:
+                self._vae_park()
+        else:
+            latent = torch.empty(latent_shape, dtype=torch.float32, device=self.device)
+        if ranks == 1:
+            latent = self._broadcast(latent.float())
+        return latent.float(), ranks
+
     def _condition_on_image(self, job: ResolvedJob, cond: Branch, uncond: Optional[Branch],
-                            latent_shape: tuple[int, ...]) -> Optional[FirstFrameLock]:
-        """Fill ``y``/``clip_fea`` on the branches (I2V) or build the first-frame lock (TI2V)."""
+                            latent_shape: tuple[int, ...]) -> tuple[Optional[FirstFrameLock], int]:
+        """Fill ``y``/``clip_fea`` on the branches (I2V) or build the first-frame lock (TI2V); also how
+        many ranks encoded the image (0 without one)."""
         if job.image is None:
-            return None
-        from .conditioning import i2v_condition, image_to_tensor, ti2v_lock
+            return None, 0
+        from .conditioning import i2v_video, i2v_y, image_to_tensor, ti2v_lock
 
         image = image_to_tensor(job.image, job.width, job.height).to(self.device)
-        lock = None
-        # Rank 0 encodes the image and broadcasts, so every rank conditions on identical latents.
+        # Every rank conditions on identical latents: a split encode gathers the same bytes everywhere.
         with torch.no_grad():
             if self.variant.task == "i2v":
-                if self.rank == 0:
-                    vae = self._vae_on_device()
-                    y = i2v_condition(image, job.num_frames, vae.encode, self.variant.vae_stride).float()
-                    self._vae_park()
-                else:
-                    y_shape = (1, 4 + latent_shape[1], *latent_shape[2:])
-                    y = torch.empty(y_shape, dtype=torch.float32, device=self.device)
-                y = self._broadcast(y)
+                latent, ranks = self._encode_video(lambda: i2v_video(image, job.num_frames), latent_shape)
+                y = i2v_y(latent, job.num_frames, self.variant.vae_stride)
                 clip_fea = None
                 if self.variant.uses_clip:
                     clip_fea = self.parts.clip.encode(image.unsqueeze(0)).float()
                 for branch in (cond, uncond):
                     if branch is not None:
                         branch.y, branch.clip_fea = y, clip_fea
-            else:
-                if self.rank == 0:
-                    vae = self._vae_on_device()
-                    lock = ti2v_lock(image, latent_shape, vae.encode, self.variant.transformer.patch_size)
-                    image_latent = lock.image_latent
-                    self._vae_park()
-                else:
-                    image_latent = torch.empty((*latent_shape[:2], 1, *latent_shape[3:]), device=self.device)
-                image_latent = self._broadcast(image_latent.float())
-                mask = torch.ones(latent_shape, dtype=torch.float32, device=self.device)
-                mask[:, :, 0] = 0
-                lock = FirstFrameLock(image_latent=image_latent, mask=mask,
-                                      patch_size=self.variant.transformer.patch_size)
-        return lock
+                return None, ranks
+            image_shape = (*latent_shape[:2], 1, *latent_shape[3:])
+            image_latent, ranks = self._encode_video(lambda: image[None, :, None], image_shape)
+            return ti2v_lock(image_latent, latent_shape, self.variant.transformer.patch_size), ranks
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed and self.world_size > 1:
@@ -376,10 +391,9 @@ class Generator:
     def _decode(self, latents: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
         """The video [3, F, H, W] in [-1, 1] on rank 0 (None elsewhere), and how many ranks decoded it.
 
-        Split by rows over every rank when ``parallel_decode`` is on and each rank gets a latent row
-        (only toy sizes have fewer rows than ranks); otherwise rank 0 decodes alone.
+        Split by rows over every rank, or rank 0 alone: see ``_vae_ranks``.
         """
-        ranks = self.world_size if self.split_decode and latents.shape[-2] >= self.world_size else 1
+        ranks = self._vae_ranks(latents.shape[-2])
         if ranks == 1 and self.rank != 0:
             return None, ranks
         vae = self._vae_on_device()

@@ -267,11 +267,27 @@ class WanVAE:
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, F, H, W] in [-1, 1] -> normalized latents [B, z, (F-1)/4+1, H/s, W/s] in float32."""
+        self._check_video(video)
+        return self._normalize(self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode())
+
+    @torch.no_grad()
+    def encode_by_rows(self, video: torch.Tensor, group) -> torch.Tensor:
+        """``encode`` with the rows split over the ranks of ``group`` (``wan_model.parallel.vae_rows``).
+
+        Collective: every rank calls it with the same video and gets the latents (the whole-frame
+        encode's, up to float rounding)."""
+        from wan_model.parallel.vae_rows import encode_by_rows
+
+        self._check_video(video)
+        return self._normalize(encode_by_rows(self.model, video.to(self.device, self.dtype), group))
+
+    def _check_video(self, video: torch.Tensor) -> None:
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, F, H, W]; got {tuple(video.shape)}")
         self.latent_shape(*video.shape[2:])
-        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
-        mu = posterior.mode().float()
+
+    def _normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        mu = mu.float()
         return (mu - self.latents_mean.to(mu.device)) / self.latents_std.to(mu.device)
 
     def _decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
@@ -287,12 +303,12 @@ class WanVAE:
 
     @torch.no_grad()
     def decode_by_rows(self, latents: torch.Tensor, group, dst: int = 0) -> Optional[torch.Tensor]:
-        """``decode`` with the rows split over the ranks of ``group`` (``wan_model.parallel.vae_decode``).
+        """``decode`` with the rows split over the ranks of ``group`` (``wan_model.parallel.vae_rows``).
 
         Collective: every rank calls it with the same latents. The video (the whole-frame decode's,
         up to float rounding) comes back on group rank ``dst``; the others get None.
         """
-        from wan_model.parallel.vae_decode import decode_by_rows
+        from wan_model.parallel.vae_rows import decode_by_rows
 
         video = decode_by_rows(self.model, self._decoder_input(latents), group, dst=dst)
         return None if video is None else video.float()
