@@ -5,7 +5,8 @@ row-wise-scaled ``_scaled_mm`` arithmetic there):
   nn.Linear within the e4m3 rounding (a few %); a zero row gives zeros, not NaN.
 * The tiny model with fp8 blocks stays within 5% of bf16/fp32 and compiles to the same result.
 * The generator option: layout string says fp8=on, latents differ from the exact run by a
-  bounded amount, and fsdp / LoRA with fp8 are refused with a clear error.
+  bounded amount, fsdp with fp8 is refused with a clear error, and a LoRA request runs on the fp8
+  weights (close to the exact run with the same LoRA; after it, the job without LoRA is as before).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from test_perf_levers import request, tiny_model
 from wan_model.compile import compile_blocks
 from wan_model.fp8 import FP8, FP8_MAX, Fp8Linear, blocks_fp8, quantize_blocks_fp8
 from wan_model.pipeline.generator import Generator, GeneratorConfig
-from wan_model.pipeline.request import InvalidRequest
+from test_generator_parallel import write_lora
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,7 +69,7 @@ def test_fp8_blocks_stay_close_to_exact_and_compile_the_same():
         quantize_blocks_fp8(torch.nn.Linear(2, 2))
 
 
-def test_generator_fp8_option_is_lossy_bounded_and_refuses_what_it_cannot_do(tmp_path_factory, tmp_path):
+def test_generator_fp8_option_is_lossy_bounded_takes_a_lora_and_refuses_fsdp(tmp_path_factory, tmp_path):
     cache = tiny_cache(tmp_path_factory)
     exact = Generator(GeneratorConfig(model="tiny", cache_dir=cache))
     exact.generate(request(str(tmp_path / "exact")))
@@ -78,11 +79,23 @@ def test_generator_fp8_option_is_lossy_bounded_and_refuses_what_it_cannot_do(tmp
     a, b = generator.last_latents.numpy(), exact.last_latents.numpy()
     error = float(np.linalg.norm(a - b) / np.linalg.norm(b))
     assert 0 < error < 0.05, error
-    lora = tmp_path / "style.safetensors"
-    lora.write_bytes(b"")
-    with pytest.raises(InvalidRequest, match="fp8"):
-        job = request(str(tmp_path / "lora"))
-        job.lora = str(lora)
-        generator.generate(job)
+    fp8_latents = generator.last_latents.clone()
+
+    lora = write_lora(tmp_path / "style.safetensors", "tiny-t2v")
+    with_lora = request(str(tmp_path / "lora"))
+    # This random LoRA is as large as the weights at scale 1, which inflates the fp8 error (0.12);
+    # that the fp8 weights are exactly the LoRA-merged weights quantized is tested in test_lora.py.
+    with_lora.lora, with_lora.lora_scale = lora, 0.1
+    generator.generate(with_lora)
+    fp8_lora = generator.last_latents.numpy()
+    exact.generate(with_lora)
+    exact_lora = exact.last_latents.numpy()
+    rel_np = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(y))  # noqa: E731
+    # The fp8 run with the LoRA is the exact run with the LoRA up to fp8 rounding, and much closer to
+    # it than to the fp8 run without the LoRA: the LoRA was applied.
+    assert 0 < rel_np(fp8_lora, exact_lora) < 0.06, rel_np(fp8_lora, exact_lora)
+    assert rel_np(fp8_lora, a) > 2 * rel_np(fp8_lora, exact_lora), (rel_np(fp8_lora, a), rel_np(fp8_lora, exact_lora))
+    generator.generate(request(str(tmp_path / "fp8_again")))
+    assert torch.equal(generator.last_latents, fp8_latents)  # unmerged: the fp8 weights of the start
     with pytest.raises(ValueError, match="fp8 together with fsdp"):
         Generator(GeneratorConfig(model="tiny", cache_dir=cache, fp8=True, fsdp=True))

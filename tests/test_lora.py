@@ -248,3 +248,49 @@ def test_updates_are_built_one_at_a_time(monkeypatch) -> None:
     changed = merge_lora(model, state)
     assert len(alive) == len(changed) == 3 * len(model.blocks)
     assert most[0] == 0, f"{most[0]} earlier deltas were still alive when the next was built"
+
+
+def test_fp8_layers_take_a_lora_as_a_merged_checkpoint_quantized(tmp_path) -> None:
+    """fp8 blocks: the LoRA merges into the original weight re-read from the file, and the sum is
+    quantized again: exactly what quantizing a model with the LoRA merged in bf16 gives. Unmerging
+    gives back the exact fp8 weights of the start."""
+    from wan_model.fp8 import quantize_blocks_fp8
+
+    save_transformer(_model("tiny-t2v"), tmp_path / "model")
+    model = load_transformer(tmp_path / "model", dtype=torch.bfloat16)
+    quantize_blocks_fp8(model)
+    fresh = _snapshot(model)
+    lora = dict(zip(["blocks.0.self_attn.v.lora_down.weight", "blocks.0.self_attn.v.lora_up.weight"],
+                    _factors(64, 64, 10)))
+    lora["blocks.1.ffn.0.diff_b"] = torch.randn(128, generator=torch.Generator().manual_seed(4))  # an fp8 layer's bias
+    changed = merge_lora(model, lora, scale=0.5)
+    assert sorted(changed) == ["blocks.0.self_attn.v.weight", "blocks.1.ffn.0.bias"]
+
+    reference = load_transformer(tmp_path / "model", dtype=torch.bfloat16)  # merged in bf16, then quantized
+    merge_lora(reference, lora, scale=0.5)
+    quantize_blocks_fp8(reference)
+    merged = model.state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(merged[key].float(), value.float()), key
+    assert not torch.equal(merged["blocks.0.self_attn.v.weight_fp8"].float(),
+                           fresh["blocks.0.self_attn.v.weight_fp8"].float())
+
+    with pytest.raises(LoraError, match="fp8 layers take one LoRA at a time"):
+        merge_lora(model, lora, scale=1.0)
+    unmerge_lora(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.float(), fresh[key].float()), key
+
+
+def test_fp8_layers_of_a_model_without_checkpoint_refuse_a_lora() -> None:
+    from wan_model.fp8 import quantize_blocks_fp8
+
+    model = _model("tiny-t2v")
+    quantize_blocks_fp8(model)
+    before = _snapshot(model)
+    lora = dict(zip(["blocks.0.self_attn.v.lora_down.weight", "blocks.0.self_attn.v.lora_up.weight"],
+                    _factors(64, 64, 10)))
+    with pytest.raises(LoraError, match="not loaded from a checkpoint file"):
+        merge_lora(model, lora)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.float(), before[key].float()), key

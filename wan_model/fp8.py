@@ -10,7 +10,8 @@ projections and FFN: nearly all of the GEMM FLOPs) for ``Fp8Linear``:
 
 Results differ from bf16 by the e4m3 rounding of both operands (3 mantissa bits): expect a
 relative error of a few percent on one forward. Embeddings, the time MLP and the head stay
-in their own precision. It replaces the weights, so LoRA and FSDP are refused with it.
+in their own precision. It replaces the weights, so FSDP is refused with it. A LoRA merges into
+the original weights re-read from the checkpoint, then re-quantizes them (``wan_model.lora``).
 """
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", w_scale.view(1, -1).contiguous())  # [1, N] as _scaled_mm wants
         bias = linear.bias.detach().to(self.out_dtype) if linear.bias is not None else None
         self.register_buffer("bias", bias)
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` ``[out, in]`` into this layer's buffers, in place (compiled graphs keep them)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight {tuple(weight.shape)} for a {self.out_features}x{self.in_features} fp8 layer")
+        w_q, w_scale = quantize_fp8(weight.to(self.weight_fp8.device))
+        self.weight_fp8.copy_(w_q)
+        self.weight_scale.copy_(w_scale.view(1, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

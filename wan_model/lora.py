@@ -18,6 +18,10 @@ Merging: ``W += scale * (alpha / rank) * up @ down``, ``W += scale * diff``, ``b
 computed in float32 and written back in the parameter's dtype, one parameter at a time; under
 FSDP2 each rank updates its own shard. ``unmerge_lora`` restores the exact original tensors: re-read from the checkpoint file
 when the model came from ``load_transformer``, else from CPU copies taken at the first merge.
+
+fp8 layers (``wan_model.fp8.Fp8Linear``) hold only the quantized weight, so a LoRA is merged into the
+original weight re-read from the checkpoint file and the sum is quantized again: the result is what
+quantizing a checkpoint with the LoRA merged would give. Such layers take one LoRA at a time.
 """
 from __future__ import annotations
 
@@ -182,9 +186,27 @@ class _Planned:
         return total
 
 
+def _fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Weight name -> the ``Fp8Linear`` that holds that weight quantized."""
+    from .fp8 import Fp8Linear
+
+    return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
+
+
+def _mergeable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a LoRA may change, by name: the parameters, and for fp8 layers their bias and (as a
+    stand-in giving shape and device) their quantized weight."""
+    tensors = dict(model.named_parameters())
+    for weight_name, layer in _fp8_layers(model).items():
+        tensors[weight_name] = layer.weight_fp8
+        if layer.bias is not None:
+            tensors[weight_name.removesuffix("weight") + "bias"] = layer.bias
+    return tensors
+
+
 def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[_Planned]:
     """The parameters one module's update changes, with every shape checked (no delta built yet)."""
-    params = dict(model.named_parameters())
+    params = _mergeable(model)
     if name in params:  # a bare parameter such as blocks.N.modulation: only full deltas make sense
         if update.down is not None or update.diff_b is not None or update.up_bias is not None:
             raise LoraError(f"{name} is a parameter, not a layer: only .diff applies to it ({update.keys})")
@@ -262,7 +284,21 @@ def merge_lora(
 
     originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
     source = getattr(model, "checkpoint_source", None)
+    fp8 = _fp8_layers(model)
+    fp8_targets = [t.name for t in planned if t.name in fp8]
+    if fp8_targets and source is None:
+        raise LoraError("this model runs fp8 GEMMs and was not loaded from a checkpoint file: a LoRA merges into "
+                        f"the original weights, re-read from the file ({fp8_targets[0]})")
+    stacked = [name for name in fp8_targets if name in originals]
+    if stacked:
+        raise LoraError(f"fp8 layers take one LoRA at a time; unmerge the one merged first ({stacked[0]})")
     for target in planned:
+        layer = fp8.get(target.name)
+        if layer is not None:  # merge into the original weight, then quantize again
+            originals[target.name] = None
+            original = source.read(target.name, target.param.device)
+            layer.set_weight((original.float() + scale * target.delta()).to(original.dtype))
+            continue
         local = _local(target.param)
         if target.name not in originals:
             # Loaded models re-read their originals from the file; others keep an exact CPU copy.
@@ -279,9 +315,13 @@ def merge_lora(
 def unmerge_lora(model: nn.Module) -> list[str]:
     """Restore every parameter any merged LoRA touched to its exact original value; returns their names."""
     originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
-    params = dict(model.named_parameters())
+    params = _mergeable(model)
     source = getattr(model, "checkpoint_source", None)
+    fp8 = _fp8_layers(model)
     for name, original in originals.items():
+        if name in fp8:
+            fp8[name].set_weight(source.read(name, params[name].device))
+            continue
         param = params[name]
         local = _local(param)
         if original is None:

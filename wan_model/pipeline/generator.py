@@ -423,9 +423,6 @@ class Generator:
         wanted = (os.path.abspath(path), scale) if path else None
         if wanted == self._lora:
             return
-        if wanted is not None and self.config.fp8:
-            raise InvalidRequest({"lora": "this deployment runs fp8 GEMMs (fp8: true): a LoRA cannot be merged "
-                                          "into fp8 weights; use a deployment without fp8"})
         from wan_model.lora import merge_lora, unmerge_lora
 
         if self._lora is not None:
