@@ -298,11 +298,14 @@ def test_wan21_i2v_feeds_clip_features_and_mask_latent_condition(tmp_path_factor
 
     g = Generator(GeneratorConfig(model="tiny-i2v", cache_dir=tiny_cache(tmp_path_factory)))
     recorder = CallRecorder(g)
+    progress = []
     try:
         result = g.generate(GenerationRequest(prompt="a cat", output_dir=str(tmp_path), image=png_bytes(),
-                                              num_frames=5, width=32, height=32, steps=2))
+                                              num_frames=5, width=32, height=32, steps=2), progress.append)
     finally:
         recorder.close()
+    assert [p.stage for p in progress if p.stage != "denoise"] == ["text_encode", "image_encode", "decode", "encode"]
+    assert result.timings["image_encode"] > 0 and result.timings["image_encode_ranks"] == 1
     frames, *_ = read_video_pyav(result.video_path)
     assert frames.shape == (5, 32, 32, 3)
     call = recorder.calls[0]

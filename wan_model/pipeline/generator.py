@@ -226,8 +226,10 @@ class Generator:
             self._sync()
             timings["text_encode"] = time.perf_counter() - start
 
-            start = time.perf_counter()
             latent_shape = job.latent_shape(self.variant)
+            if job.image is not None:
+                stage("image_encode")
+            start = time.perf_counter()
             lock, encode_ranks = self._condition_on_image(job, cond, uncond, latent_shape)
             timings["image_encode"] = time.perf_counter() - start
             if encode_ranks:

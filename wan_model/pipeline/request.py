@@ -34,7 +34,7 @@ class GenerationRequest:
 
 @dataclass
 class Progress:
-    stage: str  # "text_encode" | "denoise" | "decode" | "encode"
+    stage: str  # "text_encode" | "image_encode" (jobs with an image) | "denoise" | "decode" | "encode"
     step: int = 0  # steps done so far (denoise)
     total_steps: int = 0
     elapsed_s: float = 0.0
