@@ -157,3 +157,14 @@ def test_gemm_bench_alternatives_compute_what_the_model_computes():
             got, want = fn().float(), ref().float()
             assert got.shape == want.shape, name
             assert torch.allclose(got, want, rtol=3e-2, atol=3e-2), name
+
+
+def test_fp8_lora_check_runs_on_cpu(tmp_path):
+    """check_fp8_lora_gpu.py --smoke: tiny model through a checkpoint on disk; its own checks pass
+    (exit 0 only when the fp8 merge equals merge-then-quantize and the unmerge restores the start)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "check_fp8_lora_gpu.py"), "--smoke", "--rank", "4", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "fp8_lora.jsonl").read_text().splitlines()]
+    assert row["merged_equals_bf16_merge_then_quantize"] and row["unmerge_restores_start"]
+    assert row["tensors_changed"] > 0 and row["layers"] == 20
