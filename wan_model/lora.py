@@ -193,20 +193,19 @@ def _fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
 
 
-def _mergeable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor a LoRA may change, by name: the parameters, and for fp8 layers their bias and (as a
-    stand-in giving shape and device) their quantized weight."""
+def _mergeable(model: nn.Module, fp8: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every tensor a LoRA may change, by name: the parameters, and for the fp8 layers ``fp8``
+    (``_fp8_layers``) their bias and (as a stand-in giving shape and device) their quantized weight."""
     tensors = dict(model.named_parameters())
-    for weight_name, layer in _fp8_layers(model).items():
+    for weight_name, layer in fp8.items():
         tensors[weight_name] = layer.weight_fp8
         if layer.bias is not None:
             tensors[weight_name.removesuffix("weight") + "bias"] = layer.bias
     return tensors
 
 
-def _targets(model: nn.Module, name: str, update: LoraUpdate) -> list[_Planned]:
-    """The parameters one module's update changes, with every shape checked (no delta built yet)."""
-    params = _mergeable(model)
+def _targets(params: dict[str, torch.Tensor], name: str, update: LoraUpdate) -> list[_Planned]:
+    """The tensors (of ``_mergeable``) one module's update changes, with every shape checked (no delta built yet)."""
     if name in params:  # a bare parameter such as blocks.N.modulation: only full deltas make sense
         if update.down is not None or update.diff_b is not None or update.up_bias is not None:
             raise LoraError(f"{name} is a parameter, not a layer: only .diff applies to it ({update.keys})")
@@ -280,11 +279,12 @@ def merge_lora(
     update. Several merges stack; ``unmerge_lora`` undoes them all. Returns the parameter names changed.
     """
     updates = read_lora(model, lora, alpha=alpha)
-    planned = [t for name, update in updates.items() for t in _targets(model, name, update)]
+    fp8 = _fp8_layers(model)
+    tensors = _mergeable(model, fp8)  # once: walking the model for each updated module is quadratic
+    planned = [t for name, update in updates.items() for t in _targets(tensors, name, update)]
 
     originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
     source = getattr(model, "checkpoint_source", None)
-    fp8 = _fp8_layers(model)
     fp8_targets = [t.name for t in planned if t.name in fp8]
     if fp8_targets and source is None:
         raise LoraError("this model runs fp8 GEMMs and was not loaded from a checkpoint file: a LoRA merges into "
@@ -315,9 +315,9 @@ def merge_lora(
 def unmerge_lora(model: nn.Module) -> list[str]:
     """Restore every parameter any merged LoRA touched to its exact original value; returns their names."""
     originals: dict[str, torch.Tensor | None] = getattr(model, "_lora_originals", {})
-    params = _mergeable(model)
-    source = getattr(model, "checkpoint_source", None)
     fp8 = _fp8_layers(model)
+    params = _mergeable(model, fp8)
+    source = getattr(model, "checkpoint_source", None)
     for name, original in originals.items():
         if name in fp8:
             fp8[name].set_weight(source.read(name, params[name].device))
