@@ -16,7 +16,7 @@ class Components:
     model_dir: Path
     experts: dict  # expert name -> WanModel ("" for single-expert models)
     text_encoder: object  # TextEncoder
-    vae: Optional[object]  # WanVAE: on rank 0 (it encodes images), and on every rank for a split decode
+    vae: Optional[object]  # WanVAE: on rank 0, and on every rank when parallel_vae splits it by rows
     clip: Optional[object]  # CLIPImageEncoder, Wan2.1 I2V only
 
 

@@ -341,8 +341,8 @@ class Generator:
         else:
             latent = torch.empty(latent_shape, dtype=torch.float32, device=self.device)
         if ranks == 1:
-            latent = self._broadcast(latent.float())
-        return latent.float(), ranks
+            latent = self._broadcast(latent)
+        return latent, ranks
 
     def _condition_on_image(self, job: ResolvedJob, cond: Branch, uncond: Optional[Branch],
                             latent_shape: tuple[int, ...]) -> tuple[Optional[FirstFrameLock], int]:
