@@ -98,9 +98,7 @@ def main() -> int:
     args = p.parse_args()
     if args.smoke:
         args.shapes, args.warmup, args.iters = "smoke", 1, 2
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "alltoall.jsonl")
-    return 0
+    return spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "alltoall.jsonl")
 
 
 if __name__ == "__main__":

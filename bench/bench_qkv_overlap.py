@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ranks import enable_symmetric_memory, finish_ranks, spawn_ranks
+from ranks import enable_symmetric_memory, finish_ranks, join_group, spawn_ranks
 
 DIM, HEAD_DIM, TOKENS = 5120, 128, 75600  # 14B 720p
 
@@ -40,10 +40,7 @@ DIM, HEAD_DIM, TOKENS = 5120, 128, 75600  # 14B 720p
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_file: str) -> None:
     import torch.distributed._symmetric_memory as symm_mem
 
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device)
+    device = join_group(rank, world, port)
     group = dist.group.WORLD
     rows: list[dict] = []
     local = TOKENS // world
@@ -156,12 +153,7 @@ def main() -> int:
     p.add_argument("--tag", default="")
     p.add_argument("--out", default=os.environ.get("OUT", ".out/bench"))
     args = p.parse_args()
-    if args.gpus < 2:
-        print("bench_qkv_overlap needs at least 2 GPUs", file=sys.stderr)
-        return 2
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "qkv_overlap.jsonl")
-    return 0
+    return spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "qkv_overlap.jsonl", min_world=2)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ranks import finish_ranks, spawn_ranks
+from ranks import finish_ranks, join_group, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,13 +71,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
     from wan_model.pipeline.vae import vae_config
 
     if args.smoke:
-        device, backend = torch.device("cpu"), "gloo"
         torch.set_num_threads(1)
-    else:
-        torch.cuda.set_device(rank)
-        device, backend = torch.device("cuda", rank), "nccl"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    device = join_group(rank, world, port, cpu=args.smoke)
     group = dist.group.WORLD
     torch.manual_seed(0)  # the same weights on every rank
     vae = AutoencoderKLWan(**vae_config(args.kind, base_dim=8 if args.smoke else None)).eval().requires_grad_(False)
@@ -158,16 +153,11 @@ def main() -> int:
     args = p.parse_args()
     if args.smoke:
         args.gpus, args.sizes, args.warmup, args.iters, args.op = 2, "64x48x9", 0, 1, "decode,encode"
-    if args.gpus < 2:
-        print("bench_vae_rows needs at least 2 ranks", file=sys.stderr)
-        return 2
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     bad = set(args.op.split(",")) - {"decode", "encode"}
     if bad:
         print(f"unknown --op {', '.join(sorted(bad))}: decode, encode", file=sys.stderr)
         return 2
-    spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "vae_rows.jsonl")
-    return 0
+    return spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "vae_rows.jsonl", min_world=2)
 
 
 if __name__ == "__main__":

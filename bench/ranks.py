@@ -1,20 +1,43 @@
-"""What the multi-GPU probes in bench/ share: spawning one process per rank, and symmetric memory."""
+"""What the multi-GPU probes in bench/ share: spawning one process per rank, joining the group, and
+symmetric memory."""
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def spawn_ranks(rank_main: Callable, world: int, args, out_file: Path) -> None:
-    """``rank_main(rank, world, port, args, out_file)`` in ``world`` processes, rendezvous on a free local port."""
+def spawn_ranks(rank_main: Callable, world: int, args, out_file: Path, min_world: int = 1) -> int:
+    """``rank_main(rank, world, port, args, out_file)`` in ``world`` processes, rendezvous on a free local
+    port, with ``out_file``'s folder created. Returns the script's exit code: 0, or 2 (with a message)
+    when ``world`` is below ``min_world``."""
+    if world < min_world:
+        print(f"{Path(sys.argv[0]).stem} needs at least {min_world} ranks (GPUs)", file=sys.stderr)
+        return 2
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(rank_main, args=(world, port, args, str(out_file)), nprocs=world, join=True)
+    return 0
+
+
+def join_group(rank: int, world: int, port: int, cpu: bool = False) -> torch.device:
+    """Join the process group ``spawn_ranks`` set up; returns this rank's device: ``cuda:rank`` under NCCL
+    (bound to the group from the start), or the CPU under gloo for ``--smoke`` runs."""
+    if cpu:
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return device
 
 
 def enable_symmetric_memory(group: dist.ProcessGroup) -> None:
