@@ -16,6 +16,10 @@ timings are what this is for.
 Prints the stage timings on rank 0 and writes them to ``$OUT/pipeline_gpu.json`` (``./.out`` if
 ``$OUT`` is unset).
 
+Wan2.2 A14B variants (``--variant wan2.2-t2v-a14b``) get both experts, each with its own random
+weights; the report lists the expert of every step and each expert's step time. ``--guidance`` takes
+one scale or the (low-noise, high-noise) pair; left out, the variant's default applies.
+
 Image-to-video variants (``--variant wan2.1-i2v-14b``, ``wan2.2-ti2v-5b``, ...) get a random image of
 the job's size in each request, and Wan2.1 I2V a CLIP ViT-H/14 of the real shape (fp16); the
 timings then include ``image_encode`` (VAE encode, and CLIP) and ``image_encode_ranks``.
@@ -55,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--steps", type=int, default=20, help="timed job's steps (the release default is 50)")
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, nargs="+", default=None,
+                   help="one scale, or low-noise and high-noise scales for A14B (default: the variant's)")
     p.add_argument("--sampler", default="unipc")
     p.add_argument("--cfg-parallel", dest="cfg_parallel", action="store_true", default=None,
                    help="force CFG-parallel (default: auto = on for an even number of ranks)")
@@ -96,9 +101,13 @@ def build_components(args, device: torch.device, dtype: torch.dtype, rank: int):
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device):
-            dit = WanModel(variant.transformer).eval().requires_grad_(False)
-            # init_weights zeroes the output head (official); give it weights so the steps do work.
-            torch.nn.init.normal_(dit.head.head.weight, std=0.02)
+            experts = {}
+            for index, name in enumerate(variant.experts):  # Wan2.2 A14B: high_noise, low_noise
+                torch.manual_seed(10 + index)
+                dit = WanModel(variant.transformer).eval().requires_grad_(False)
+                # init_weights zeroes the output head (official); give it weights so the steps do work.
+                torch.nn.init.normal_(dit.head.head.weight, std=0.02)
+                experts[name] = dit
             if args.smoke:
                 t5_shape = dict(d_model=variant.text_encoder_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                 vocab_size=256)
@@ -143,7 +152,7 @@ def build_components(args, device: torch.device, dtype: torch.dtype, rank: int):
         clip_dtype = torch.float32 if args.smoke else torch.float16
         clip = CLIPImageEncoder(CLIPVisionModel(clip_config).eval().requires_grad_(False).to(clip_dtype),
                                 device=device)
-    return Components(variant=variant, model_dir=Path("<random weights in memory>"), experts={"": dit},
+    return Components(variant=variant, model_dir=Path("<random weights in memory>"), experts=experts,
                       text_encoder=text_encoder, vae=vae, clip=clip)
 
 
@@ -167,7 +176,8 @@ def run(rank: int, world_size: int, args) -> None:
     device = torch.device("cpu") if args.smoke else torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:
-        args.variant = "tiny-i2v" if get_variant(args.variant).task == "i2v" else "tiny-t2v"
+        spec = get_variant(args.variant)
+        args.variant = {"i2v": "tiny-i2v", "ti2v": "tiny-ti2v"}.get(spec.task, "tiny-a14b" if spec.is_moe else "tiny-t2v")
         args.frames, args.width, args.height = 5, 64, 64
         args.steps, args.warmup_steps = min(args.steps, 8 if args.step_cache is not None else 3), 1
     build_start = time.perf_counter()
@@ -185,10 +195,13 @@ def run(rank: int, world_size: int, args) -> None:
 
     image = random_png(args.width, args.height) if generator.variant.task != "t2v" else None
 
+    guidance = None if args.guidance is None else (
+        args.guidance[0] if len(args.guidance) == 1 else tuple(args.guidance))
+
     def job(steps: int, name: str) -> GenerationRequest:
         return GenerationRequest(prompt="a red fox running through fresh snow, cinematic", output_dir=str(out_dir / name),
                                  num_frames=args.frames, width=args.width, height=args.height, steps=steps,
-                                 guidance=args.guidance, sampler=args.sampler, seed=0, image=image)
+                                 guidance=guidance, sampler=args.sampler, seed=0, image=image)
 
     generator.generate(job(args.warmup_steps, "pipeline_warmup"))
     if device.type == "cuda":
@@ -217,9 +230,10 @@ def run(rank: int, world_size: int, args) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "variant": args.variant, "world": world_size, "layout": result.layout,
         "video": {"frames": args.frames, "width": args.width, "height": args.height},
-        "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "t5": args.t5,
+        "steps": args.steps, "guidance": guidance, "sampler": args.sampler, "t5": args.t5,
         "build_s": build_s, "timings": result.timings,
         "step_s_mean": sum(steps[1:]) / max(1, len(steps) - 1) if len(steps) > 1 else steps[0],
+        "experts_per_step": result.experts_per_step, "step_s_by_expert": _by_expert(steps, result.experts_per_step),
         "peak_memory_gib_per_rank": peaks, "video_path": result.video_path,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "timings"}, indent=2))
@@ -249,6 +263,17 @@ def run(rank: int, world_size: int, args) -> None:
         print(f"latents vs {args.compare_latents}: {report['latents_vs_reference']}")
     (out_dir / "pipeline_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out_dir / 'pipeline_gpu.json'}")
+
+
+def _by_expert(step_s: list, experts: list) -> dict:
+    """Steps and mean step seconds per expert (A14B); the first step of each expert is left out of
+    the mean when it has others, since it may pay first-call costs."""
+    out = {}
+    for name in dict.fromkeys(experts):
+        times = [t for t, e in zip(step_s, experts) if e == name]
+        rest = times[1:] or times
+        out[name] = {"steps": len(times), "first_s": times[0], "mean_s": sum(rest) / len(rest)}
+    return out
 
 
 def _spawned(rank: int, world_size: int, port: int, args) -> None:

@@ -7,6 +7,7 @@ and the ours-vs-diffusers check falling back to the next shape when the first on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,19 @@ def test_fp8_lora_check_runs_on_cpu(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "fp8_lora.jsonl").read_text().splitlines()]
     assert row["merged_equals_bf16_merge_then_quantize"] and row["unmerge_restores_start"]
     assert row["tensors_changed"] > 0 and row["layers"] == 20
+
+
+def test_pipeline_bench_runs_both_a14b_experts_on_gloo(tmp_path):
+    """run_pipeline_gpu.py --smoke for Wan2.2 A14B on 2 gloo ranks: both experts are built and run, and
+    the report gives each expert's steps and step time, with the variant's own guidance pair."""
+    cmd = [sys.executable, str(ROOT / "bench" / "run_pipeline_gpu.py"), "--smoke", "--gpus", "2",
+           "--variant", "wan2.2-t2v-a14b", "--steps", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "pipeline_gpu.json").read_text())
+    assert report["variant"] == "tiny-a14b" and report["world"] == 2 and "cfg=2" in report["layout"]
+    assert report["experts_per_step"] == ["high_noise", "high_noise", "low_noise"]
+    assert {name: row["steps"] for name, row in report["step_s_by_expert"].items()} == {"high_noise": 2, "low_noise": 1}
+    assert report["guidance"] is None and report["timings"]["decode"] > 0
+    assert Path(report["video_path"]).stat().st_size > 0
