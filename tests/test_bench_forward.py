@@ -185,3 +185,17 @@ def test_pipeline_bench_runs_both_a14b_experts_on_gloo(tmp_path):
     assert {name: row["steps"] for name, row in report["step_s_by_expert"].items()} == {"high_noise": 2, "low_noise": 1}
     assert report["guidance"] is None and report["timings"]["decode"] > 0
     assert Path(report["video_path"]).stat().st_size > 0
+
+
+def test_fsdp_load_check_runs_on_gloo(tmp_path):
+    """check_fsdp_load_gpu.py --smoke: rank 0 writes a tiny A14B folder in the official layout, both ranks
+    build the generator with fsdp (each expert loaded into its shards) and run a job over both experts."""
+    cmd = [sys.executable, str(ROOT / "bench" / "check_fsdp_load_gpu.py"), "--smoke", "--out", str(tmp_path),
+           "--folder", str(tmp_path / "model")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "fsdp_load.jsonl").read_text().splitlines()]
+    assert row["variant"] == "tiny-a14b" and "fsdp=on" in row["layout"]
+    assert row["experts_per_step"] == ["high_noise", "high_noise", "low_noise"]
+    assert len(row["ranks"]) == 2 and all(r["expert_shards_gib"] > 0 for r in row["ranks"])
+    assert not (tmp_path / "model" / "wanserve-fsdp-tiny-a14b").exists()  # removed unless --keep-folder

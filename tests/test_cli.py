@@ -93,6 +93,19 @@ def test_config_auto_layout_uses_the_generators_rule(capsys):
     assert (layout["cfg_parallel"], layout["ulysses"], layout["ring"]) == (2, 1, 3)  # 3 does not divide 40
 
 
+def test_config_auto_layout_with_fsdp_splits_the_sequence_over_every_rank(capsys, monkeypatch):
+    """fsdp is the memory-saving mode: auto runs the CFG branches one after the other rather than
+    doubling each GPU's tokens; an explicit cfg_parallel still wins."""
+    monkeypatch.setenv("WANSERVE_FSDP", "true")
+    layout = config_json(["--gpus", "4", "--model", "/models/Wan2.1-T2V-14B"], capsys)["parallel_layout"]
+    assert (layout["cfg_parallel"], layout["ulysses"], layout["ring"]) == (1, 4, 1)
+    layout = config_json(["--gpus", "8", "--model", "/models/Wan2.1-T2V-1.3B"], capsys)["parallel_layout"]
+    assert (layout["cfg_parallel"], layout["ulysses"], layout["ring"]) == (1, 4, 2)  # 8 does not divide 12 heads
+    layout = config_json(["--gpus", "4", "--model", "/models/Wan2.1-T2V-14B", "--cfg-parallel", "2"],
+                         capsys)["parallel_layout"]
+    assert (layout["cfg_parallel"], layout["ulysses"], layout["ring"]) == (2, 2, 1)
+
+
 def test_config_default_is_tiny_on_two_cpu_workers(capsys):
     data = config_json([], capsys)
     assert data["settings"]["model"] == "tiny" and data["settings"]["gpus"] == 0

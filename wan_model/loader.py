@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -302,12 +302,18 @@ def load_transformer(
     variant: str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    shard: Callable[[nn.Module], object] | None = None,
 ) -> WanModel:
     """Load a Wan transformer from a safetensors file or folder (official or diffusers layout, detected).
 
     ``config`` (a ``WanConfig`` or variant name) or ``variant`` overrides the config.json / shape-based
     detection. Every tensor goes straight to ``device`` as ``dtype``. Raises ``CheckpointError`` naming
     missing, unexpected or mis-shaped keys, or an unreadable file.
+
+    ``shard``: called on the model while it is still on ``meta`` (e.g. FSDP2 ``fully_shard`` over the
+    ranks, ``wan_model.pipeline.fsdp.shard_transformer``). Each tensor is then read, and only this
+    rank's part of it is kept on ``device``: no rank ever holds the whole model there, which is what
+    lets a 14B model load on cards smaller than its weights.
     """
     files, config_file = checkpoint_files(path)
     entries = read_checkpoint_keys(files)
@@ -327,6 +333,12 @@ def load_transformer(
         raise CheckpointError(f"{path}: shape mismatch for {_describe(wrong)}")
 
     device = torch.device(device)
+    params: dict[str, nn.Parameter] = {}
+    if shard is not None:
+        model = model.to(dtype)
+        shard(model)
+        model.to_empty(device=device)  # allocates only this rank's shards
+        params = dict(model.named_parameters())
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (file, key, _) in entries.items():
         by_file.setdefault(file, []).append((name, key))
@@ -342,7 +354,11 @@ def load_transformer(
                     tensor = handle.get_tensor(key)
                 except Exception as err:
                     raise CheckpointError(f"cannot read tensor {key} from {file}: {err}") from err
-                _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                if shard is not None:
+                    _fill_shard(params[name], tensor, name)
+                else:
+                    _assign(model, name, tensor)
     # Lets LoRA unmerging re-read the exact original tensors instead of keeping copies.
     model.checkpoint_source = CheckpointSource({n: (f, k) for n, (f, k, _) in entries.items()}, dtype)
     return model.eval()
@@ -361,6 +377,26 @@ class CheckpointSource:
         with _open(file) as handle:
             tensor = handle.get_tensor(key)
         return tensor.to(device=device, dtype=self.dtype if tensor.is_floating_point() else None)
+
+
+def local_part(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (the whole parameter), laid out as ``param``'s local shard when
+    ``param`` is a DTensor (FSDP2), else ``full`` itself. Local slicing: no communication."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+@torch.no_grad()
+def _fill_shard(param: torch.Tensor, full: torch.Tensor, name: str) -> None:
+    local = param.to_local() if hasattr(param, "to_local") else param
+    part = local_part(param, full)
+    if part.shape != local.shape:
+        raise CheckpointError(f"{name}: this rank's shard has shape {tuple(local.shape)}, the checkpoint's part "
+                              f"{tuple(part.shape)}")
+    local.copy_(part)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .keymap import official_to_diffusers_name
+from .loader import local_part
 
 __all__ = ["LoraError", "LoraUpdate", "read_lora", "merge_lora", "unmerge_lora", "merged_loras"]
 
@@ -253,16 +254,6 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
-def _shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``full`` (a whole-parameter tensor), laid out as ``param``'s local shard.
-    Every rank holds ``full``, so this is local slicing, no communication."""
-    if not hasattr(param, "device_mesh"):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-
-
 @torch.no_grad()
 def merge_lora(
     model: nn.Module,
@@ -303,7 +294,7 @@ def merge_lora(
         if target.name not in originals:
             # Loaded models re-read their originals from the file; others keep an exact CPU copy.
             originals[target.name] = None if source is not None else local.detach().to("cpu", copy=True)
-        delta = _shard_like(target.param, target.delta())
+        delta = local_part(target.param, target.delta())
         local.copy_((local.float() + scale * delta).to(local.dtype))
         del delta
     model._lora_originals = originals
@@ -325,7 +316,7 @@ def unmerge_lora(model: nn.Module) -> list[str]:
         param = params[name]
         local = _local(param)
         if original is None:
-            original = _shard_like(param, source.read(name, local.device))
+            original = local_part(param, source.read(name, local.device))
         local.copy_(original)
     model._lora_originals = {}
     model._lora_merged = []

@@ -74,9 +74,16 @@ def load_components(config, device: torch.device, dtype: torch.dtype, rank: int 
                          f"{variant.name}'s {list(variant.experts)}")
 
     expert_device = torch.device("cpu") if config.offload else device
+    shard = None
+    if config.fsdp:  # shard while loading: a rank never holds a whole expert (14B: 28.6 GB) on its GPU
+        from .fsdp import shard_transformer
+
+        def shard(model):
+            return shard_transformer(model, device)
     experts = {}
     for name in variant.experts:
-        model = load_transformer(files.transformer[name], variant=variant.name, device=expert_device, dtype=dtype)
+        model = load_transformer(files.transformer[name], variant=variant.name, device=expert_device, dtype=dtype,
+                                 shard=shard)
         experts[name] = model.eval().requires_grad_(False)
 
     # T5 in bfloat16 on GPUs (official t5_dtype); float32 on the CPU-only path so tiny runs are exact.

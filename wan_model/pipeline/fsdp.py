@@ -17,7 +17,8 @@ def shard_transformer(model: nn.Module, device: torch.device, group: dist.Proces
     """Apply FSDP2 ``fully_shard`` to every block of ``model`` and then to the model itself (in place).
 
     ``group``: the ranks to shard over (default: the whole world). The model must already be on
-    ``device`` in its inference dtype.
+    ``device`` in its inference dtype, or still on ``meta`` (``load_transformer(shard=...)`` then fills
+    each rank's shards from the checkpoint).
     """
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
@@ -36,6 +37,13 @@ def shard_transformer(model: nn.Module, device: torch.device, group: dist.Proces
         block.set_modules_to_forward_prefetch([following])
     model.requires_grad_(False)
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` has been applied to ``model`` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:

@@ -167,10 +167,11 @@ class Generator:
         for model in self.parts.experts.values():
             model.set_parallel(self.layout.sharding, self.layout.attention)
         if config.fsdp:
-            from .fsdp import shard_transformer
+            from .fsdp import is_sharded, shard_transformer
 
             for model in self.parts.experts.values():
-                shard_transformer(model, self.device)
+                if not is_sharded(model):  # load_components shards while loading; prebuilt components may not be
+                    shard_transformer(model, self.device)
         if config.fp8:
             from wan_model.fp8 import quantize_blocks_fp8
 

@@ -38,13 +38,18 @@ def choose_degrees(config, variant: VariantSpec, world_size: int):
 
     Auto: CFG-parallel on an even world (the two branches need no communication but one
     all-gather per step), then the largest Ulysses degree dividing the heads, the rest ring.
+    With ``fsdp`` (the memory-saving mode) auto splits the sequence over every rank instead and runs
+    the two CFG branches one after the other: CFG-parallel would double the tokens, and so the
+    activations, each GPU holds (14B 720p on 4 GPUs under a 24 GiB cap: Ulysses 4 peaks at 18.8 GiB,
+    CFG-parallel 2 x Ulysses 2 runs out of memory).
     """
     from wan_model.parallel import ParallelConfig, pick_parallel_degrees
 
     heads = variant.transformer.num_heads
     manual = config.ulysses is not None or config.ring is not None or config.cfg_parallel is not None
     if config.parallel == "auto" and not manual:
-        return pick_parallel_degrees(world_size, heads, cfg_parallel=world_size > 1 and world_size % 2 == 0)
+        cfg_parallel = world_size > 1 and world_size % 2 == 0 and not getattr(config, "fsdp", False)
+        return pick_parallel_degrees(world_size, heads, cfg_parallel=cfg_parallel)
     if config.parallel not in ("auto", "manual"):
         raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
     cfg = 2 if config.cfg_parallel else 1
