@@ -1,5 +1,6 @@
 """N ranks give the 1-rank result (gloo, CPU): on 2 ranks Ulysses 2, Ring 2, CFG-parallel 2,
-FSDP x Ulysses 2 and FSDP x CFG-parallel 2 (tiny A14B), image-to-video with CLIP on CFG-parallel 2
+FSDP x Ulysses 2 and FSDP x CFG-parallel 2 (tiny A14B; FSDP loads straight into the shards),
+Ulysses 2 with the text encoder on the CPU of rank 0 only, image-to-video with CLIP on CFG-parallel 2
 and TI2V on Ulysses 2; on 4 ranks CFG-parallel 2 x Ulysses 2. Every case but two splits the VAE
 (decode, and the image encode) by rows over the ranks; in ``cfg2_rank0_vae`` and
 ``i2v_cfg2_rank0_vae`` rank 0 runs the VAE alone and broadcasts the image latents.
@@ -29,6 +30,8 @@ LAYOUTS = {
     "fsdp_ulysses2": dict(parallel="manual", ulysses=2, fsdp=True),
     "fsdp_cfg2": dict(parallel="manual", cfg_parallel=True, fsdp=True),
     "cfg2_rank0_vae": dict(parallel="manual", cfg_parallel=True, parallel_vae=False),
+    # A CPU text encoder runs on rank 0 only; the other ranks receive the context.
+    "ulysses2_t5_cpu": dict(parallel="manual", ulysses=2, text_encoder="cpu"),
 }
 
 # Image-to-video: (model, layout).
@@ -57,6 +60,9 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
     results = {}
     for name, (model, settings, make_request) in cases.items():
         generator = Generator(GeneratorConfig(model=model, cache_dir=cache, **settings))
+        encoder, encodes = generator.parts.text_encoder, []
+        encode = encoder.encode_with_lengths
+        encoder.encode_with_lengths = lambda prompts: encodes.append(len(prompts)) or encode(prompts)
         result = generator.generate(make_request(f"{out}/{name}"))
         results[name] = dict(
             latents=generator.last_latents.numpy(),
@@ -67,6 +73,7 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
             decode_ranks=result.timings["decode_ranks"] if result is not None else None,
             image_encode_ranks=result.timings.get("image_encode_ranks") if result is not None else None,
             holds_vae=generator.parts.vae is not None,
+            text_encodes=len(encodes),
         )
     return results
 
@@ -96,7 +103,8 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
     for name, expected_layout in [("ulysses2", "cfg=1 ulysses=2 ring=1"), ("ring2", "cfg=1 ulysses=1 ring=2"),
                                   ("cfg2", "cfg=2 ulysses=1 ring=1"), ("fsdp_ulysses2", "cfg=1 ulysses=2 ring=1"),
                                   ("fsdp_cfg2", "cfg=2 ulysses=1 ring=1"),
-                                  ("cfg2_rank0_vae", "cfg=2 ulysses=1 ring=1")]:
+                                  ("cfg2_rank0_vae", "cfg=2 ulysses=1 ring=1"),
+                                  ("ulysses2_t5_cpu", "cfg=1 ulysses=2 ring=1")]:
         rank0, rank1 = ranks[0][name], ranks[1][name]
         assert rank0["returned"] and not rank1["returned"], "only rank 0 returns the result"
         # The VAE decode is split by rows over both ranks unless parallel_vae is off.
@@ -106,6 +114,7 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
         assert expected_layout in rank0["layout"] and "world=2" in rank0["layout"]
         assert ("fsdp=on" in rank0["layout"]) == name.startswith("fsdp")
         assert rank0["experts"] == ref_result.experts_per_step
+        assert rank0["text_encodes"] == 1 and rank1["text_encodes"] == (0 if name.endswith("t5_cpu") else 1), name
         for rank in (rank0, rank1):
             np.testing.assert_allclose(rank["latents"], ref_latents, rtol=0, atol=LATENT_ATOL, err_msg=name)
         diff = np.abs(rank0["frames"].astype(int) - ref_frames.astype(int)).max()
