@@ -61,8 +61,9 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
     for name, (model, settings, make_request) in cases.items():
         generator = Generator(GeneratorConfig(model=model, cache_dir=cache, **settings))
         encoder, encodes = generator.parts.text_encoder, []
-        encode = encoder.encode_with_lengths
-        encoder.encode_with_lengths = lambda prompts: encodes.append(len(prompts)) or encode(prompts)
+        if encoder is not None:  # a CPU text encoder is loaded on rank 0 only
+            encode = encoder.encode_with_lengths
+            encoder.encode_with_lengths = lambda prompts: encodes.append(len(prompts)) or encode(prompts)
         result = generator.generate(make_request(f"{out}/{name}"))
         results[name] = dict(
             latents=generator.last_latents.numpy(),
@@ -74,6 +75,7 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
             image_encode_ranks=result.timings.get("image_encode_ranks") if result is not None else None,
             holds_vae=generator.parts.vae is not None,
             text_encodes=len(encodes),
+            holds_text_encoder=encoder is not None,
         )
     return results
 
@@ -115,6 +117,7 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
         assert ("fsdp=on" in rank0["layout"]) == name.startswith("fsdp")
         assert rank0["experts"] == ref_result.experts_per_step
         assert rank0["text_encodes"] == 1 and rank1["text_encodes"] == (0 if name.endswith("t5_cpu") else 1), name
+        assert rank0["holds_text_encoder"] and rank1["holds_text_encoder"] == (not name.endswith("t5_cpu")), name
         for rank in (rank0, rank1):
             np.testing.assert_allclose(rank["latents"], ref_latents, rtol=0, atol=LATENT_ATOL, err_msg=name)
         diff = np.abs(rank0["frames"].astype(int) - ref_frames.astype(int)).max()

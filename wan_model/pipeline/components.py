@@ -15,7 +15,7 @@ class Components:
     variant: VariantSpec
     model_dir: Path
     experts: dict  # expert name -> WanModel ("" for single-expert models)
-    text_encoder: object  # TextEncoder
+    text_encoder: Optional[object]  # TextEncoder; with placement "cpu", on rank 0 only
     vae: Optional[object]  # WanVAE: on rank 0, and on every rank when parallel_vae splits it by rows
     clip: Optional[object]  # CLIPImageEncoder, Wan2.1 I2V only
 
@@ -48,6 +48,11 @@ def ensure_tiny_model_dir(variant: str, cache_dir: Optional[str] = None, layout:
 
     path = Path(cache_dir).expanduser() / f"{variant}-{layout}" if cache_dir else None
     return build_tiny_model_dir(path, variant, layout)
+
+
+def text_encoder_dtype(device: torch.device) -> torch.dtype:
+    """T5 in bfloat16 on GPUs (official t5_dtype); float32 on the CPU-only path so tiny runs are exact."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_components(config, device: torch.device, dtype: torch.dtype, rank: int = 0) -> Components:
@@ -86,10 +91,10 @@ def load_components(config, device: torch.device, dtype: torch.dtype, rank: int 
                                  shard=shard)
         experts[name] = model.eval().requires_grad_(False)
 
-    # T5 in bfloat16 on GPUs (official t5_dtype); float32 on the CPU-only path so tiny runs are exact.
-    t5_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text_encoder = TextEncoder.load(files.text_encoder, files.tokenizer, dtype=t5_dtype, device=device,
-                                    placement=config.text_encoder)
+    text_encoder = None
+    if config.text_encoder != "cpu" or rank == 0:  # a CPU encoder runs on rank 0 alone (the generator broadcasts)
+        text_encoder = TextEncoder.load(files.text_encoder, files.tokenizer, dtype=text_encoder_dtype(device),
+                                        device=device, placement=config.text_encoder)
     if config.offload and config.text_encoder == "replicated":
         text_encoder.model.to("cpu")  # the generator brings it to the GPU for each encode
     vae = None

@@ -295,31 +295,38 @@ class Generator:
         negative = job.negative_prompt if job.negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT
         needs_uncond = any(scale != 1.0 for scale in job.guidance.values())
         prompts = [job.prompt, negative] if needs_uncond else [job.prompt]
+        with torch.no_grad():
+            if self.config.text_encoder == "cpu" and self.distributed and self.world_size > 1:
+                context = self._encode_on_rank0(prompts)
+            else:
+                context = self._encode_here(prompts)
+        cond = Branch(context=context[:1])
+        uncond = Branch(context=context[1:2]) if needs_uncond else None
+        return cond, uncond
+
+    def _encode_here(self, prompts: list[str]) -> torch.Tensor:
         encoder = self.parts.text_encoder
         # offload: a replicated T5 waits on the CPU between jobs and comes to the GPU to encode.
         swap = self.config.offload and encoder.placement == "replicated" and self.device.type == "cuda"
         if swap:
             encoder.model.to(self.device)
         try:
-            with torch.no_grad():
-                if encoder.placement == "cpu" and self.distributed and self.world_size > 1:
-                    context = self._encode_on_rank0(encoder, prompts)
-                else:
-                    context = encoder.encode(prompts).to(self.device)
+            return encoder.encode(prompts).to(self.device)
         finally:
             if swap:
                 encoder.model.to("cpu")
-        cond = Branch(context=context[:1])
-        uncond = Branch(context=context[1:2]) if needs_uncond else None
-        return cond, uncond
 
-    def _encode_on_rank0(self, encoder, prompts: list[str]) -> torch.Tensor:
-        """A CPU text encoder runs on rank 0 alone and the others receive its output: the ranks of a
-        node share its cores, and four UMT5-XXL encodes at once took 29 s on a 4-GPU host."""
+    def _encode_on_rank0(self, prompts: list[str]) -> torch.Tensor:
+        """A CPU text encoder is loaded and run on rank 0 alone, and the others receive its output: the
+        ranks of a node share its cores, and four UMT5-XXL encodes at once took 29 s on a 4-GPU host."""
         if self.rank == 0:
-            context = encoder.encode(prompts).to(self.device)
+            context = self.parts.text_encoder.encode(prompts).to(self.device)
         else:
-            context = torch.empty(len(prompts), encoder.text_len, encoder.dim, dtype=encoder.dtype, device=self.device)
+            from .components import text_encoder_dtype
+            from .text_encoder import TEXT_LEN
+
+            context = torch.empty(len(prompts), TEXT_LEN, self.variant.text_encoder_dim,
+                                  dtype=text_encoder_dtype(self.device), device=self.device)
         dist.broadcast(context, src=0)
         return context
 
