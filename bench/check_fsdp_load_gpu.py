@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,13 +64,13 @@ def parse_args(argv=None):
 
 def write_model_folder(root: Path, variant_name: str, device: torch.device, smoke: bool) -> dict:
     """The official release layout at the variant's real shapes (random weights), written from ``device``."""
-    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
 
     from wan_model.config import get_variant
     from wan_model.loader import save_transformer
     from wan_model.model import WanModel
     from wan_model.pipeline.model_dir import OFFICIAL_EXPERT_DIRS, OFFICIAL_TOKENIZER_DIR
-    from wan_model.pipeline.text_encoder import OFFICIAL_T5_FILE, hf_t5_to_official
+    from wan_model.pipeline.text_encoder import OFFICIAL_T5_FILE, UMT5_XXL, save_official_t5, umt5_config
     from wan_model.pipeline.tiny import TINY_T5, build_tiny_tokenizer
     from wan_model.pipeline.vae import OFFICIAL_VAE_FILES, save_official_vae, vae_config
 
@@ -88,17 +89,13 @@ def write_model_folder(root: Path, variant_name: str, device: torch.device, smok
             save_transformer(model, folder, layout="official", max_shard_bytes=None if smoke else 5 * 10**9)
             del model
         tokenizer = build_tiny_tokenizer(root / OFFICIAL_TOKENIZER_DIR)  # any T5 tokenizer does for memory and time
-        shape = dict(TINY_T5, d_model=spec.text_encoder_dim) if smoke else dict(
-            d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)  # UMT5-XXL, 5.7B parameters
-        vocab = len(AutoTokenizer.from_pretrained(tokenizer)) if smoke else 256384
-        config = UMT5Config(vocab_size=vocab, num_decoder_layers=shape["num_layers"], relative_attention_num_buckets=32,
-                            relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
-                            dropout_rate=0.0, tie_word_embeddings=False, **shape)
+        shape = dict(TINY_T5, d_model=spec.text_encoder_dim,
+                     vocab_size=len(AutoTokenizer.from_pretrained(tokenizer))) if smoke else UMT5_XXL
+        config = umt5_config(**shape)
         torch.manual_seed(1)
         with torch.device(device):
             t5 = UMT5EncoderModel(config).eval()
-        torch.save({k: v.contiguous().cpu() for k, v in hf_t5_to_official(t5.state_dict()).items()},
-                   root / OFFICIAL_T5_FILE)
+        save_official_t5(t5, root / OFFICIAL_T5_FILE)
         del t5
     finally:
         torch.set_default_dtype(previous)
@@ -179,7 +176,7 @@ def rank_main(rank: int, world: int, port: int, args, out_file: str) -> None:
     shard_gib = sum(local_parameter_bytes(m) for m in generator.parts.experts.values()) / 2**30
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"wanserve-fsdp-job-{rank}"
+    out_dir = Path(tempfile.mkdtemp(prefix=f"wanserve-fsdp-job-{rank}-"))  # the video; removed below
     request = GenerationRequest(prompt="a red fox running through fresh snow", output_dir=str(out_dir),
                                 num_frames=args.frames, width=args.width, height=args.height, steps=args.steps, seed=0)
     result = generator.generate(request)
@@ -200,6 +197,7 @@ def rank_main(rank: int, world: int, port: int, args, out_file: str) -> None:
         print(json.dumps(row, indent=2))
         if not args.keep_folder:
             shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -87,11 +87,11 @@ def parse_args(argv=None):
 
 def build_components(args, device: torch.device, dtype: torch.dtype, rank: int):
     """Random-weight DiT, UMT5 encoder and VAE at the variant's real shapes, built on ``device``."""
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
     from wan_model.model import WanModel
     from wan_model.pipeline.components import Components
-    from wan_model.pipeline.text_encoder import TextEncoder
+    from wan_model.pipeline.text_encoder import UMT5_XXL, TextEncoder, umt5_config
     from wan_model.pipeline.tiny import build_tiny_tokenizer
     from wan_model.pipeline.vae import WanVAE, vae_config
 
@@ -112,13 +112,10 @@ def build_components(args, device: torch.device, dtype: torch.dtype, rank: int):
                 t5_shape = dict(d_model=variant.text_encoder_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                 vocab_size=256)
             elif args.t5 == "real":
-                t5_shape = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=256384)
+                t5_shape = UMT5_XXL
             else:
-                t5_shape = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, vocab_size=32128)
-            t5_config = UMT5Config(num_decoder_layers=t5_shape["num_layers"], relative_attention_num_buckets=32,
-                                   relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-                                   layer_norm_epsilon=1e-6, dropout_rate=0.0, tie_word_embeddings=False, **t5_shape)
-            t5 = UMT5EncoderModel(t5_config).eval().requires_grad_(False)
+                t5_shape = dict(UMT5_XXL, num_layers=2, vocab_size=32128)
+            t5 = UMT5EncoderModel(umt5_config(**t5_shape)).eval().requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
 

@@ -86,20 +86,38 @@ def hf_t5_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def umt5_config_from_official(state_dict: dict[str, torch.Tensor]):
-    """The ``UMT5Config`` that an official-layout state dict implies (every size is in a shape)."""
+def save_official_t5(model: nn.Module, path: str | Path) -> None:
+    """Write a ``UMT5EncoderModel``'s weights as the official ``.pth`` (official key names, on the CPU)."""
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in hf_t5_to_official(model.state_dict()).items()}
+    torch.save(state, path)
+
+
+# The sizes of Wan's text encoder, UMT5-XXL (5.7B parameters), for building one with random weights.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+
+
+def umt5_config(*, vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int, num_heads: int,
+                num_buckets: int = 32):
+    """The ``UMT5Config`` of a Wan text encoder of these sizes (the other settings are official T5's)."""
     from transformers import UMT5Config
 
+    return UMT5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+        num_decoder_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=num_buckets,
+        relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+        dropout_rate=0.0, tie_word_embeddings=False,
+    )
+
+
+def umt5_config_from_official(state_dict: dict[str, torch.Tensor]):
+    """The ``UMT5Config`` that an official-layout state dict implies (every size is in a shape)."""
     vocab, d_model = state_dict["token_embedding.weight"].shape
     num_layers = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     num_buckets, num_heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
     d_ff = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
     d_kv = state_dict["blocks.0.attn.q.weight"].shape[0] // num_heads
-    return UMT5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_decoder_layers=num_layers,
-        num_heads=num_heads, relative_attention_num_buckets=num_buckets, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, tie_word_embeddings=False,
-    )
+    return umt5_config(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+                       num_heads=num_heads, num_buckets=num_buckets)
 
 
 def load_umt5_encoder(checkpoint: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

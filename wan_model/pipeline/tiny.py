@@ -30,7 +30,7 @@ from wan_model.config import VARIANTS, get_variant
 
 from .clip import OFFICIAL_CLIP_FILE, save_official_clip
 from .model_dir import OFFICIAL_CLIP_TOKENIZER_DIR, OFFICIAL_EXPERT_DIRS, OFFICIAL_TOKENIZER_DIR, DIFFUSERS_EXPERT_DIRS
-from .text_encoder import OFFICIAL_T5_FILE, hf_t5_to_official
+from .text_encoder import OFFICIAL_T5_FILE, save_official_t5, umt5_config
 from .vae import OFFICIAL_VAE_FILES, save_official_vae, vae_config
 
 logger = logging.getLogger(__name__)
@@ -95,13 +95,9 @@ def build_tiny_tokenizer(folder: str | Path) -> Path:
 
 
 def _tiny_t5(vocab_size: int, d_model: int):
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    config = UMT5Config(vocab_size=vocab_size, d_model=d_model, num_decoder_layers=TINY_T5["num_layers"],
-                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
-                        tie_word_embeddings=False, **TINY_T5)
-    return UMT5EncoderModel(config).eval()
+    return UMT5EncoderModel(umt5_config(vocab_size=vocab_size, d_model=d_model, **TINY_T5)).eval()
 
 
 def _tiny_clip(width: int):
@@ -170,8 +166,7 @@ def _write_components(root: Path, variant: str, layout: str, seed: int) -> None:
     if diffusers:
         t5.save_pretrained(root / "text_encoder")
     else:
-        state = {k: v.clone().contiguous() for k, v in hf_t5_to_official(t5.state_dict()).items()}
-        torch.save(state, root / OFFICIAL_T5_FILE)
+        save_official_t5(t5, root / OFFICIAL_T5_FILE)
 
     vae = _tiny_vae(spec.vae)
     _randomize(vae, seed * 1000 + 2)
