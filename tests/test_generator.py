@@ -384,39 +384,7 @@ def test_generator_config_takes_the_old_name_of_parallel_vae():
         GeneratorConfig.from_dict({"parallel_decode": False, "parallel_vae": True})
 
 
-# --- peer check ---------------------------------------------------------------------------------
-
-
-def test_final_latents_match_diffusers_wan_pipeline_on_the_same_weights(tmp_path_factory, tmp_path):
-    """Same tiny weights (diffusers layout), same noise, same official sigmas: our text encode + CFG +
-    UniPC loop ends where diffusers' ``WanPipeline`` does (float32)."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline
-
-    from wan_model.pipeline.components import ensure_tiny_model_dir
-    from wan_model.pipeline.schedulers import base_sigmas
-
-    cache = tiny_cache(tmp_path_factory)
-    folder = ensure_tiny_model_dir("tiny-t2v", cache, layout="diffusers")
-    steps, shift, seed, guidance = 3, 5.0, 3, 5.0
-    video = dict(num_frames=5, width=32, height=32)
-    g = Generator(GeneratorConfig(model=str(folder), cache_dir=cache))
-    g.generate(GenerationRequest(prompt="a cat surfing", negative_prompt="blurry", output_dir=str(tmp_path),
-                                 steps=steps, shift=shift, seed=seed, guidance=guidance, **video))
-
-    pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
-                                        num_train_timesteps=1000, solver_order=2, final_sigmas_type="zero")
-    # diffusers' default flow sigmas start at 1.0; the official schedule (ours) starts at 1 - 1/1000.
-    set_timesteps = scheduler.set_timesteps
-    scheduler.set_timesteps = lambda n, device=None, **kw: set_timesteps(sigmas=base_sigmas(n), device=device)
-    pipe.scheduler = scheduler
-    noise = torch.randn(g.last_latents.shape, generator=torch.Generator().manual_seed(seed))
-    theirs = pipe(prompt="a cat surfing", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=guidance,
-                  latents=noise, output_type="latent", height=video["height"], width=video["width"],
-                  num_frames=video["num_frames"]).frames
-    assert g.last_latents.abs().mean() > 0.1
-    torch.testing.assert_close(g.last_latents, theirs.float(), rtol=0, atol=1e-4)
+# The whole-generation peer checks against diffusers' pipelines: tests/test_pipeline_peer.py.
 
 
 def test_lora_folder_holds_one_file_per_a14b_expert(tmp_path):

@@ -213,11 +213,12 @@ def _write_diffusers_index(root: Path, spec) -> None:
         "tokenizer": ["transformers", "T5Tokenizer"],
         "vae": ["diffusers", "AutoencoderKLWan"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"] if spec.uses_clip else none,
-        "image_processor": ["transformers", "CLIPImageProcessor"] if spec.uses_clip else none,
         "boundary_ratio": spec.boundary,
         "expand_timesteps": spec.task == "ti2v",
     }
+    if spec.task == "i2v":  # only the image-to-video pipeline has these components (None without CLIP)
+        index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"] if spec.uses_clip else none
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"] if spec.uses_clip else none
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
