@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="regional torch.compile of every block (both impls)")
     p.add_argument("--compile-mode", default=None,
                    help="ours, with --compile: torch.compile mode (max-autotune-no-cudagraphs, reduce-overhead, ...)")
+    p.add_argument("--compile-dynamic", choices=["auto", "off"], default="auto",
+                   help="ours, with --compile: auto = the product's automatic dynamic shapes (the first shape "
+                        "of a run specialised, later shapes share one symbolic graph), off = one graph per shape")
     p.add_argument("--anchor-eager", action="store_true",
                    help="with --compile: leave diffusers uncompiled (the issue's anchor), so one run gives the ratio")
     p.add_argument("--fp8", action="store_true",

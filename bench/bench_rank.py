@@ -202,7 +202,8 @@ class Runner:
         if impl == "ours":
             from wan_model.compile import compile_blocks  # the product's own option (GeneratorConfig.compile)
 
-            compile_blocks(model, mode=getattr(self.args, "compile_mode", None))
+            dynamic = {"auto": None, "off": False}[getattr(self.args, "compile_dynamic", "auto")]
+            compile_blocks(model, mode=getattr(self.args, "compile_mode", None), dynamic=dynamic)
         else:
             model.compile_repeated_blocks()
 
@@ -235,7 +236,8 @@ class Runner:
                     compile_requested=args.compile, anchor_eager=getattr(args, "anchor_eager", False),
                     fp8=getattr(args, "fp8", False) and case["impl"] == "ours", ours_fp8_requested=getattr(args, "fp8", False),
                     head_chunks=args.head_chunks, sm_margin=getattr(args, "sm_margin", 0),
-                    compile_mode=getattr(args, "compile_mode", None), batch=getattr(args, "batch", 1),
+                    compile_mode=getattr(args, "compile_mode", None),
+                    compile_dynamic=getattr(args, "compile_dynamic", "auto"), batch=getattr(args, "batch", 1),
                     fsdp=args.fsdp and case["impl"] == "ours", mem_fraction=args.mem_fraction, tag=args.tag,
                     ours_attn_requested=args.attn, ulysses_requested=args.ulysses,
                     **fields)

@@ -33,10 +33,10 @@ LATENT_ATOL = 1e-4
 CACHE_THRESHOLD = 1.0  # the tiny model's raw e0 change is ~0.6-1.3 per step: this skips about every other step
 
 
-def request(output_dir: str, steps: int = 3) -> GenerationRequest:
-    # 27 tokens: odd, so 2 sequence-parallel ranks pad the sequence.
+def request(output_dir: str, steps: int = 3, num_frames: int = 9) -> GenerationRequest:
+    # 27 tokens (9 frames): odd, so 2 sequence-parallel ranks pad the sequence.
     return GenerationRequest(prompt="a cat surfing a wave", output_dir=output_dir, steps=steps, seed=11, width=48,
-                             height=48, num_frames=9)
+                             height=48, num_frames=num_frames)
 
 
 def tiny_model() -> tuple[WanModel, tuple]:
@@ -61,6 +61,43 @@ def test_compile_blocks_equals_eager_and_keeps_state_dict_names():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="blocks"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def _frames_compiled_and_failed() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"], counters["frames"]["total"] - counters["frames"]["ok"]
+
+
+def test_compiled_blocks_serve_every_video_size_without_falling_back_to_eager():
+    """A service sees many token counts. Past Dynamo's recompile limit a block compiled per shape runs
+    every further new shape eagerly (silently: a log line once). The default compiles one graph with
+    symbolic sizes on the second shape, which serves all later ones (Dynamo makes three cache entries
+    in all: the first shape's, and two with symbolic sizes). The limit is lowered to 3 here so that
+    the per-shape way hits it within these six shapes."""
+    import torch._dynamo
+
+    model, (_, t, context) = tiny_model()
+    in_dim = model.config.in_dim
+    sizes = [(1, 4, 4), (2, 4, 4), (3, 4, 6), (1, 8, 6), (5, 6, 4), (2, 8, 8)]  # six token counts
+    with torch.no_grad():
+        inputs = [torch.randn(1, in_dim, *size, generator=torch.Generator().manual_seed(i)) for i, size in enumerate(sizes)]
+        expected = [model(x, t, context) for x in inputs]
+        for dynamic, falls_back in ((None, False), (False, True)):
+            torch._dynamo.reset()
+            compiled, _ = tiny_model()
+            compile_blocks(compiled, dynamic=dynamic)
+            ok0, failed0 = _frames_compiled_and_failed()
+            with torch._dynamo.config.patch(recompile_limit=3):
+                outputs = [compiled(x, t, context) for x in inputs]
+            ok, failed = _frames_compiled_and_failed()
+            for got, want in zip(outputs, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # eager or not, the same result
+            if falls_back:
+                assert failed > failed0, "one graph per shape must hit the lowered limit"
+            else:
+                assert failed == failed0 and ok - ok0 <= 3, (ok - ok0, failed - failed0)
+    torch._dynamo.reset()
 
 
 # --- 2. a named kernel on one rank -------------------------------------------------------------
@@ -273,6 +310,10 @@ CASES = {
 }
 
 
+# Compiled cases run a second video size too (36 tokens): its compiled graph has symbolic sizes.
+SECOND_SIZE_FRAMES = 13
+
+
 def run_cases(rank: int, world_size: int, cache: str, out: str, steps: int) -> dict:
     results = {}
     for name, (model, settings) in CASES.items():
@@ -281,6 +322,9 @@ def run_cases(rank: int, world_size: int, cache: str, out: str, steps: int) -> d
         results[name] = dict(latents=generator.last_latents.numpy(), layout=result.layout if result else None,
                              skipped=result.timings.get("skipped_steps") if result else None,
                              compiled=all(blocks_compiled(m) for m in generator.parts.experts.values()))
+        if settings.get("compile"):
+            generator.generate(request(f"{out}/{name}-second", steps, SECOND_SIZE_FRAMES))
+            results[name]["latents_second"] = generator.last_latents.numpy()
     return results
 
 
@@ -294,6 +338,9 @@ def test_two_ranks_compile_and_step_cache_equal_one_rank(tmp_path_factory, tmp_p
         generator = Generator(GeneratorConfig(model=model, cache_dir=cache, **one_rank))
         result = generator.generate(request(str(tmp_path / f"ref-{name}"), steps))
         expected[name] = (generator.last_latents.numpy(), result.timings.get("skipped_steps"))
+        if settings.get("compile"):
+            generator.generate(request(str(tmp_path / f"ref-{name}-second"), steps, SECOND_SIZE_FRAMES))
+            expected[f"{name}-second"] = generator.last_latents.numpy()
     ranks = run_ranks(run_cases, 2, cache, str(tmp_path), steps, timeout=600)
     assert "ulysses=2" in ranks[0]["ulysses2_compile"]["layout"] and "compile=on" in ranks[0]["ulysses2_compile"]["layout"]
     assert "head_chunks=2" in ranks[0]["ulysses2_compile"]["layout"]
@@ -306,3 +353,6 @@ def test_two_ranks_compile_and_step_cache_equal_one_rank(tmp_path_factory, tmp_p
         assert rank["ulysses2_compile"]["compiled"] and rank["fsdp_ulysses2_compile"]["compiled"]
         for name in CASES:
             np.testing.assert_allclose(rank[name]["latents"], expected[name][0], rtol=0, atol=LATENT_ATOL, err_msg=name)
+            if "latents_second" in rank[name]:
+                np.testing.assert_allclose(rank[name]["latents_second"], expected[f"{name}-second"], rtol=0,
+                                           atol=LATENT_ATOL, err_msg=f"{name}, second size")
