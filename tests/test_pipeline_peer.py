@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,25 +26,12 @@ from wan_model.pipeline.model_dir import detect_model_dir
 from wan_model.pipeline.request import GenerationRequest
 from wan_model.pipeline.schedulers import base_sigmas
 
-from test_generator import tiny_cache
+from test_generator import png_bytes, tiny_cache
 
 pytest.importorskip("diffusers")
 
 PROMPT, NEGATIVE = "a cat surfing", "blurry"
 ATOL = 1e-4
-
-
-def random_image(width: int, height: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def official_unipc(shift: float):
@@ -62,11 +48,12 @@ def official_unipc(shift: float):
 
 def ours_then_theirs(folder, cache: str, pipeline_class, tmp_path, *, image=None, variant: str | None = None,
                      guidance, steps: int = 6, shift: float = 3.0, seed: int = 3, **video):
-    """Final latents of our generator and of diffusers' ``pipeline_class`` from ``folder``, and our result."""
+    """Final latents of our generator and of diffusers' ``pipeline_class`` from ``folder``, and our result.
+    ``image``: PNG bytes; diffusers gets the decoded image."""
     g = Generator(GeneratorConfig(model=str(folder), variant=variant, cache_dir=cache))
     result = g.generate(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, output_dir=str(tmp_path),
                                           steps=steps, shift=shift, seed=seed, guidance=guidance,
-                                          image=png(image) if image is not None else None, **video))
+                                          image=image, **video))
     ours = g.last_latents
 
     pipe = pipeline_class.from_pretrained(folder, torch_dtype=torch.float32)
@@ -79,7 +66,9 @@ def ours_then_theirs(folder, cache: str, pipeline_class, tmp_path, *, image=None
     if isinstance(guidance, tuple):
         extra = {"guidance_scale": guidance[1], "guidance_scale_2": guidance[0]}
     if image is not None:
-        extra["image"] = image
+        from PIL import Image
+
+        extra["image"] = Image.open(io.BytesIO(image)).convert("RGB")
     theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, latents=noise,
                   output_type="latent", height=video["height"], width=video["width"],
                   num_frames=video["num_frames"], **extra).frames
@@ -122,7 +111,7 @@ def test_wan21_i2v_matches_diffusers_image_to_video(tmp_path_factory, tmp_path):
     cache = tiny_cache(tmp_path_factory)
     folder = ensure_tiny_model_dir("tiny-i2v", cache, layout="diffusers")
     # 224 x 224: CLIP's own input size, so neither side resizes the image for CLIP either.
-    ours, theirs, _ = ours_then_theirs(folder, cache, WanImageToVideoPipeline, tmp_path, image=random_image(224, 224),
+    ours, theirs, _ = ours_then_theirs(folder, cache, WanImageToVideoPipeline, tmp_path, image=png_bytes(224, 224),
                                        guidance=5.0, steps=4, num_frames=5, width=224, height=224)
     assert_same_latents(ours, theirs)
 
@@ -143,7 +132,7 @@ def test_wan22_i2v_a14b_matches_diffusers_image_to_video(tmp_path_factory, tmp_p
     cache = tiny_cache(tmp_path_factory)
     folder = ensure_tiny_model_dir(tiny_i2v_a14b.name, cache, layout="diffusers")
     ours, theirs, result = ours_then_theirs(folder, cache, WanImageToVideoPipeline, tmp_path,
-                                            image=random_image(32, 32), variant=tiny_i2v_a14b.name,
+                                            image=png_bytes(32, 32), variant=tiny_i2v_a14b.name,
                                             guidance=(2.0, 6.0), shift=5.0, num_frames=5, width=32, height=32)
     assert set(result.experts_per_step) == {"high_noise", "low_noise"}, "the schedule must cross the boundary"
     assert_same_latents(ours, theirs)
@@ -156,7 +145,7 @@ def test_ti2v_with_an_image_matches_diffusers_expand_timesteps(tmp_path_factory,
 
     cache = tiny_cache(tmp_path_factory)
     folder = ensure_tiny_model_dir("tiny-ti2v", cache, layout="diffusers")
-    ours, theirs, _ = ours_then_theirs(folder, cache, WanImageToVideoPipeline, tmp_path, image=random_image(64, 64),
+    ours, theirs, _ = ours_then_theirs(folder, cache, WanImageToVideoPipeline, tmp_path, image=png_bytes(64, 64),
                                        guidance=5.0, shift=5.0, num_frames=9, width=64, height=64)
     assert_same_latents(ours, theirs)
 
@@ -180,7 +169,7 @@ def test_official_and_diffusers_folders_of_the_same_weights_generate_the_same_la
     does, which the tests above tie to diffusers' own pipelines."""
     cache = tiny_cache(tmp_path_factory)
     size = image_size or 32
-    image = png(random_image(size, size)) if image_size else None
+    image = png_bytes(size, size) if image_size else None
     latents = {}
     for layout in ("official", "diffusers"):
         folder = ensure_tiny_model_dir(variant, cache, layout=layout)
