@@ -64,7 +64,7 @@ def main() -> int:
     for name in ("lora_dir", "auth_token_file", "dtype"):
         app_args.pop(name, None)  # tiny model, no mounted secret on a bench machine
     if args.model == "tiny":
-        # The config warms up (and compiles) the 14B shape, 1280x720x81; the tiny model checks the
+        # The config warms up (and compiles) two 14B sizes at 1280x720; the tiny model checks the
         # deployment, not the speed, so it skips both.
         for name in ("warmup", "generator_options"):
             app_args.pop(name, None)
