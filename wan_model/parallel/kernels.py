@@ -78,6 +78,16 @@ _LSE_KERNELS: dict[str, LseKernel] = {
 }
 
 
+# Kernel choice runs on every attention call, inside compiled blocks. Its checks (imports, the
+# GPU's compute capability) are not traceable: torch.compile would split the block around the
+# attention call, and the Ulysses send layouts could then no longer be written by the kernels that
+# produce q, k and v, nor the transfers overlap the projections. ``assume_constant_result`` makes
+# Dynamo call these two once while tracing and keep the answer, a constant for that graph (device,
+# dtype and head_dim are guarded by the graph anyway). They return instead of raising, because an
+# exception inside them would reach the caller wrapped in a Dynamo error.
+
+
+@torch.compiler.assume_constant_result
 def fast_kernel(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
     """The optional fast kernel ``auto`` takes here (``fa3``/``fa4``), or None when none is installed and runs."""
     if device.type != "cuda":
@@ -85,6 +95,28 @@ def fast_kernel(device: torch.device, dtype: torch.dtype, head_dim: int | None =
     for name, module in AUTO_FAST_KERNELS:
         if module.usable(device, dtype, head_dim):
             return name
+    return None
+
+
+@torch.compiler.assume_constant_result
+def kernel_problem(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
+    """Why the named (not ``auto``) ``kernel`` cannot run on ``device``/``dtype``/``head_dim``, or None."""
+    if kernel in ("cudnn", "flash"):
+        if device.type != "cuda":
+            return f"attention kernel {kernel!r} needs CUDA tensors, got {device.type}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}"
+    try:
+        if kernel in ("fa3", "fa3_fp8"):
+            fa3.check(device, dtype, head_dim, name=kernel)
+        if kernel == "fa4":
+            fa4.check(device, dtype, head_dim)
+    except ValueError as exc:
+        return str(exc)
+    if kernel == "efficient" and device.type != "cuda":
+        return f"attention kernel 'efficient' needs CUDA tensors, got {device.type}"
+    if kernel == "cpu" and device.type != "cpu":
+        return f"attention kernel 'cpu' needs CPU tensors, got {device.type}"
     return None
 
 
@@ -101,19 +133,9 @@ def resolve_kernel_name(kernel: str, device: torch.device, dtype: torch.dtype, h
                 return "efficient"
             return fast_kernel(device, dtype, head_dim) or "cudnn"
         return "cpu" if device.type == "cpu" else "math"
-    if kernel in ("cudnn", "flash"):
-        if device.type != "cuda":
-            raise ValueError(f"attention kernel {kernel!r} needs CUDA tensors, got {device.type}")
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"attention kernel {kernel!r} supports float16/bfloat16 only, got {dtype}")
-    if kernel in ("fa3", "fa3_fp8"):
-        fa3.check(device, dtype, head_dim, name=kernel)
-    if kernel == "fa4":
-        fa4.check(device, dtype, head_dim)
-    if kernel == "efficient" and device.type != "cuda":
-        raise ValueError(f"attention kernel 'efficient' needs CUDA tensors, got {device.type}")
-    if kernel == "cpu" and device.type != "cpu":
-        raise ValueError(f"attention kernel 'cpu' needs CPU tensors, got {device.type}")
+    problem = kernel_problem(kernel, device, dtype, head_dim)
+    if problem is not None:
+        raise ValueError(problem)
     return kernel
 
 
