@@ -281,7 +281,9 @@ class WanModel(nn.Module):
 
         # This rank's tokens, and RoPE for exactly those positions.
         sharding = self.sharding
-        tokens = sharding.shard(tokens, dim=1)
+        # Contiguous, as every later block's input is: compiled blocks guard on strides, and a first
+        # block fed the transposed (or sliced) layout would compile a second graph for the others.
+        tokens = sharding.shard(tokens, dim=1).contiguous()
         start, end = sharding.local_range(length)
         freqs = torch.view_as_real(rope_frequencies(cfg.head_dim, grid, start, end, device=tokens.device))
 
