@@ -16,12 +16,25 @@ object, and all blocks share one) it silently runs every further new size eagerl
 (``dynamic=None``, Dynamo's automatic dynamic shapes) compiles the first size specialised to it, and
 the first different size once more with the sizes that changed symbolic; that graph then serves every
 later size, so no further compile and no limit.
+
+Collectives (``COMM_OVERLAP``): inside a compiled block the Ulysses all-to-alls are graph nodes,
+and Inductor may wait for one right after issuing it (it does for the output all-to-all), so the GPU
+idles through the transfer. Its ``raise_comms`` pass issues each collective as soon as its input
+exists and ``sink_waits`` waits only where the result is used: q's and k's transfers run during v's
+projection (see ``wan_model.parallel.ulysses_ring``), the output's during the cross-attention's
+projections of the text context. Only the order of kernels changes, not what they compute.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch.nn as nn
+
+# Inductor options every compiled block gets (merged with the options of ``mode``).
+COMM_OVERLAP: dict[str, Any] = {
+    "reorder_for_compute_comm_overlap": True,
+    "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms"],
+}
 
 __all__ = ["compile_blocks", "blocks_compiled"]
 
@@ -31,14 +44,20 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None, dynamic: Option
 
     ``mode`` is ``torch.compile``'s (None = default, "max-autotune-no-cudagraphs", ...). ``dynamic``
     too: None = automatic (see the module doc), False = one graph per shape, True = symbolic from the
-    start. Calling it twice is harmless (a compiled block is left as it is).
+    start. Calling it twice is harmless (a compiled block is left as it is). Every block also gets
+    the ``COMM_OVERLAP`` Inductor options (see the module doc).
     """
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode) if mode else {})
+    options.update(COMM_OVERLAP)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise ValueError(f"compile_blocks needs a model with a non-empty ModuleList `blocks`, got {type(model).__name__}")
     for block in blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(dynamic=dynamic, mode=mode)
+            # torch.compile takes mode or options, not both: the mode's own options are merged above.
+            block.compile(dynamic=dynamic, options=options)
     return model
 
 

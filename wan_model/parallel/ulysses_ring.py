@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from yunchang.comm.all_to_all import SeqAllToAll4D, SeqAllToAll5D
+from yunchang.comm.all_to_all import SeqAllToAll4D
 
 from .groups import ParallelState
 from .kernels import KERNEL_NAMES, LseKernel, fast_kernel, get_lse_kernel, plain_attention, resolve_kernel_name
@@ -16,11 +16,13 @@ class UlyssesRingAttention:
     Input and output: this SP rank's chunk ``[B, L_local, H, D]`` of a sequence padded to
     ``L_local * sp_world`` tokens, of which the first ``valid_len`` are real.
 
-    1. Ulysses all-to-all (yunchang ``SeqAllToAll5D`` on stacked q/k/v, one collective):
-       scatter heads, gather the sequence of the ulysses group ->
-       ``[B, ulysses * L_local, H / ulysses, D]``. Because the SP chunks of one ulysses group
-       are consecutive, this is the contiguous span of global positions starting at
-       ``ring_rank * ulysses * L_local``.
+    1. Ulysses all-to-all (yunchang ``SeqAllToAll4D``), one per tensor, q then k then v: scatter
+       heads, gather the sequence of the ulysses group -> ``[B, ulysses * L_local, H / ulysses, D]``.
+       Because the SP chunks of one ulysses group are consecutive, this is the contiguous span of
+       global positions starting at ``ring_rank * ulysses * L_local``. Three transfers rather than
+       one of the stacked q/k/v: inside a compiled block, Inductor's comm passes
+       (``wan_model.compile``) issue q's and k's while v's projection is still computing, and no
+       stacked copy is made (bench/RESULTS.md, ninth session: 0.3-0.4% off a 14B forward).
     2. Ring degree 1: plain attention over that (whole) sequence, padding keys dropped.
        Ring degree > 1: ring attention over the ring group, merged with the true LSE.
     3. The reverse all-to-all (yunchang ``SeqAllToAll4D``).
@@ -84,9 +86,11 @@ class UlyssesRingAttention:
             return out
 
         if state.ulysses > 1:
-            # One all-to-all for q, k and v together: [B, L_local, 3, H, D] -> [B, L_span, 3, H/U, D].
-            qkv = SeqAllToAll5D.apply(state.ulysses_group, torch.stack([q, k, v], dim=2), 3, 1)
-            q, k, v = qkv.unbind(dim=2)
+            # [B, L_local, H, D] -> [B, L_span, H/U, D] each; v last, as its projection is the
+            # compute the q and k transfers can run behind.
+            q = SeqAllToAll4D.apply(state.ulysses_group, q, 2, 1)
+            k = SeqAllToAll4D.apply(state.ulysses_group, k, 2, 1)
+            v = SeqAllToAll4D.apply(state.ulysses_group, v, 2, 1)
         if state.ring == 1:
             out = whole_sequence(q, k, v)
         else:
