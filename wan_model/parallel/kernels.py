@@ -79,12 +79,12 @@ _LSE_KERNELS: dict[str, LseKernel] = {
 
 
 # Kernel choice runs on every attention call, inside compiled blocks. Its checks (imports, the
-# GPU's compute capability) are not traceable: torch.compile would split the block around the
-# attention call, and the Ulysses send layouts could then no longer be written by the kernels that
-# produce q, k and v, nor the transfers overlap the projections. ``assume_constant_result`` makes
-# Dynamo call these two once while tracing and keep the answer, a constant for that graph (device,
-# dtype and head_dim are guarded by the graph anyway). They return instead of raising, because an
-# exception inside them would reach the caller wrapped in a Dynamo error.
+# GPU's compute capability) are not traceable: torch.compile would split the block into five graphs
+# around the attention call, and the Ulysses transfers could then not start while the projections
+# compute (``wan_model.compile``). ``assume_constant_result`` makes Dynamo call these two once while
+# tracing and keep the answer, a constant for that graph (device, dtype and head_dim are guarded by
+# the graph anyway). They return instead of raising, because an exception inside them would reach
+# the caller wrapped in a Dynamo error.
 
 
 @torch.compiler.assume_constant_result
