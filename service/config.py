@@ -70,6 +70,9 @@ class ServiceSettings(BaseSettings):
     max_attempts: int = Field(2, ge=1)  # a job that was running on a replica that died runs again once
     # Jobs each engine replica runs before it reports ready (the shapes users will ask for).
     warmup: list[WarmupShape] = Field(default_factory=list)
+    # Where workers keep what torch.compile built (``compile: true``), so that a new replica loads it
+    # instead of compiling again. None: <data_dir>/compile-cache, shared like the results.
+    compile_cache_dir: Optional[str] = None
 
     # --- timeouts and periods (seconds) ---
     nccl_timeout_s: float = Field(600.0, gt=0)
@@ -91,7 +94,7 @@ class ServiceSettings(BaseSettings):
             get_variant(value)  # raises naming the known variants
         return value
 
-    @field_validator("data_dir", "lora_dir", "auth_token_file")
+    @field_validator("data_dir", "lora_dir", "auth_token_file", "compile_cache_dir")
     @classmethod
     def _absolute(cls, value: Optional[str]) -> Optional[str]:
         # Replicas and workers do not share the builder's working directory: store absolute paths.
@@ -164,6 +167,10 @@ class ServiceSettings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return Path(self.data_dir) / "jobs.sqlite3"
+
+    @property
+    def resolved_compile_cache_dir(self) -> str:
+        return self.compile_cache_dir or str(Path(self.data_dir) / "compile-cache")
 
     def resolved_auth_token(self) -> Optional[str]:
         """The bearer token, read from the file when one is configured (stripped of whitespace)."""

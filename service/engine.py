@@ -93,10 +93,12 @@ class EngineReplica:
                           timeout_s=self.settings.nccl_timeout_s, factory=self.settings.generator_factory,
                           config=self.settings.generator_config(),
                           progress_target={"deployment": QUEUE_DEPLOYMENT, "app": self.app_name},
-                          log_format=self.settings.log_format)
+                          log_format=self.settings.log_format,
+                          compile_cache_dir=self.settings.resolved_compile_cache_dir)
             for w in self.workers
         ], timeout=timeout)
         self.layout = infos[0].get("layout", "")
+        self.compile_cache_dir = infos[0].get("compile_cache_dir")
         self.backend = "nccl" if use_gpu else "gloo"
         self.warmup = self._warm_up()
         self.init_s = time.monotonic() - started
@@ -111,6 +113,7 @@ class EngineReplica:
         with tempfile.TemporaryDirectory(prefix="wanserve-warmup-") as out_dir:
             for fields in self.settings.warmup_requests(out_dir):
                 job = {"id": f"{fields['job_id']}-{self.replica_id}", "request": fields, "report_progress": False}
+                before = self._compiled()
                 started = time.monotonic()
                 outcomes = ray.get([w.run.remote(job) for w in self.workers], timeout=self.settings.job_timeout_s)
                 failed = [o for o in outcomes if o["status"] != "succeeded"]
@@ -118,10 +121,19 @@ class EngineReplica:
                     raise RuntimeError(f"warm-up job {fields['job_id']} ({_shape(fields)}) failed: "
                                        f"{failed[0].get('error') or failed[0]['status']}")
                 seconds = time.monotonic() - started
-                logger.info("engine replica %s warmed up %s in %.1f s", self.replica_id, _shape(fields), seconds)
+                after = self._compiled()
+                compiled = {"compiled_graphs": after["graphs"] - before["graphs"],
+                            "from_cache": after["from_cache"] - before["from_cache"]}
+                logger.info("engine replica %s warmed up %s in %.1f s (rank 0 compiled %d graphs, %d of them "
+                            "loaded from %s)", self.replica_id, _shape(fields), seconds, compiled["compiled_graphs"],
+                            compiled["from_cache"], self.compile_cache_dir)
                 done.append({**{k: fields.get(k) for k in ("width", "height", "num_frames", "steps")},
-                             "seconds": round(seconds, 2)})
+                             "seconds": round(seconds, 2), **compiled})
         return done
+
+    def _compiled(self) -> dict[str, int]:
+        """Rank 0's compile counters (``wan_model.compile.compile_stats``)."""
+        return ray.get(self.workers[0].health.remote(), timeout=self.settings.health_timeout_s)["compiled"]
 
     # ---------------------------------------------------------------- info
 
@@ -130,6 +142,7 @@ class EngineReplica:
             "replica": self.replica_id, "variant": self.settings.variant_name, "model": self.settings.model,
             "world_size": self.settings.world_size, "gpus": self.settings.gpus, "backend": self.backend,
             "layout": self.layout, "init_s": self.init_s, "warmup": self.warmup, "busy_job": self.busy_job,
+            "compile_cache_dir": self.compile_cache_dir,
             "broken": self.broken, "jobs_done": self.jobs_done, "workers": workers or [], "reported_at": time.time(),
         }
 

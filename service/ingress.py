@@ -308,7 +308,8 @@ class Ingress:
             "gpus_per_replica": self.settings.gpus, "world_size": self.settings.world_size,
             "backend": "nccl" if self.settings.use_gpu else "gloo",
             "replicas": [{k: e.get(k) for k in ("replica", "layout", "ready", "busy_job", "broken", "init_s",
-                                                 "warmup", "workers")} for e in state["engines"]],
+                                                 "warmup", "compile_cache_dir", "workers")}
+                         for e in state["engines"]],
         }]}
 
     @api.get("/healthz")

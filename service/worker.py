@@ -58,9 +58,14 @@ class GenerationWorker:
 
     def init(self, *, master_addr: str, master_port: int, use_gpu: bool, timeout_s: float,
              factory: str, config: dict[str, Any], progress_target: Optional[dict[str, str]] = None,
-             log_format: LogFormat = "text") -> dict:
-        """Join the process group (NCCL on GPUs, gloo on CPU) and build the generator once."""
+             log_format: LogFormat = "text", compile_cache_dir: Optional[str] = None) -> dict:
+        """Join the process group (NCCL on GPUs, gloo on CPU) and build the generator once.
+        ``compile_cache_dir``: where torch.compile's artifacts are kept (before anything compiles)."""
         configure_worker_logging(log_format)
+        if compile_cache_dir is not None:
+            from wan_model.compile import use_cache_dir
+
+            use_cache_dir(compile_cache_dir)
         self.device = "cuda:0" if use_gpu else "cpu"
         init_process_group(use_gpu=use_gpu, master_addr=master_addr,
                            master_port=master_port, rank=self.rank, world_size=self.world_size,
@@ -69,7 +74,8 @@ class GenerationWorker:
         self.generator = load_factory(factory)(dict(config), self.rank, self.world_size)
         layout = self.generator.layout_string() if hasattr(self.generator, "layout_string") else \
             str(getattr(self.generator, "layout", ""))
-        return {"rank": self.rank, "pid": os.getpid(), "device": self.device, "layout": layout}
+        return {"rank": self.rank, "pid": os.getpid(), "device": self.device, "layout": layout,
+                "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
     # ---------------------------------------------------------------- jobs
 
@@ -109,7 +115,11 @@ class GenerationWorker:
                 reporter.flush()
 
     def health(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"rank": self.rank, "ready": self.generator is not None, "busy_job": self.busy_job}
+        from wan_model.compile import compile_stats
+
+        info: dict[str, Any] = {"rank": self.rank, "ready": self.generator is not None, "busy_job": self.busy_job,
+                                "compiled": compile_stats(),
+                                "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
         if self.device.startswith("cuda"):
             import torch
 

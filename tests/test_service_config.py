@@ -87,3 +87,11 @@ def test_warmup_shapes_are_checked_like_a_request_before_anything_starts(tmp_pat
     with pytest.raises(ValueError, match="frames"):
         ServiceSettings(data_dir=str(tmp_path), warmup=[{"frames": 5}])  # unknown key
     assert ServiceSettings(data_dir=str(tmp_path)).warmup_requests(str(tmp_path)) == []
+
+
+def test_the_compile_cache_lives_in_the_data_dir_unless_named(tmp_path, monkeypatch):
+    settings = ServiceSettings(data_dir=str(tmp_path / "data"))
+    assert settings.resolved_compile_cache_dir == str(tmp_path / "data" / "compile-cache")
+    monkeypatch.chdir(tmp_path)
+    named = ServiceSettings(data_dir=str(tmp_path / "data"), compile_cache_dir="cache")
+    assert named.resolved_compile_cache_dir == str(tmp_path / "cache")  # absolute: workers run elsewhere

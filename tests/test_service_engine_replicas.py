@@ -5,7 +5,7 @@
   JobQueue replica must adopt the running job from the engine's report and take its outcome from
   the engine's push.
 - Each engine replica runs the configured warm-up job before it reports ready, and the warm-up
-  leaves no job record and no files.
+  leaves no job record and no files. Its workers keep compiled code in the data_dir's cache folder.
 """
 from __future__ import annotations
 
@@ -86,13 +86,20 @@ def test_every_engine_replica_ran_the_warmup_before_it_reported_ready(app):
     from reliability_helpers import job_rows
 
     settings, client = app
-    models = client.get("/models").json()["models"][0]
-    replicas = models["replicas"]
+    # The workers' part of a replica's report comes with its first health check.
+    replicas = wait_for(lambda: (r := client.get("/models").json()["models"][0]["replicas"])
+                        and all(x["workers"] for x in r) and r, 30, "the replicas' health reports")
     assert len(replicas) == 2, replicas
     for replica in replicas:
         assert replica["ready"] is True
         (done,) = replica["warmup"]
         assert {k: done[k] for k in WARMUP} == WARMUP and done["seconds"] > 0, replica
+        # The fake generator compiles nothing; the counts are there for compiled ones.
+        assert (done["compiled_graphs"], done["from_cache"]) == (0, 0), replica
+        # Every worker process keeps torch.compile's artifacts in the data_dir's cache folder.
+        cache = str(settings.resolved_compile_cache_dir)
+        assert replica["compile_cache_dir"] == cache, replica
+        assert [w["compile_cache_dir"] for w in replica["workers"]] == [cache] * settings.cpu_workers, replica
     # Not a job: nothing in the job table, nothing in the results folder.
     assert not [r for r in job_rows(settings) if "warm-up" in r["request"]]
     assert all(not p.name.startswith("warmup") for p in settings.results_dir.iterdir())

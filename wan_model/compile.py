@@ -23,9 +23,18 @@ idles through the transfer. Its ``raise_comms`` pass issues each collective as s
 exists and ``sink_waits`` waits only where the result is used: q's and k's transfers run during v's
 projection (see ``wan_model.parallel.ulysses_ring``), the output's during the cross-attention's
 projections of the text context. Only the order of kernels changes, not what they compute.
+
+Cache (``use_cache_dir``): Inductor keeps what it compiled (FX graphs, AOT graphs, Triton kernels)
+on disk, keyed by the graph, the GPU and the torch/Triton versions. A new process that compiles the
+same block finds it there and skips the lowering and the kernel builds. By default that folder is
+per machine and temporary (``/tmp/torchinductor_<user>``), so a replacement replica on another node,
+or in a fresh container, compiles again; a folder on a persistent volume keeps the artifacts for
+every later process. ``compile_stats`` says how many graphs came from the cache.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any, Optional
 
 import torch.nn as nn
@@ -36,7 +45,7 @@ COMM_OVERLAP: dict[str, Any] = {
     "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms"],
 }
 
-__all__ = ["compile_blocks", "blocks_compiled"]
+__all__ = ["compile_blocks", "blocks_compiled", "use_cache_dir", "compile_stats"]
 
 
 def compile_blocks(model: nn.Module, mode: Optional[str] = None, dynamic: Optional[bool] = None) -> nn.Module:
@@ -65,3 +74,31 @@ def blocks_compiled(model: nn.Module) -> bool:
     """Whether every block of ``model`` goes through ``torch.compile``."""
     blocks = getattr(model, "blocks", ())
     return len(blocks) > 0 and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+
+
+def use_cache_dir(path: str) -> str:
+    """Keep this process's compiled artifacts in ``path`` (created if missing); returns it, absolute.
+
+    Call it before the first compilation (Triton's own cache folder is fixed by then). Raises
+    ``ValueError`` naming the folder when it cannot be created or written.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"compile cache folder {path!r} cannot be written: {exc}") from None
+    # Inductor reads this on every cache access (torch._inductor.runtime.cache_dir_utils.cache_dir),
+    # and puts Triton's kernels under it unless TRITON_CACHE_DIR says otherwise.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
+def compile_stats() -> dict[str, int]:
+    """Graphs compiled in this process so far (``graphs``: Dynamo's count), and how many of them
+    Inductor loaded from its on-disk cache instead of compiling (``from_cache``)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "from_cache": int(counters["inductor"]["fxgraph_cache_hit"])}
