@@ -34,6 +34,7 @@ every later process. ``compile_stats`` says how many graphs came from the cache.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any, Optional
 
@@ -98,7 +99,9 @@ def use_cache_dir(path: str) -> str:
 def compile_stats() -> dict[str, int]:
     """Graphs compiled in this process so far (``graphs``: Dynamo's count), and how many of them
     Inductor loaded from its on-disk cache instead of compiling (``from_cache``)."""
-    from torch._dynamo.utils import counters
-
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:  # Dynamo never loaded: nothing compiled (and health checks stay free of its import)
+        return {"graphs": 0, "from_cache": 0}
+    counters = utils.counters
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "from_cache": int(counters["inductor"]["fxgraph_cache_hit"])}
