@@ -75,7 +75,7 @@ def main() -> int:
 
         from bench.check_fsdp_load_gpu import write_model_folder
 
-        model = str(work / "models" / args.write_model)  # the folder's name tells the variant
+        model = str(work / "models" / args.write_model)
         device = torch.device("cpu" if args.cpu else "cuda", 0)
         report["model_folder"] = write_model_folder(Path(model), args.write_model, device, smoke=args.cpu)
         save()
@@ -116,7 +116,7 @@ def main() -> int:
             report["deploys"].append(record)
             deploy_and_run(cluster, config_path, url, work / f"out-{attempt}.mp4", args, record, save)
             if args.redeploy and attempt == 0:
-                shutdown_serve(cluster)
+                cluster.shutdown_serve(timeout_s=120)
         report["ok"] = all(d.get("ok") for d in report["deploys"])
     except Exception as exc:  # noqa: BLE001 - the report says what failed
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -124,7 +124,7 @@ def main() -> int:
         report["serve_status"] = cluster.serve_app("wanserve")
         report["ray_start_log"] = cluster.log_tail(8000)
     finally:
-        shutdown_serve(cluster)
+        cluster.shutdown_serve(timeout_s=120)
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
         report["total_s"] = time.monotonic() - t0
@@ -141,21 +141,12 @@ def deploy_and_run(cluster, config_path: Path, url: str, video: Path, args, reco
     import httpx
 
     from service.cli import main as wanserve
-    from test_serve_deploy import SERVE_CLI, _unhealthy, http_ok, run, wait_for
+    from test_serve_deploy import SERVE_CLI, run, wait_for
 
     t0 = time.monotonic()
     run(SERVE_CLI + ["deploy", str(config_path), "--address", cluster.dashboard_url], cluster.env, 180)
     record["deploy_s"] = time.monotonic() - t0
-
-    def ready() -> bool:
-        if http_ok(f"{url}/readyz"):
-            return True
-        app = cluster.serve_app("wanserve")
-        if app.get("status") == "DEPLOY_FAILED":  # the builder or a replica constructor raised: stop now
-            raise RuntimeError(f"serve deploy failed: {app.get('message')}\n{_unhealthy(app)}")
-        return False
-
-    wait_for(ready, 1800, "/readyz", interval_s=2, alive=cluster.check_alive)
+    wait_for(lambda: cluster.serve_ready(url), 1800, "/readyz", interval_s=2, alive=cluster.check_alive)
     record["ready_s"] = time.monotonic() - t0
     replicas = httpx.get(f"{url}/models", timeout=30).json()["models"][0]["replicas"]
     record.update({k: replicas[0].get(k) for k in ("layout", "init_s", "warmup", "compile_cache_dir")})
@@ -177,15 +168,6 @@ def deploy_and_run(cluster, config_path: Path, url: str, video: Path, args, reco
     record["video"] = {"bytes": video.stat().st_size, "frames": frames}
     record["ok"] = frames == record["job"]["result"]["num_frames"]
     save()
-
-
-def shutdown_serve(cluster) -> None:
-    import subprocess
-
-    from test_serve_deploy import SERVE_CLI
-
-    subprocess.run(SERVE_CLI + ["shutdown", "-y", "--address", cluster.dashboard_url], env=cluster.env,
-                   capture_output=True, timeout=120)
 
 
 if __name__ == "__main__":

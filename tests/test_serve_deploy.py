@@ -133,6 +133,21 @@ class LocalRayCluster:
         except (httpx.HTTPError, ValueError) as exc:
             return {"error": repr(exc)}
 
+    def serve_ready(self, url: str, app_name: str = "wanserve") -> bool:
+        """Whether ``url``'s /readyz answers 200. Raises once Serve reports the app DEPLOY_FAILED (e.g. a
+        replica constructor keeps raising), so that a wait on it stops at once."""
+        if http_ok(f"{url}/readyz"):
+            return True
+        app = self.serve_app(app_name)
+        if app.get("status") == "DEPLOY_FAILED":
+            raise AssertionError(f"serve deploy failed: {app.get('message')}\n{_unhealthy(app)}")
+        return False
+
+    def shutdown_serve(self, timeout_s: float) -> None:
+        """``serve shutdown -y`` on this cluster (every application goes); its outcome is not checked."""
+        subprocess.run(SERVE_CLI + ["shutdown", "-y", "--address", self.dashboard_url], env=self.env,
+                       capture_output=True, text=True, timeout=timeout_s)
+
     def log_tail(self, chars: int = 4000) -> str:
         try:
             return self.log_path.read_text()[-chars:]
@@ -179,16 +194,8 @@ def test_serve_deploy_one_job_end_to_end(tmp_path):
         run(SERVE_CLI + ["deploy", str(config_path), "--address", cluster.dashboard_url], cluster.env, 120)
         deployed = True
 
-        def ready() -> bool:
-            if http_ok(f"{url}/readyz"):
-                return True
-            app = cluster.serve_app("wanserve")
-            if app.get("status") == "DEPLOY_FAILED":  # e.g. a replica constructor keeps raising: stop now
-                raise AssertionError(f"serve deploy failed: {app.get('message')}\n{_unhealthy(app)}")
-            return False
-
         try:
-            wait_for(ready, 300, "/readyz", interval_s=1.0, alive=cluster.check_alive)
+            wait_for(lambda: cluster.serve_ready(url), 300, "/readyz", interval_s=1.0, alive=cluster.check_alive)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nserve status: {cluster.serve_app('wanserve')}") from None
 
@@ -217,7 +224,6 @@ def test_serve_deploy_one_job_end_to_end(tmp_path):
     finally:
         try:
             if deployed:
-                subprocess.run(SERVE_CLI + ["shutdown", "-y", "--address", cluster.dashboard_url], env=cluster.env,
-                               capture_output=True, text=True, timeout=60)
+                cluster.shutdown_serve(timeout_s=60)
         finally:
             cluster.stop()
