@@ -3,7 +3,7 @@
     results = run_ranks(fn, world_size, *args, timeout=120)
 
 ``fn(rank, world_size, *args)`` runs on each rank after ``torch.distributed`` is initialized
-(gloo, 127.0.0.1, a free port); it must be importable by name (a module-level function) and
+(gloo, through a TCP store that this process serves on 127.0.0.1); it must be importable by name (a module-level function) and
 return something picklable. The per-rank return values come back as a list in rank order. If a
 rank raises, ``run_ranks`` raises ``RankFailed`` with that rank's traceback; if the ranks do not
 all finish within ``timeout`` seconds it raises ``TimeoutError``. The processes are always
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import queue as queue_module
-import socket
 import time
 import traceback
 from typing import Any, Callable
@@ -25,12 +24,6 @@ class RankFailed(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(fn, rank, world_size, port, timeout, results, args) -> None:
     import torch
     import torch.distributed as dist
@@ -38,10 +31,9 @@ def _rank_main(fn, rank, world_size, port, timeout, results, args) -> None:
     # Ranks share 2 cores in CI: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
+        limit = datetime.timedelta(seconds=timeout)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=limit)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=limit)
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -53,9 +45,15 @@ def _rank_main(fn, rank, world_size, port, timeout, results, args) -> None:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results in rank order."""
+    import torch.distributed as dist
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    # The store's server listens here, on a port the OS picks, before any rank starts: a port chosen
+    # free and bound later by rank 0 could be taken in between (EADDRINUSE, seen in CI).
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=timeout))
+    port = server.port
     procs = [
         ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, timeout, results, args), daemon=True)
         for rank in range(world_size)
@@ -93,3 +91,4 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 proc.join(timeout=5)
         results.close()
         results.join_thread()
+        del server  # stops listening
