@@ -3,7 +3,7 @@
     wanserve serve [--config FILE] [--model DIR|tiny] [--gpus N] [--port 8000]
     wanserve generate ...                      (wan_model.pipeline.cli: one video, no service)
     wanserve submit --prompt "..." [--wait] [-o out.mp4]
-    wanserve status JOB | download JOB -o out.mp4 | cancel JOB
+    wanserve status JOB | download JOB -o out.mp4 | cancel JOB | delete JOB
     wanserve config [--config FILE] [--gpus N] [--format yaml|json]
 
 Imports are lazy: ``--help`` and the client commands load neither Ray nor torch.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+FINISHED = ("succeeded", "failed", "cancelled")  # the job statuses that do not change any more
 TINY_NOTE = ("note: the 'tiny' model has random weights: it makes noise videos. It exists to show the whole "
              "path (HTTP -> queue -> workers -> MP4) working on any machine; pass --model DIR for real videos.")
 
@@ -247,7 +248,7 @@ def follow_job(client, job_id: str, *, quiet: bool = False, max_reconnects: int 
             # The stream ended without an "end" event: look at the job before reconnecting.
             view = _request(client, "GET", f"/jobs/{job_id}").json()
             last = view
-            if view["status"] in ("succeeded", "failed", "cancelled"):
+            if view["status"] in FINISHED:
                 return view
         raise CliError(f"lost the event stream of job {job_id} {max_reconnects} times; last status: "
                        f"{(last or {}).get('status')}")
@@ -326,8 +327,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        view = _request(client, "GET", f"/jobs/{args.job}").json()
+        if view["status"] in FINISHED:  # DELETE of a finished job deletes its files: not what "cancel" means
+            print(f"job {view['id']}: already {view['status']}, nothing to cancel")
+            return 0
         view = _request(client, "DELETE", f"/jobs/{args.job}").json()
     print(f"job {view['id']}: {view['status']}" + (" (cancel requested)" if view.get("cancel_requested") else ""))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        view = _request(client, "GET", f"/jobs/{args.job}").json()
+        if view["status"] not in FINISHED:
+            raise CliError(f"job {view['id']} is {view['status']}: cancel it first (wanserve cancel {view['id']})")
+        view = _request(client, "DELETE", f"/jobs/{args.job}").json()
+    print(f"job {view['id']}: {view['status']}, its video and preview deleted from the server")
     return 0
 
 
@@ -449,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("delete", help="delete a finished job's video and preview from the server")
+    _client_flags(p)
+    p.add_argument("job")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("config", help="print the resolved settings and the parallel layout")
     _settings_flags(p)

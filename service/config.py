@@ -70,6 +70,9 @@ class ServiceSettings(BaseSettings):
     max_attempts: int = Field(2, ge=1)  # a job that was running on a replica that died runs again once
     # Jobs each engine replica runs before it reports ready (the shapes users will ask for).
     warmup: list[WarmupShape] = Field(default_factory=list)
+    # How long a finished job's video and preview stay in data_dir; then they are deleted and the
+    # job's record says so (its video URL answers 410). 0 keeps them forever (the disk then fills).
+    result_ttl_s: float = Field(7 * 24 * 3600.0, ge=0)
     # Where workers keep what torch.compile built (``compile: true``), so that a new replica loads it
     # instead of compiling again. None: <data_dir>/compile-cache, shared like the results.
     compile_cache_dir: Optional[str] = None

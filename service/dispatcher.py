@@ -33,11 +33,12 @@ from typing import Any, Optional
 from service.config import ServiceSettings
 from service.logs import job_log
 from service.lora import resolve_lora
-from service.queue import FAILED, RUNNING, IdempotencyKeyReused, JobQueue, QueueFull
+from service.queue import FAILED, RUNNING, TERMINAL, IdempotencyKeyReused, JobQueue, QueueFull
 from wan_model.pipeline.video import mp4_problem
 
 logger = logging.getLogger("ray.serve")
 
+RESULT_SWEEP_MAX_S = 60.0  # result retention: the longest between two looks for expired files
 ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
 ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
 
@@ -61,6 +62,7 @@ class JobQueueService:
             job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
                                             "engine replica to claim it (at most %.0f s)", grace)
         self.inflight: dict[str, asyncio.Task] = {}
+        self._next_sweep = 0.0  # monotonic time of the next result-retention sweep
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._ensure_dispatcher()
@@ -85,6 +87,7 @@ class JobQueueService:
         while True:
             try:
                 self._settle_orphans()
+                await self._sweep_results()
                 busy = len(self.inflight) + len(self.orphans) + len(self.adopted)
                 if busy < self.settings.engine_replicas:
                     job = self.queue.next_queued()
@@ -191,6 +194,45 @@ class JobQueueService:
             self.inflight.pop(job_id, None)
             self._poke()
 
+    # ---------------------------------------------------------------- result retention
+
+    @property
+    def _sweep_period_s(self) -> float:
+        """Files outlive ``result_ttl_s`` by at most this much."""
+        return min(RESULT_SWEEP_MAX_S, max(1.0, self.settings.result_ttl_s / 10))
+
+    async def _sweep_results(self) -> None:
+        """Delete the files of jobs that finished more than ``result_ttl_s`` ago (0: keep them)."""
+        ttl = self.settings.result_ttl_s
+        now = time.monotonic()
+        if not ttl or now < self._next_sweep:
+            return
+        self._next_sweep = now + self._sweep_period_s
+        reason = f"expired: kept for result_ttl_s={ttl:g} s after the job finished"
+        for job in self.queue.files_due(time.time() - ttl):
+            try:
+                await self._delete_files(job, reason)
+            except OSError:
+                continue  # logged; the next sweep tries again
+
+    async def _delete_files(self, job: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Delete a finished job's results folder, then record it. A folder that cannot be deleted is
+        left unrecorded, so that the next sweep tries again, and the error is logged."""
+        try:
+            await asyncio.to_thread(self._remove_results_dir, job["id"])
+        except OSError as exc:
+            job_log(logger, job["id"]).warning("cannot delete its results (%s); will try again", exc)
+            raise
+        done = self.queue.mark_files_deleted(job["id"], reason)
+        if job["status"] == "succeeded":
+            job_log(logger, job["id"]).info("video and preview deleted: %s", reason, extra={"reason": reason})
+        return done
+
+    def _remove_results_dir(self, job_id: str) -> None:
+        folder = self.settings.results_dir / job_id
+        if folder.exists():
+            shutil.rmtree(folder)
+
     def _discard_results(self, job_id: str) -> None:
         """Remove what a job that did not succeed left in its results folder: only succeeded jobs have files."""
         shutil.rmtree(self.settings.results_dir / job_id, ignore_errors=True)
@@ -283,6 +325,18 @@ class JobQueueService:
         self._poke()
         return job
 
+    async def delete_files(self, job_id: str) -> dict[str, Any]:
+        """Delete a finished job's video and preview now (``DELETE`` of a finished job). The job's
+        record stays; its files are reported deleted. ``ValueError`` for a job not finished."""
+        job = self.queue.get(job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id}")
+        if job["files_deleted_at"] is not None:
+            return job
+        if job["status"] not in TERMINAL:
+            raise ValueError(f"job {job_id} is {job['status']}: only a finished job's files can be deleted")
+        return await self._delete_files(job, "deleted by request")
+
     async def report_progress(self, job_id: str, progress: dict[str, Any]) -> bool:
         return self.queue.report_progress(job_id, stage=progress["stage"], step=progress.get("step", 0),
                                           total_steps=progress.get("total_steps", 0),
@@ -345,6 +399,7 @@ class JobQueueService:
                  if now - e["seen_at"] < self._engine_stale_s}
         self.engines = fresh
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
+                "results_bytes": self.queue.results_bytes(),
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
                 "running": [*self.inflight, *self.adopted], "orphaned": list(self.orphans)}
 

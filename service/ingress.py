@@ -40,7 +40,8 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
 # -------------------------------------------------------------------- views
 
 
-def job_view(job: dict[str, Any]) -> dict[str, Any]:
+def job_view(job: dict[str, Any], result_ttl_s: float) -> dict[str, Any]:
+    """A job as the API shows it; ``result_ttl_s`` gives a succeeded job's ``expires_at``."""
     result = job.get("result") or {}
     view = {
         "id": job["id"], "status": job["status"], "queue_position": job["queue_position"],
@@ -51,13 +52,25 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s": ((job["finished_at"] or time.time()) - job["started_at"]) if job["started_at"] else None,
     }
     if job["status"] == "succeeded":
+        deleted = job.get("files_deleted_at") is not None
         view["result"] = {
-            "video_url": f"/jobs/{job['id']}/video", "preview_url": f"/jobs/{job['id']}/preview.png",
+            "video_url": None if deleted else f"/jobs/{job['id']}/video",
+            "preview_url": None if deleted else f"/jobs/{job['id']}/preview.png",
             "size_bytes": job["result_bytes"],
+            "expires_at": expires_at(job, result_ttl_s),
             **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout", "encoder")},
         }
+        if deleted:
+            view["result"].update(deleted_at=job["files_deleted_at"], deleted_reason=job["files_deleted_reason"])
         view["timings"] = result.get("timings", {})
     return view
+
+
+def expires_at(job: dict[str, Any], result_ttl_s: float) -> Optional[float]:
+    """When a finished job's files are deleted (Unix time); None if kept forever or already gone."""
+    if not result_ttl_s or not job.get("finished_at") or job.get("files_deleted_at") is not None:
+        return None
+    return job["finished_at"] + result_ttl_s
 
 
 def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
@@ -75,6 +88,9 @@ def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any
         view["error"] = {"code": job["status"], "message": job["error"] or job["status"]}
     if job["finished_at"]:
         view["completed_at"] = int(job["finished_at"])
+    if status == "completed":
+        expiry = expires_at(job, settings.result_ttl_s)
+        view["expires_at"] = None if expiry is None else int(expiry)
     return view
 
 
@@ -215,7 +231,7 @@ class Ingress:
     @api.get("/jobs/{job_id}")
     async def job_status(self, job_id: str, request: Request):
         self._authorize(request)
-        return job_view(await self._job(job_id, request))
+        return job_view(await self._job(job_id, request), self.settings.result_ttl_s)
 
     @api.get("/jobs")
     async def jobs(self, request: Request, status: Optional[str] = None, limit: int = 50, offset: int = 0):
@@ -231,13 +247,19 @@ class Ingress:
             return JSONResponse({"detail": [{"loc": ["query", k], "msg": v, "type": "value_error"}
                                             for k, v in errors.items()]}, status_code=422)
         page = await self.queue.list.remote(status, limit, offset, getattr(request.state, "client", None))
-        return {"jobs": [job_view(j) for j in page["jobs"]], "total": page["total"], "limit": limit, "offset": offset}
+        return {"jobs": [job_view(j, self.settings.result_ttl_s) for j in page["jobs"]], "total": page["total"], "limit": limit, "offset": offset}
 
     @api.delete("/jobs/{job_id}")
     async def cancel(self, job_id: str, request: Request):
         self._authorize(request)
-        await self._job(job_id, request)
-        return job_view(await self.queue.cancel.remote(job_id))
+        job = await self._job(job_id, request)
+        if job["status"] in TERMINAL:  # nothing to cancel: delete its video and preview
+            job = await self.queue.delete_files.remote(job_id)
+            job_log(logger, job_id).info("files deleted on request (client %s)",
+                                         getattr(request.state, "client", None) or "-")
+        else:
+            job = await self.queue.cancel.remote(job_id)
+        return job_view(job, self.settings.result_ttl_s)
 
     @api.get("/jobs/{job_id}/events")
     async def events(self, job_id: str, request: Request):
@@ -254,7 +276,7 @@ class Ingress:
             if job is None:
                 yield _sse("error", {"detail": f"job {job_id} disappeared"})
                 return
-            view = job_view(job)
+            view = job_view(job, self.settings.result_ttl_s)
             key = (view["status"], view["progress"]["stage"], view["progress"]["step"], view["queue_position"])
             if key != last:
                 last, last_sent = key, time.monotonic()
@@ -282,6 +304,9 @@ class Ingress:
     def _file(self, job: dict[str, Any], kind: str) -> Response:
         if job["status"] != "succeeded":
             return _error(404, f"job {job['id']} is {job['status']}: no {kind} (only succeeded jobs have one)")
+        if job.get("files_deleted_at") is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job["files_deleted_at"]))
+            return _error(410, f"the {kind} of job {job['id']} was deleted at {when} ({job['files_deleted_reason']})")
         path = job["result_path"] if kind == "video" else job["preview_path"]
         if not path or not Path(path).is_file():
             return _error(410, f"the {kind} of job {job['id']} is gone from the server")
@@ -356,6 +381,18 @@ class Ingress:
     async def openai_get(self, job_id: str, request: Request):
         self._authorize(request)
         return openai_view(await self._job(job_id, request), self.settings)
+
+    @api.delete("/v1/videos/{job_id}")
+    async def openai_delete(self, job_id: str, request: Request):
+        self._authorize(request)
+        job = await self._job(job_id, request)
+        if job["status"] not in TERMINAL:
+            return _error(409, f"video {job_id} is {openai_view(job, self.settings)['status']}: only a finished "
+                               f"video can be deleted (cancel it with DELETE /jobs/{job_id})")
+        await self.queue.delete_files.remote(job_id)
+        job_log(logger, job_id).info("files deleted on request (client %s)",
+                                     getattr(request.state, "client", None) or "-")
+        return {"id": job_id, "object": "video.deleted", "deleted": True}
 
     @api.get("/v1/videos/{job_id}/content")
     async def openai_content(self, job_id: str, request: Request, variant: str = "video"):

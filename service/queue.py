@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_bytes INTEGER,
     result TEXT,
     owner TEXT,
-    request_fingerprint TEXT
+    request_fingerprint TEXT,
+    files_deleted_at REAL,
+    files_deleted_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -121,6 +123,11 @@ class JobQueue:
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
         if "request_fingerprint" not in columns:  # a table written before key reuse was checked
             self._db.execute("ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT")
+        if "files_deleted_at" not in columns:  # a table written before results expired
+            self._db.execute("ALTER TABLE jobs ADD COLUMN files_deleted_at REAL")
+            self._db.execute("ALTER TABLE jobs ADD COLUMN files_deleted_reason TEXT")
+        # After the migration: the index names a column an older table gains only above.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
 
     def close(self) -> None:
         with self._lock:
@@ -236,6 +243,13 @@ class JobQueue:
         counts.update({status: n for status, n in rows})
         return counts
 
+    def results_bytes(self) -> int:
+        """Bytes of the videos still kept: succeeded jobs whose files are not deleted."""
+        with self._lock:
+            (total,) = self._db.execute("SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE status = ? "
+                                        "AND files_deleted_at IS NULL", (SUCCEEDED,)).fetchone()
+            return int(total)
+
     def counters(self) -> dict[str, float]:
         with self._lock:
             return {name: value for name, value in self._db.execute("SELECT name, value FROM counters")}
@@ -339,6 +353,31 @@ class JobQueue:
                     "UPDATE jobs SET status = ?, attempts = ?, updated_at = ?, error = ?, stage = NULL, "
                     "step = 0, eta_s = NULL WHERE id = ?",
                     (QUEUED, attempts, now, f"re-queued: {reason}", job_id))
+            return self._to_dict(self._require(job_id))
+
+    def files_due(self, finished_before: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Finished jobs (any terminal status) that ended before ``finished_before`` and whose files
+        have not been deleted yet, oldest first: what the result retention deletes next."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE files_deleted_at IS NULL AND finished_at < ? "
+                f"AND status IN ({', '.join('?' * len(TERMINAL))}) ORDER BY finished_at LIMIT ?",
+                (finished_before, *TERMINAL, limit)).fetchall()
+            return [self._to_dict(r) for r in rows]
+
+    def mark_files_deleted(self, job_id: str, reason: str) -> dict[str, Any]:
+        """Record that a finished job's video and preview are gone, and why. A job that has not
+        finished is refused (``ValueError``): its files are still being written."""
+        with self._tx():
+            row = self._require(job_id)
+            if row["status"] not in TERMINAL:
+                raise ValueError(f"job {job_id} is {row['status']}: only a finished job's files can be deleted")
+            if row["files_deleted_at"] is None:
+                now = time.time()
+                self._db.execute("UPDATE jobs SET files_deleted_at = ?, files_deleted_reason = ?, updated_at = ? "
+                                 "WHERE id = ?", (now, reason, now, job_id))
+                if row["status"] == SUCCEEDED:
+                    self._add_counter("results_deleted", 1)
             return self._to_dict(self._require(job_id))
 
     def running_ids(self) -> list[str]:

@@ -213,6 +213,7 @@ class StubService:
         self.final_status = "succeeded"
         self.cut_first_stream = False
         self.streams = 0
+        self.deletes = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -245,7 +246,11 @@ class StubService:
 
             def do_DELETE(self):
                 if self._authorized():
-                    self._send(200, stub.view("cancelled", 0, cancel=True))
+                    stub.deletes += 1
+                    finished = stub.final_status in ("succeeded", "failed", "cancelled")
+                    # A finished job's files are deleted; an unfinished one is cancelled.
+                    self._send(200, stub.view(stub.final_status, 4) if finished else
+                               stub.view("cancelled", 0, cancel=True))
 
             def do_GET(self):
                 if not self._authorized():
@@ -343,7 +348,15 @@ def test_status_and_download_and_cancel(stub, tmp_path, capsys):
     assert run_main(["download", *common, "job-1", "-o", str(target)], capsys)[0] == 0
     assert target.read_bytes() == stub.VIDEO
     code, out, _ = run_main(["cancel", *common, "job-1"], capsys)
-    assert code == 0 and "cancelled" in out
+    assert code == 0 and "already succeeded, nothing to cancel" in out
+    assert stub.deletes == 0  # a DELETE of a finished job would delete its video
+    code, out, _ = run_main(["delete", *common, "job-1"], capsys)
+    assert code == 0 and "video and preview deleted" in out and stub.deletes == 1
+    stub.final_status = "running"
+    code, out, _ = run_main(["cancel", *common, "job-1"], capsys)
+    assert code == 0 and "cancelled (cancel requested)" in out and stub.deletes == 2
+    code, _, err = run_main(["delete", *common, "job-1"], capsys)
+    assert code == 1 and "is running: cancel it first" in err and stub.deletes == 2
 
 
 def test_client_errors_are_one_readable_line(stub, tmp_path, capsys):

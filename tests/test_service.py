@@ -234,3 +234,47 @@ def test_missing_results_are_404_or_410_never_500(service, finished_job):
     gone = service.get(f"/jobs/{job['id']}/video")
     assert gone.status_code == 410 and "gone" in gone.json()["detail"]
     assert service.get(f"/jobs/{job['id']}/preview.png").status_code == 200
+
+
+def test_delete_of_a_finished_job_deletes_its_files_and_they_answer_410(service):
+    r = service.post("/generate", json={"prompt": "kept a while", "steps": 2})
+    job = wait_status(service, r.json()["id"], ("succeeded",), timeout_s=60)
+    settings_ttl = 7 * 24 * 3600  # the default result_ttl_s
+    assert job["result"]["expires_at"] == pytest.approx(job["finished_at"] + settings_ttl)
+    folder = service.data_dir / "results" / job["id"]
+    assert (folder / "video.mp4").is_file()
+    deleted_before = _metric(service, "wanserve_results_deleted_total")
+    r = service.delete(f"/jobs/{job['id']}")
+    assert r.status_code == 200, r.text
+    view = r.json()
+    assert view["status"] == "succeeded" and view["result"]["video_url"] is None
+    assert view["result"]["deleted_reason"] == "deleted by request" and view["result"]["expires_at"] is None
+    assert not folder.exists()
+    for path in (f"/jobs/{job['id']}/video", f"/jobs/{job['id']}/preview.png", f"/v1/videos/{job['id']}/content"):
+        gone = service.get(path)
+        assert gone.status_code == 410 and "was deleted at" in gone.json()["detail"], (path, gone.text)
+    assert service.delete(f"/jobs/{job['id']}").json()["result"]["deleted_at"] == view["result"]["deleted_at"]
+    assert _metric(service, "wanserve_results_deleted_total") == deleted_before + 1
+
+
+def test_openai_delete_of_a_video(service):
+    video = service.post("/v1/videos", json={"prompt": "brief", "size": "64x64", "seconds": "0.25", "steps": 2}).json()
+    wait_for(lambda: service.get(f"/v1/videos/{video['id']}").json()["status"] == "completed", 60,
+             "the OpenAI-style job to complete")
+    assert service.get(f"/v1/videos/{video['id']}").json()["expires_at"] is not None
+    r = service.delete(f"/v1/videos/{video['id']}")
+    assert r.status_code == 200 and r.json() == {"id": video["id"], "object": "video.deleted", "deleted": True}
+    assert service.get(f"/v1/videos/{video['id']}/content").status_code == 410
+    # Many steps, so that it is still queued or running when the DELETE arrives.
+    busy = service.post("/v1/videos", json={"prompt": "long", "size": "64x64", "seconds": "0.25", "steps": 100})
+    refused = service.delete(f"/v1/videos/{busy.json()['id']}")
+    assert refused.status_code == 409 and "only a finished video can be deleted" in refused.json()["detail"]
+    assert service.delete(f"/jobs/{busy.json()['id']}").status_code == 200  # cancel it
+    wait_status(service, busy.json()["id"], ("cancelled",), timeout_s=60)
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
