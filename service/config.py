@@ -63,6 +63,9 @@ class ServiceSettings(BaseSettings):
     # Per-client bearer tokens, token -> client name: a client sees and reads only its own jobs.
     # The single auth_token (if any) stays an operator token that sees every job.
     client_tokens: dict[str, str] = Field(default_factory=dict)
+    # Queued + running jobs one client (of client_tokens) may hold, so that one client cannot fill
+    # the queue for the others. None: only queue_size bounds them. The auth_token holder is not bound.
+    max_jobs_per_client: Optional[int] = Field(None, ge=1)
     max_tokens: int = Field(75_600, ge=1)  # latent tokens F'*H'*W' per request (1280x720x81 on 14B)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)

@@ -48,7 +48,8 @@ class JobQueueService:
         self.settings = ServiceSettings.coerce(args)
         self.engine = engine
         self.queue = JobQueue(self.settings.db_path, max_size=self.settings.queue_size,
-                              max_attempts=self.settings.max_attempts)
+                              max_attempts=self.settings.max_attempts,
+                              max_per_owner=self.settings.max_jobs_per_client)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.engines: dict[str, dict[str, Any]] = {}
         # Jobs a previous JobQueue replica left running: job id -> when to stop waiting for an engine

@@ -69,6 +69,17 @@ class QueueFull(RuntimeError):
         super().__init__(f"job queue is full ({limit} queued or running jobs); retry after {retry_after_s} s")
 
 
+class ClientQueueFull(QueueFull):
+    """One client holds its ``limit`` of active jobs (``max_jobs_per_client``); others can still submit."""
+
+    def __init__(self, owner: str, limit: int, retry_after_s: int):
+        self.owner = owner
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        RuntimeError.__init__(self, f"client {owner!r} has {limit} queued or running jobs, its limit "
+                                    f"(max_jobs_per_client); retry after {retry_after_s} s")
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -105,9 +116,13 @@ def new_job_id() -> str:
 
 
 class JobQueue:
-    def __init__(self, db_path: str | Path, *, max_size: int = 64, max_attempts: int = 2):
+    def __init__(self, db_path: str | Path, *, max_size: int = 64, max_attempts: int = 2,
+                 max_per_owner: Optional[int] = None):
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if max_per_owner is not None and max_per_owner < 1:
+            raise ValueError(f"max_per_owner must be >= 1 or None, got {max_per_owner}")
+        self.max_per_owner = max_per_owner
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.max_size = max_size
@@ -199,6 +214,11 @@ class JobQueue:
                 "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE).fetchone()
             if active >= self.max_size:
                 raise QueueFull(self.max_size, self.retry_after_s(active))
+            if owner is not None and self.max_per_owner is not None:
+                (mine,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)",
+                                           (owner, *ACTIVE)).fetchone()
+                if mine >= self.max_per_owner:
+                    raise ClientQueueFull(owner, self.max_per_owner, self.retry_after_s(mine))
             now = time.time()
             job_id = new_job_id()
             self._db.execute(

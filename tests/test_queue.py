@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from service.queue import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, IdempotencyKeyReused, JobNotFound,
-                           JobQueue, QueueFull, request_fingerprint)
+from service.queue import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, ClientQueueFull, IdempotencyKeyReused,
+                           JobNotFound, JobQueue, QueueFull, request_fingerprint)
 
 
 @pytest.fixture()
@@ -215,3 +215,19 @@ def test_list_filters_and_pages(queue):
     assert n == 1 and cancelled[0]["id"] == ids[1]
     with pytest.raises(ValueError):
         queue.list(status="bogus")
+
+
+def test_a_client_holds_at_most_its_share_of_active_jobs(tmp_path):
+    q = JobQueue(tmp_path / "jobs.sqlite3", max_size=10, max_per_owner=2)
+    a1, _ = q.submit({"prompt": "a1"}, owner="alice")
+    q.submit({"prompt": "a2"}, owner="alice", idempotency_key="k")
+    with pytest.raises(ClientQueueFull, match="client 'alice' has 2 queued or running jobs") as caught:
+        q.submit({"prompt": "a3"}, owner="alice")
+    assert isinstance(caught.value, QueueFull) and caught.value.retry_after_s >= 1
+    assert q.submit({"prompt": "a2"}, owner="alice", idempotency_key="k")[1] is False  # a retry is no new job
+    q.submit({"prompt": "b1"}, owner="bob")  # another client is not bound by alice's jobs
+    q.submit({"prompt": "op"}, owner=None)  # nor is the operator
+    q.mark_running(a1["id"])
+    q.finish(a1["id"], "succeeded")
+    assert q.submit({"prompt": "a3"}, owner="alice")[1] is True  # a finished job frees a place
+    assert q.counts()["queued"] == 4

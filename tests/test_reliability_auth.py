@@ -1,6 +1,7 @@
 """Auth: with tokens configured every route but health needs one (metrics included), the token
 check is constant-time (hmac.compare_digest decides), job ids are 128-bit random, and with
-per-client tokens one client can neither list nor read nor cancel another's jobs."""
+per-client tokens one client can neither list nor read nor cancel another's jobs, nor fill the
+queue for the others (``max_jobs_per_client``)."""
 from __future__ import annotations
 
 import hmac
@@ -25,7 +26,7 @@ def app(serve_url, tmp_path_factory):
     from ray import serve
 
     settings = reliability_settings(tmp_path_factory.mktemp("reliability-auth"), app_name="wanserve-auth",
-                                    client_tokens={ALICE: "alice", BOB: "bob"})
+                                    client_tokens={ALICE: "alice", BOB: "bob"}, max_jobs_per_client=3)
     deploy(settings, serve_url)
     clients = {name: httpx.Client(base_url=serve_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
                for name, token in (("operator", TOKEN), ("alice", ALICE), ("bob", BOB))}
@@ -118,3 +119,20 @@ def test_a_client_cannot_see_another_clients_jobs(app):
     everything = [j["id"] for j in operator.get("/jobs", params={"limit": 500}).json()["jobs"]]
     assert mine["id"] in everything and theirs["id"] in everything
     wait_status(bob, theirs["id"], ("succeeded",), timeout_s=60)
+
+
+def test_one_client_cannot_fill_the_queue_for_the_others(app):
+    settings, clients, _ = app
+    alice, bob, operator = clients["alice"], clients["bob"], clients["operator"]
+    slow = {**TINY_JOB, "steps": 100}  # 0.5 s each on the fake generator: the four posts find three active
+    accepted = [alice.post("/generate", json={"prompt": f"a{i}", **slow}) for i in range(settings.max_jobs_per_client)]
+    assert [r.status_code for r in accepted] == [202] * settings.max_jobs_per_client
+    refused = alice.post("/generate", json={"prompt": "one too many", **slow})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert "client 'alice' has 3 queued or running jobs" in refused.json()["detail"]
+    others = [bob.post("/generate", json={"prompt": "bob's turn", **TINY_JOB}),
+              operator.post("/generate", json={"prompt": "operator", **TINY_JOB})]
+    assert [r.status_code for r in others] == [202, 202]
+    for client, r in zip((alice, alice, alice, bob, operator), [*accepted, *others]):
+        wait_status(client, r.json()["id"], ("succeeded",), timeout_s=60)
+    assert alice.post("/generate", json={"prompt": "room again", **TINY_JOB}).status_code == 202
