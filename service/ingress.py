@@ -98,6 +98,9 @@ def _public_request(req: dict[str, Any]) -> dict[str, Any]:
     out = dict(req)
     if out.get("image"):
         out["image"] = f"<{len(out['image'])} base64 characters>"
+    deleted = out.pop("image_deleted", None)
+    if deleted:
+        out["image"] = f"<{deleted['base64_chars']} base64 characters, deleted with the results>"
     return out
 
 

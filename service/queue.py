@@ -386,16 +386,24 @@ class JobQueue:
             return [self._to_dict(r) for r in rows]
 
     def mark_files_deleted(self, job_id: str, reason: str) -> dict[str, Any]:
-        """Record that a finished job's video and preview are gone, and why. A job that has not
-        finished is refused (``ValueError``): its files are still being written."""
+        """Record that a finished job's video and preview are gone, and why, and drop its input image
+        from the record. A job that has not finished is refused (``ValueError``): its files are
+        still being written, and a re-run needs the image."""
         with self._tx():
             row = self._require(job_id)
             if row["status"] not in TERMINAL:
                 raise ValueError(f"job {job_id} is {row['status']}: only a finished job's files can be deleted")
             if row["files_deleted_at"] is None:
                 now = time.time()
-                self._db.execute("UPDATE jobs SET files_deleted_at = ?, files_deleted_reason = ?, updated_at = ? "
-                                 "WHERE id = ?", (now, reason, now, job_id))
+                # The input image of an image-to-video job (up to max_body_bytes of base64) goes with the
+                # files: the record keeps its size and hash, which are all a finished job needs.
+                request = json.loads(row["request"])
+                if request.get("image"):
+                    image = request.pop("image")
+                    request["image_deleted"] = {"base64_chars": len(image),
+                                                "sha256": hashlib.sha256(image.encode()).hexdigest()}
+                self._db.execute("UPDATE jobs SET files_deleted_at = ?, files_deleted_reason = ?, updated_at = ?, "
+                                 "request = ? WHERE id = ?", (now, reason, now, json.dumps(request), job_id))
                 if row["status"] == SUCCEEDED:
                     self._add_counter("results_deleted", 1)
             return self._to_dict(self._require(job_id))

@@ -181,3 +181,24 @@ def test_an_older_database_gains_the_retention_columns(tmp_path):
     assert queue.mark_files_deleted("a1", "expired")["files_deleted_reason"] == "expired"
     indexes = {r[1] for r in queue._db.execute("PRAGMA index_list(jobs)")}
     assert "jobs_files" in indexes
+
+
+def test_the_input_image_leaves_the_record_with_the_files(tmp_path):
+    import base64
+    import hashlib
+
+    svc = make_service(tmp_path, ttl=0)
+    image = base64.b64encode(b"\x89PNG" + bytes(range(256)) * 40).decode()
+    job, _ = svc.queue.submit({"prompt": "from an image", "seed": 1, "image": image})
+    svc.queue.mark_running(job["id"])
+    svc.queue.finish(job["id"], "succeeded", result={})
+    assert job_view(svc.queue.get(job["id"]), 0)["request"]["image"] == f"<{len(image)} base64 characters>"
+    gone = asyncio.run(svc.delete_files(job["id"]))
+    assert "image" not in gone["request"]
+    assert gone["request"]["image_deleted"] == {"base64_chars": len(image),
+                                                "sha256": hashlib.sha256(image.encode()).hexdigest()}
+    (stored,) = svc.queue._db.execute("SELECT request FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+    assert image not in stored
+    shown = job_view(gone, 0)["request"]
+    assert shown["image"] == f"<{len(image)} base64 characters, deleted with the results>"
+    assert "image_deleted" not in shown
