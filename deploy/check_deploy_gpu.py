@@ -45,6 +45,9 @@ def main() -> int:
                         help="then shut Serve down, deploy again (warm compile cache) and run the job again")
     parser.add_argument("--cpu", action="store_true", help="gloo CPU workers instead of GPUs (script check)")
     parser.add_argument("--prompt", default="a red fox running through snow")
+    parser.add_argument("--expect-attention", metavar="KERNEL",
+                        help="fail unless the job's layout line names this attention kernel (e.g. fa3): "
+                             "catches a worker that could not import it and ran another")
     args = parser.parse_args()
 
     import yaml
@@ -131,7 +134,7 @@ def main() -> int:
         save()
         print(json.dumps({k: report.get(k) for k in ("ok", "error", "gpus", "cluster_start_s", "total_s")}, default=str))
         for i, d in enumerate(report["deploys"]):
-            print(f"deploy {i}:", json.dumps({k: d.get(k) for k in ("ok", "ready_s", "job_wall_s", "warmup", "layout")},
+            print(f"deploy {i}:", json.dumps({k: d.get(k) for k in ("ok", "error", "attention", "ready_s", "job_wall_s", "warmup", "layout")},
                                              default=str))
     return 0 if report["ok"] else 1
 
@@ -167,7 +170,21 @@ def deploy_and_run(cluster, config_path: Path, url: str, video: Path, args, reco
     frames = len(read_mp4(str(video)))
     record["video"] = {"bytes": video.stat().st_size, "frames": frames}
     record["ok"] = frames == record["job"]["result"]["num_frames"]
+    ran = layout_field(record["job"]["result"].get("layout") or "", "attention")
+    record["attention"] = ran
+    if args.expect_attention and ran != args.expect_attention:
+        record["ok"] = False
+        record["error"] = f"the job ran attention={ran}, not {args.expect_attention}"
     save()
+
+
+def layout_field(layout: str, name: str) -> str | None:
+    """``attention`` of ``"world=4 ... attention=fa3 ..."`` -> ``"fa3"``."""
+    for part in layout.split():
+        key, _, value = part.partition("=")
+        if key == name:
+            return value
+    return None
 
 
 if __name__ == "__main__":
