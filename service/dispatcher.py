@@ -27,7 +27,9 @@ import base64
 import logging
 import os
 import shutil
+import socket
 import time
+import uuid
 from typing import Any, Optional
 
 from service.config import ServiceSettings
@@ -39,6 +41,7 @@ from wan_model.pipeline.video import mp4_problem
 logger = logging.getLogger("ray.serve")
 
 RESULT_SWEEP_MAX_S = 60.0  # result retention: the longest between two looks for expired files
+DISPATCH_LEASE_MIN_S = 10.0  # the dispatch lease's length, at least (2 health periods if longer)
 ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
 ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
 
@@ -63,6 +66,13 @@ class JobQueueService:
             job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
                                             "engine replica to claim it (at most %.0f s)", grace)
         self.inflight: dict[str, asyncio.Task] = {}
+        # Only the holder of the store's dispatch lease dispatches and re-queues (JobQueue.acquire_lease);
+        # another replica on the same store stands by, and still records what engines report.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_s = max(DISPATCH_LEASE_MIN_S, 2 * self.settings.health_check_period_s)
+        self._leading = False
+        self._lease_until = 0.0  # wall clock
+        self._standing_by_for: Optional[str] = None
         self._next_sweep = 0.0  # monotonic time of the next result-retention sweep
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
@@ -87,10 +97,12 @@ class JobQueueService:
     async def _dispatch_loop(self) -> None:
         while True:
             try:
-                self._settle_orphans()
-                await self._sweep_results()
+                leading = self._hold_lease()
+                if leading:
+                    self._settle_orphans()
+                    await self._sweep_results()
                 busy = len(self.inflight) + len(self.orphans) + len(self.adopted)
-                if busy < self.settings.engine_replicas:
+                if leading and busy < self.settings.engine_replicas:
                     job = self.queue.next_queued()
                     if job is not None:
                         job = self.queue.mark_running(job["id"])
@@ -107,6 +119,40 @@ class JobQueueService:
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 logger.exception("dispatch loop error")
                 await asyncio.sleep(1.0)
+
+    def _hold_lease(self) -> bool:
+        """Whether this replica may dispatch now: take or renew the store's dispatch lease (renewed
+        when half of it is left). Taking it over resynchronises the orphans with the store."""
+        if self._leading and self._lease_until - time.time() > self._lease_s / 2:
+            return True
+        held, holder, expires_at = self.queue.acquire_lease(self.holder, self._lease_s)
+        if held and not self._leading:
+            self._resync_orphans()
+            logger.info("JobQueue %s holds the dispatch lease: dispatching", self.holder)
+        elif not held and holder != self._standing_by_for:
+            logger.warning("JobQueue %s holds the dispatch lease of this store (until %s): %s stands by, and "
+                           "takes over if it lapses", holder, time.strftime("%H:%M:%S", time.localtime(expires_at)),
+                           self.holder)
+        self._leading, self._lease_until = held, (expires_at if held else 0.0)
+        self._standing_by_for = None if held else holder
+        return held
+
+    def _resync_orphans(self) -> None:
+        """On taking the lease: the jobs running in the store that this replica neither dispatched nor
+        adopted are orphans, each with a fresh grace for an engine replica to claim it. Jobs that have
+        ended since (another replica held the lease) are no longer orphans."""
+        deadline = time.monotonic() + max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 10.0)
+        running = self.queue.running_ids()
+        self.orphans = {job_id: max(self.orphans.get(job_id, 0.0), deadline) for job_id in running
+                        if job_id not in self.inflight and job_id not in self.adopted}
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown: hand the lease on at once.
+        try:
+            if self._leading:
+                self.queue.release_lease(self.holder)
+        except Exception:  # noqa: BLE001 - the store may already be closed
+            pass
 
     @property
     def _engine_stale_s(self) -> float:
@@ -402,6 +448,7 @@ class JobQueueService:
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
                 "results_bytes": self.queue.results_bytes(),
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
+                "dispatching": self._leading, "standing_by_for": self._standing_by_for,
                 "running": [*self.inflight, *self.adopted], "orphaned": list(self.orphans)}
 
     async def check_health(self) -> None:

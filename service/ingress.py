@@ -353,7 +353,9 @@ class Ingress:
         ready = [e for e in state["engines"] if e.get("ready") and not e.get("broken")]
         if not ready:
             return _error(503, "no engine replica is ready yet")
-        return {"status": "ready", "engines": len(ready)}
+        # dispatching false: another JobQueue on the same store holds the dispatch lease (an upgrade
+        # under way); jobs are accepted and wait for it to end.
+        return {"status": "ready", "engines": len(ready), "dispatching": state.get("dispatching")}
 
     async def _queue_state(self) -> dict[str, Any]:
         return await self.queue.state.remote()

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dispatch_lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 
@@ -407,6 +412,30 @@ class JobQueue:
                 if row["status"] == SUCCEEDED:
                     self._add_counter("results_deleted", 1)
             return self._to_dict(self._require(job_id))
+
+    # ------------------------------------------------------------------ the dispatch lease
+
+    def acquire_lease(self, holder: str, lease_s: float) -> tuple[bool, Optional[str], float]:
+        """Take or renew the one lease to dispatch from this store, for ``lease_s`` seconds (wall clock).
+
+        Two JobQueue replicas can share a store for a while: a KubeRay upgrade runs the new cluster
+        beside the old one on the same volume, and Serve may start a JobQueue replica before the one
+        it replaces is gone. Only the holder dispatches jobs and re-queues those it finds running.
+        Returns ``(held, holder now, expires_at)``."""
+        with self._tx():
+            now = time.time()
+            row = self._db.execute("SELECT holder, expires_at FROM dispatch_lease WHERE id = 1").fetchone()
+            if row is not None and row["holder"] != holder and row["expires_at"] > now:
+                return False, row["holder"], row["expires_at"]
+            self._db.execute("INSERT INTO dispatch_lease (id, holder, expires_at) VALUES (1, ?, ?) "
+                             "ON CONFLICT(id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                             (holder, now + lease_s))
+            return True, holder, now + lease_s
+
+    def release_lease(self, holder: str) -> None:
+        """Give the lease up (at shutdown), so that a successor need not wait for it to expire."""
+        with self._tx():
+            self._db.execute("DELETE FROM dispatch_lease WHERE id = 1 AND holder = ?", (holder,))
 
     def running_ids(self) -> list[str]:
         """Ids of the jobs now ``running`` (at start: the ones a previous JobQueue replica dispatched)."""

@@ -278,3 +278,8 @@ def _metric(client: httpx.Client, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_the_app_holds_the_dispatch_lease(service, finished_job):
+    assert service.get("/readyz").json()["dispatching"] is True
+    assert _metric(service, "wanserve_dispatching") == 1

@@ -1,0 +1,97 @@
+"""The dispatch lease: two JobQueue replicas on one store (a KubeRay upgrade runs a new cluster beside
+the old one on the same volume; Serve may start a JobQueue replica before the old one is gone).
+Only the lease holder dispatches and re-queues; the other stands by and takes over when the lease
+is released or lapses. ``JobQueueService`` is built directly, without Ray."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from service.dispatcher import JobQueueService
+from service.queue import JobQueue
+from service_helpers import make_settings
+
+
+class FakeEngine:
+    """Records the jobs sent to it and fails them (the outcome does not matter here)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.run = self
+
+    def remote(self, job: dict):
+        self.sent.append(job["id"])
+
+        async def outcome() -> dict:
+            return {"status": "failed", "error": "fake engine"}
+
+        return outcome()
+
+
+def replica(settings, lease_s: float = 0.6) -> tuple[JobQueueService, FakeEngine]:
+    engine = FakeEngine()
+    svc = JobQueueService(settings.to_args(), engine)
+    svc._lease_s = lease_s
+    return svc, engine
+
+
+def test_the_lease_has_one_holder_until_released_or_expired(tmp_path):
+    q = JobQueue(tmp_path / "jobs.sqlite3")
+    held, holder, until = q.acquire_lease("a", 0.3)
+    assert held and holder == "a" and until > time.time()
+    assert q.acquire_lease("b", 0.3)[:2] == (False, "a")
+    assert q.acquire_lease("a", 0.3)[0]  # the holder renews
+    q.release_lease("b")  # not b's to release
+    assert q.acquire_lease("b", 0.3)[:2] == (False, "a")
+    time.sleep(0.35)
+    assert q.acquire_lease("b", 0.3)[:2] == (True, "b")  # lapsed: b takes it
+    assert q.acquire_lease("a", 0.3)[:2] == (False, "b")
+    q.release_lease("b")
+    assert q.acquire_lease("a", 0.3)[:2] == (True, "a")
+
+
+def test_a_replica_without_the_lease_neither_dispatches_nor_requeues_until_it_takes_over(tmp_path):
+    settings = make_settings(tmp_path, engine_replicas=1)
+    old, old_engine = replica(settings)
+    assert old._hold_lease()
+    running, _ = old.queue.submit({"prompt": "on the old cluster", "seed": 1})
+    old.queue.mark_running(running["id"])  # the old replica dispatched it; its engine still runs it
+    queued, _ = old.queue.submit({"prompt": "submitted during the upgrade", "seed": 2})
+    new, new_engine = replica(settings)
+
+    async def scenario():
+        await new.report_engine("N", {"ready": True, "busy_job": None})  # the new cluster's engine is idle
+        new._ensure_dispatcher()
+        await asyncio.sleep(0.4)  # the old replica renews nothing from here: its lease lapses at 0.6 s
+        standby = (new.queue.get(running["id"])["status"], new.queue.get(queued["id"])["status"],
+                   list(new_engine.sent), (await new.state())["dispatching"])
+        deadline = time.monotonic() + 10
+        while len(new_engine.sent) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        new._loop_task.cancel()
+        return standby
+
+    standby = asyncio.run(scenario())
+    # While the old replica held the lease: its running job was left alone (an engine of the old
+    # cluster runs it), and the queued job waited.
+    assert standby == ("running", "queued", [], False)
+    # Once it lapsed, the new replica took over: the job no engine of its own holds is re-queued
+    # and dispatched, then the queued one, in the order they were submitted.
+    assert new._leading and new_engine.sent == [running["id"], queued["id"]]
+    assert old_engine.sent == []
+    assert new.queue.get(running["id"])["attempts"] == 2
+
+
+def test_a_released_lease_passes_at_once_and_ended_jobs_are_no_orphans(tmp_path):
+    settings = make_settings(tmp_path, engine_replicas=1)
+    old, _ = replica(settings, lease_s=60)
+    assert old._hold_lease()
+    job, _ = old.queue.submit({"prompt": "finishes on the old cluster", "seed": 1})
+    old.queue.mark_running(job["id"])
+    new, new_engine = replica(settings, lease_s=60)
+    assert job["id"] in new.orphans and not new._hold_lease()
+    # The old cluster's engine pushes the outcome to the old replica, which records it.
+    old._apply_outcome(job["id"], {"status": "failed", "error": "out of memory"})
+    old.__del__()  # Serve's graceful shutdown of the old replica hands the lease on
+    assert new._hold_lease() and new.orphans == {}
+    assert new.queue.get(job["id"])["status"] == "failed" and new_engine.sent == []
