@@ -15,6 +15,7 @@ from ray import serve
 
 from service.config import ServiceSettings
 from service.dispatcher import JobQueueService
+from service.dispatcher import DRAIN_MARGIN_S
 from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
 from service.ingress import Ingress
 from service.logs import serve_logging_config
@@ -33,6 +34,8 @@ def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.A
     queue = serve.deployment(JobQueueService).options(
         name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
         health_check_period_s=settings.health_check_period_s, logging_config=logging_config,
+        # It outlives the engines' drain, to record the outcomes of the jobs they finish meanwhile.
+        graceful_shutdown_timeout_s=settings.drain_timeout_s + DRAIN_MARGIN_S,
     ).bind(plain, engine)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", max_ongoing_requests=200, ray_actor_options={"num_cpus": 0},

@@ -87,6 +87,10 @@ class ServiceSettings(BaseSettings):
     job_timeout_s: float = Field(3600.0, gt=0)
     progress_interval_s: float = Field(0.5, ge=0)  # rank 0 reports progress at most this often
     worker_init_timeout_s: float = Field(900.0, gt=0)
+    # How long an engine replica that Serve stops (a redeploy, a downscale, `serve shutdown`) lets its
+    # running job finish first. A job still running then is stopped and runs again elsewhere, which
+    # counts as one of its max_attempts.
+    drain_timeout_s: float = Field(600.0, ge=0)
 
     # --- logs ---
     # "json": every deployment and worker logs one JSON object per line, job lines with a

@@ -41,6 +41,7 @@ from wan_model.pipeline.video import mp4_problem
 logger = logging.getLogger("ray.serve")
 
 RESULT_SWEEP_MAX_S = 60.0  # result retention: the longest between two looks for expired files
+DRAIN_MARGIN_S = 30.0  # the JobQueue's own shutdown budget beyond the engines' drain_timeout_s
 DISPATCH_LEASE_MIN_S = 10.0  # the dispatch lease's length, at least (2 health periods if longer)
 ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
 ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
@@ -73,6 +74,8 @@ class JobQueueService:
         self._leading = False
         self._lease_until = 0.0  # wall clock
         self._standing_by_for: Optional[str] = None
+        self._draining = False  # shutting down: dispatch nothing more
+        self._stopped = False  # shut down: the loop ends and takes the lease no more
         self._next_sweep = 0.0  # monotonic time of the next result-retention sweep
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
@@ -81,6 +84,8 @@ class JobQueueService:
     # ---------------------------------------------------------------- dispatch loop
 
     def _ensure_dispatcher(self) -> None:
+        if self._draining:
+            return  # shutting down: the loop stays stopped
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -95,14 +100,14 @@ class JobQueueService:
             self._wake.set()
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 leading = self._hold_lease()
                 if leading:
                     self._settle_orphans()
                     await self._sweep_results()
                 busy = len(self.inflight) + len(self.orphans) + len(self.adopted)
-                if leading and busy < self.settings.engine_replicas:
+                if leading and not self._draining and busy < self.settings.engine_replicas:
                     job = self.queue.next_queued()
                     if job is not None:
                         job = self.queue.mark_running(job["id"])
@@ -146,11 +151,38 @@ class JobQueueService:
         self.orphans = {job_id: max(self.orphans.get(job_id, 0.0), deadline) for job_id in running
                         if job_id not in self.inflight and job_id not in self.adopted}
 
-    def __del__(self) -> None:
-        # Serve calls this on a graceful shutdown: hand the lease on at once.
+    def __del__(self):
+        # Serve calls this on a graceful shutdown, on the replica's event loop, and awaits a coroutine
+        # it returns. Python's own collection of the object (tests) happens outside a loop.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if hasattr(self, "_leading"):
+                self.release_lease()
+            return None
+        return self.shut_down()
+
+    async def shut_down(self) -> None:
+        """Serve's graceful shutdown (a redeploy, ``serve shutdown``): dispatch nothing more, wait for
+        the jobs this replica sent out (their engine replicas drain them for ``drain_timeout_s``)
+        and record their outcomes, then hand the dispatch lease on."""
+        self._draining = True
+        pending = [task for task in self.inflight.values() if not task.done()]
+        if pending:
+            logger.info("shutting down: waiting up to %.0f s for %d running job(s) to end",
+                        self.settings.drain_timeout_s, len(pending))
+            await asyncio.wait(pending, timeout=self.settings.drain_timeout_s + DRAIN_MARGIN_S / 2)
+        self._stopped = True  # or the loop would take the lease again once it is released
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.release_lease()
+
+    def release_lease(self) -> None:
+        """Hand the dispatch lease on at once, so that a successor need not wait for it to lapse."""
         try:
             if self._leading:
                 self.queue.release_lease(self.holder)
+                self._leading = False
         except Exception:  # noqa: BLE001 - the store may already be closed
             pass
 
@@ -453,6 +485,6 @@ class JobQueueService:
 
     async def check_health(self) -> None:
         self._ensure_dispatcher()
-        if self._loop_task is None or self._loop_task.done():
+        if not self._draining and (self._loop_task is None or self._loop_task.done()):
             raise RuntimeError("the dispatch loop is not running")
 

@@ -47,7 +47,7 @@ def engine_options(settings: ServiceSettings) -> dict[str, Any]:
         "placement_group_strategy": "STRICT_PACK",
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": settings.health_timeout_s + 5,
-        "graceful_shutdown_timeout_s": 5,
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,  # Serve waits for the running job
     }
 
 

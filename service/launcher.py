@@ -47,9 +47,15 @@ def serve_forever(settings: ServiceSettings, stop: Optional[threading.Event] = N
     started_ray = start_ray(settings)
     stop = stop or threading.Event()
 
+    def _on_second_signal(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
     def _on_signal(signum, frame):  # noqa: ARG001
-        logger.info("signal %d: shutting down", signum)
+        logger.info("signal %d: shutting down; a running job may take up to drain_timeout_s (%.0f s) to "
+                    "finish; Ctrl-C again to stop at once", signum, settings.drain_timeout_s)
         stop.set()
+        signal.signal(signal.SIGINT, _on_second_signal)
+        signal.signal(signal.SIGTERM, _on_second_signal)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_signal)
@@ -70,6 +76,9 @@ def serve_forever(settings: ServiceSettings, stop: Optional[threading.Event] = N
             serve.delete(settings.app_name)
             if started_ray:
                 serve.shutdown()
+        except KeyboardInterrupt:
+            logger.warning("stopping at once: a job still running is marked so in %s and runs again at the next "
+                           "start", settings.data_dir)
         finally:
             if started_ray:
                 ray.shutdown()

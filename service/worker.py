@@ -5,6 +5,7 @@ once), ``run(job)`` (one job, SPMD on every rank; rank 0 returns the result), ``
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import logging
 import os
@@ -14,6 +15,9 @@ import traceback
 from typing import Any, Callable, Optional
 
 from service.logs import LogFormat, configure_worker_logging, job_log
+
+PROGRESS_TIMEOUT_S = 10.0  # one progress report's wait for the JobQueue
+FLUSH_WAIT_S = 2.0  # at a job's end, the wait for its last progress report
 
 logger = logging.getLogger("wanserve.worker")
 
@@ -140,7 +144,11 @@ def _no_cancel(progress: Any) -> bool:
 
 class _ProgressReporter:
     """Rank 0's progress callback: sends progress to the job queue at most every ``interval_s``
-    (and at each stage change), and returns the latest cancel flag it got back."""
+    (and at each stage change), and returns the latest cancel flag it got back.
+
+    The reports go from a thread of their own, one at a time, so that the job never waits for one:
+    while the JobQueue cannot be reached (it is restarting, or draining while Serve stops the app)
+    a report can take its whole timeout, and the steps go on meanwhile."""
 
     def __init__(self, job_id: str, target: Optional[dict[str, str]], interval_s: float,
                  log: Optional[logging.LoggerAdapter] = None):
@@ -156,6 +164,8 @@ class _ProgressReporter:
         self.step_s: Optional[float] = None
         self.pending: Optional[dict] = None
         self.handle = None
+        self._sender: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._in_flight: Optional[concurrent.futures.Future] = None
         if target is not None:
             from ray import serve
 
@@ -194,12 +204,38 @@ class _ProgressReporter:
     def _send(self, now: float) -> None:
         if self.handle is None or self.pending is None:
             return
+        if self._in_flight is not None:
+            if not self._in_flight.done():
+                return  # the last report is still on its way: the newest progress goes with the next
+            self._collect()
         self.last_sent, self.last_stage = now, self.pending["stage"]
-        try:
-            self.cancel = bool(self.handle.report_progress.remote(self.job_id, self.pending).result(timeout_s=10))
-        except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
-            self.log.warning("progress report failed: %s", exc)
+        if self._sender is None:
+            self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="progress")
+        self._in_flight = self._sender.submit(self._report, self.pending)
         self.pending = None
 
+    def _report(self, progress: dict) -> bool:
+        return bool(self.handle.report_progress.remote(self.job_id, progress).result(timeout_s=PROGRESS_TIMEOUT_S))
+
+    def _collect(self, timeout_s: Optional[float] = None) -> None:
+        """The cancel flag from the last report (waiting at most ``timeout_s`` for it)."""
+        try:
+            self.cancel = self._in_flight.result(timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
+            self.log.warning("progress report failed: %s", exc or type(exc).__name__)
+        self._in_flight = None
+
     def flush(self) -> None:
-        self._send(time.monotonic())
+        """At the job's end: the last progress, sent unless a report is still on its way, and waited
+        for briefly (the job's outcome, which follows, matters more), then the thread goes."""
+        if self._in_flight is not None and self._in_flight.done():
+            self._collect()
+        if self._in_flight is None:
+            self._send(time.monotonic())
+            if self._in_flight is not None:
+                try:
+                    self._in_flight.result(timeout=FLUSH_WAIT_S)
+                except Exception:  # noqa: BLE001 - logged by nobody: the outcome goes on regardless
+                    pass
+        if self._sender is not None:
+            self._sender.shutdown(wait=False)

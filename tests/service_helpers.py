@@ -20,6 +20,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> ServiceSettings:
         generator_options={"step_s": 0.03}, cpu_workers=2, queue_size=6, auth_token=TOKEN,
         health_check_period_s=1.0, health_timeout_s=5.0, nccl_timeout_s=15.0, progress_interval_s=0.0,
         worker_init_timeout_s=120.0, job_timeout_s=120.0, max_body_bytes=64 * 1024,
+        drain_timeout_s=5.0,  # a deleted test app stops within seconds (test_service_drain.py drains)
     )
     fields.update(overrides)
     return ServiceSettings(**fields)

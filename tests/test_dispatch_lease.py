@@ -92,6 +92,6 @@ def test_a_released_lease_passes_at_once_and_ended_jobs_are_no_orphans(tmp_path)
     assert job["id"] in new.orphans and not new._hold_lease()
     # The old cluster's engine pushes the outcome to the old replica, which records it.
     old._apply_outcome(job["id"], {"status": "failed", "error": "out of memory"})
-    old.__del__()  # Serve's graceful shutdown of the old replica hands the lease on
+    asyncio.run(old.shut_down())  # Serve's graceful shutdown of the old replica hands the lease on
     assert new._hold_lease() and new.orphans == {}
     assert new.queue.get(job["id"])["status"] == "failed" and new_engine.sent == []
