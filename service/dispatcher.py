@@ -79,6 +79,7 @@ class JobQueueService:
         self._next_sweep = 0.0  # monotonic time of the next result-retention sweep
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ensure_dispatcher()
 
     # ---------------------------------------------------------------- dispatch loop
@@ -93,6 +94,7 @@ class JobQueueService:
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
             self._loop_task = loop.create_task(self._dispatch_loop())
+            self._loop = loop
 
     def _poke(self) -> None:
         self._ensure_dispatcher()
@@ -152,11 +154,14 @@ class JobQueueService:
                         if job_id not in self.inflight and job_id not in self.adopted}
 
     def __del__(self):
-        # Serve calls this on a graceful shutdown, on the replica's event loop, and awaits a coroutine
-        # it returns. Python's own collection of the object (tests) happens outside a loop.
+        # Serve calls this on a graceful shutdown, on the loop the dispatcher runs on, and awaits a
+        # coroutine it returns. Python's own collection of the object (tests) happens elsewhere:
+        # then only the lease is handed on.
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None
+        if loop is None or loop is not getattr(self, "_loop", None):
             if hasattr(self, "_leading"):
                 self.release_lease()
             return None

@@ -104,6 +104,12 @@ def _public_request(req: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cause(exc: BaseException) -> str:
+    """The innermost error of a remote call's exception (Ray wraps it), in one line."""
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
 def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -257,7 +263,11 @@ class Ingress:
         self._authorize(request)
         job = await self._job(job_id, request)
         if job["status"] in TERMINAL:  # nothing to cancel: delete its video and preview
-            job = await self.queue.delete_files.remote(job_id)
+            try:
+                job = await self.queue.delete_files.remote(job_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. the volume refused (logged by the JobQueue)
+                return _error(503, f"the files of job {job_id} could not be deleted now ({_cause(exc)}); "
+                                   f"try again", headers={"Retry-After": "60"})
             job_log(logger, job_id).info("files deleted on request (client %s)",
                                          getattr(request.state, "client", None) or "-")
         else:
@@ -394,7 +404,11 @@ class Ingress:
         if job["status"] not in TERMINAL:
             return _error(409, f"video {job_id} is {openai_view(job, self.settings)['status']}: only a finished "
                                f"video can be deleted (cancel it with DELETE /jobs/{job_id})")
-        await self.queue.delete_files.remote(job_id)
+        try:
+            await self.queue.delete_files.remote(job_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. the volume refused (logged by the JobQueue)
+            return _error(503, f"the files of video {job_id} could not be deleted now ({_cause(exc)}); try again",
+                          headers={"Retry-After": "60"})
         job_log(logger, job_id).info("files deleted on request (client %s)",
                                      getattr(request.state, "client", None) or "-")
         return {"id": job_id, "object": "video.deleted", "deleted": True}
