@@ -13,6 +13,23 @@ TOKEN = "test-token-123"
 FAKE_FACTORY = "service_fakes:build_fake_generator"
 
 
+class FakeEngine:
+    """Records the jobs sent to it and fails them (stands in for the EngineReplica handle,
+    ``engine.run.remote(job)``, where the outcome does not matter)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.run = self
+
+    def remote(self, job: dict):
+        self.sent.append(job["id"])
+
+        async def outcome() -> dict:
+            return {"status": "failed", "error": "fake engine"}
+
+        return outcome()
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> ServiceSettings:
     """Short periods and timeouts so that failures show within seconds on 2 cores."""
     fields: dict[str, Any] = dict(

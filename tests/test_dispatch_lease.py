@@ -9,23 +9,7 @@ import time
 
 from service.dispatcher import JobQueueService
 from service.queue import JobQueue
-from service_helpers import make_settings
-
-
-class FakeEngine:
-    """Records the jobs sent to it and fails them (the outcome does not matter here)."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self.run = self
-
-    def remote(self, job: dict):
-        self.sent.append(job["id"])
-
-        async def outcome() -> dict:
-            return {"status": "failed", "error": "fake engine"}
-
-        return outcome()
+from service_helpers import FakeEngine, make_settings
 
 
 def replica(settings, lease_s: float = 0.6) -> tuple[JobQueueService, FakeEngine]:

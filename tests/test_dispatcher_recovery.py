@@ -14,23 +14,7 @@ import pytest
 
 from service.dispatcher import JobQueueService
 from service.queue import JobQueue
-from service_helpers import make_settings
-
-
-class FakeEngine:
-    """Stands in for the EngineReplica handle: ``run.remote(job)`` records the job and fails it."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self.run = self
-
-    def remote(self, job: dict):
-        self.sent.append(job["id"])
-
-        async def outcome() -> dict:
-            return {"status": "failed", "error": "fake engine"}
-
-        return outcome()
+from service_helpers import FakeEngine, make_settings
 
 
 def service(tmp_path, engine_replicas: int = 2, left_running: int = 0) -> tuple[JobQueueService, FakeEngine, list[str]]:
