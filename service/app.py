@@ -14,8 +14,7 @@ from typing import Any
 from ray import serve
 
 from service.config import ServiceSettings
-from service.dispatcher import JobQueueService
-from service.dispatcher import DRAIN_MARGIN_S
+from service.dispatcher import DRAIN_MARGIN_S, JobQueueService
 from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
 from service.ingress import Ingress
 from service.logs import serve_logging_config

@@ -58,7 +58,7 @@ class JobQueueService:
         self.engines: dict[str, dict[str, Any]] = {}
         # Jobs a previous JobQueue replica left running: job id -> when to stop waiting for an engine
         # to claim it (monotonic clock).
-        grace = max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 10.0)
+        grace = self._orphan_grace_s
         self.orphans: dict[str, float] = {job_id: time.monotonic() + grace for job_id in self.queue.running_ids()}
         # job id -> {"replica", "since": adopted at (wall clock), "ended_at": first later report not busy with it}
         self.adopted: dict[str, dict[str, Any]] = {}
@@ -148,7 +148,7 @@ class JobQueueService:
         """On taking the lease: the jobs running in the store that this replica neither dispatched nor
         adopted are orphans, each with a fresh grace for an engine replica to claim it. Jobs that have
         ended since (another replica held the lease) are no longer orphans."""
-        deadline = time.monotonic() + max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 10.0)
+        deadline = time.monotonic() + self._orphan_grace_s
         running = self.queue.running_ids()
         self.orphans = {job_id: max(self.orphans.get(job_id, 0.0), deadline) for job_id in running
                         if job_id not in self.inflight and job_id not in self.adopted}
@@ -190,6 +190,11 @@ class JobQueueService:
                 self._leading = False
         except Exception:  # noqa: BLE001 - the store may already be closed
             pass
+
+    @property
+    def _orphan_grace_s(self) -> float:
+        """How long an orphaned job waits for an engine replica to claim it (unless all have reported)."""
+        return max(ORPHAN_GRACE_PERIODS * self.settings.health_check_period_s, 10.0)
 
     @property
     def _engine_stale_s(self) -> float:

@@ -256,23 +256,31 @@ class Ingress:
             return JSONResponse({"detail": [{"loc": ["query", k], "msg": v, "type": "value_error"}
                                             for k, v in errors.items()]}, status_code=422)
         page = await self.queue.list.remote(status, limit, offset, getattr(request.state, "client", None))
-        return {"jobs": [job_view(j, self.settings.result_ttl_s) for j in page["jobs"]], "total": page["total"], "limit": limit, "offset": offset}
+        return {"jobs": [job_view(j, self.settings.result_ttl_s) for j in page["jobs"]], "total": page["total"],
+                "limit": limit, "offset": offset}
 
     @api.delete("/jobs/{job_id}")
     async def cancel(self, job_id: str, request: Request):
         self._authorize(request)
         job = await self._job(job_id, request)
         if job["status"] in TERMINAL:  # nothing to cancel: delete its video and preview
-            try:
-                job = await self.queue.delete_files.remote(job_id)
-            except Exception as exc:  # noqa: BLE001 - e.g. the volume refused (logged by the JobQueue)
-                return _error(503, f"the files of job {job_id} could not be deleted now ({_cause(exc)}); "
-                                   f"try again", headers={"Retry-After": "60"})
-            job_log(logger, job_id).info("files deleted on request (client %s)",
-                                         getattr(request.state, "client", None) or "-")
+            job = await self._delete_files(job_id, request)
+            if isinstance(job, Response):
+                return job
         else:
             job = await self.queue.cancel.remote(job_id)
         return job_view(job, self.settings.result_ttl_s)
+
+    async def _delete_files(self, job_id: str, request: Request) -> "dict[str, Any] | Response":
+        """Delete a finished job's files through the JobQueue: the job after it, or a 503 to retry."""
+        try:
+            job = await self.queue.delete_files.remote(job_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. the volume refused (logged by the JobQueue)
+            return _error(503, f"the files of job {job_id} could not be deleted now ({_cause(exc)}); try again",
+                          headers={"Retry-After": "60"})
+        job_log(logger, job_id).info("files deleted on request (client %s)",
+                                     getattr(request.state, "client", None) or "-")
+        return job
 
     @api.get("/jobs/{job_id}/events")
     async def events(self, job_id: str, request: Request):
@@ -404,13 +412,9 @@ class Ingress:
         if job["status"] not in TERMINAL:
             return _error(409, f"video {job_id} is {openai_view(job, self.settings)['status']}: only a finished "
                                f"video can be deleted (cancel it with DELETE /jobs/{job_id})")
-        try:
-            await self.queue.delete_files.remote(job_id)
-        except Exception as exc:  # noqa: BLE001 - e.g. the volume refused (logged by the JobQueue)
-            return _error(503, f"the files of video {job_id} could not be deleted now ({_cause(exc)}); try again",
-                          headers={"Retry-After": "60"})
-        job_log(logger, job_id).info("files deleted on request (client %s)",
-                                     getattr(request.state, "client", None) or "-")
+        deleted = await self._delete_files(job_id, request)
+        if isinstance(deleted, Response):
+            return deleted
         return {"id": job_id, "object": "video.deleted", "deleted": True}
 
     @api.get("/v1/videos/{job_id}/content")

@@ -68,10 +68,11 @@ CREATE TABLE IF NOT EXISTS dispatch_lease (
 class QueueFull(RuntimeError):
     """The queue holds ``limit`` active jobs; retry after ``retry_after_s`` seconds."""
 
-    def __init__(self, limit: int, retry_after_s: int):
+    def __init__(self, limit: int, retry_after_s: int, message: Optional[str] = None):
         self.limit = limit
         self.retry_after_s = retry_after_s
-        super().__init__(f"job queue is full ({limit} queued or running jobs); retry after {retry_after_s} s")
+        super().__init__(message or f"job queue is full ({limit} queued or running jobs); "
+                                    f"retry after {retry_after_s} s")
 
 
 class ClientQueueFull(QueueFull):
@@ -79,10 +80,8 @@ class ClientQueueFull(QueueFull):
 
     def __init__(self, owner: str, limit: int, retry_after_s: int):
         self.owner = owner
-        self.limit = limit
-        self.retry_after_s = retry_after_s
-        RuntimeError.__init__(self, f"client {owner!r} has {limit} queued or running jobs, its limit "
-                                    f"(max_jobs_per_client); retry after {retry_after_s} s")
+        super().__init__(limit, retry_after_s, f"client {owner!r} has {limit} queued or running jobs, its limit "
+                                               f"(max_jobs_per_client); retry after {retry_after_s} s")
 
 
 class JobNotFound(KeyError):
