@@ -13,6 +13,7 @@ from ray import serve
 
 from service.app import build_app
 from service.config import ServiceSettings
+from service.dispatcher import DRAIN_MARGIN_S
 
 logger = logging.getLogger("wanserve")
 
@@ -40,6 +41,18 @@ def run_app(settings: ServiceSettings) -> str:
     serve.run(build_app(settings), name=settings.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return f"http://{host}:{settings.port}"
+
+
+def delete_app(name: str, timeout_s: float) -> None:
+    """``serve.delete`` that waits as long as the app's drain may take: Serve's own blocking delete
+    gives up after 60 s, while an engine replica may finish its running job for ``drain_timeout_s``."""
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while name in serve.status().applications:
+        if time.monotonic() > deadline:
+            logger.warning("app %s still not deleted after %.0f s; going on", name, timeout_s)
+            return
+        time.sleep(0.5)
 
 
 def serve_forever(settings: ServiceSettings, stop: Optional[threading.Event] = None) -> None:
@@ -73,7 +86,7 @@ def serve_forever(settings: ServiceSettings, stop: Optional[threading.Event] = N
     finally:
         # Our app goes; Serve itself (and other apps on it) only when this process started Ray.
         try:
-            serve.delete(settings.app_name)
+            delete_app(settings.app_name, settings.drain_timeout_s + DRAIN_MARGIN_S)
             if started_ray:
                 serve.shutdown()
         except KeyboardInterrupt:

@@ -332,6 +332,8 @@ class JobQueue:
                 (status, now, now, error, json.dumps(result) if result is not None else None,
                  result_path, preview_path, result_bytes, job_id),
             )
+            if status == SUCCEEDED:  # its last progress reports may not have arrived (a draining JobQueue)
+                self._db.execute("UPDATE jobs SET step = total_steps WHERE id = ?", (job_id,))
             if status == SUCCEEDED and row["started_at"]:
                 self._add_counter("jobs_finished", 1)
                 self._add_counter("job_seconds", now - row["started_at"])

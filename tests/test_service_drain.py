@@ -35,5 +35,6 @@ def test_a_running_job_finishes_before_its_replica_stops(serve_url, tmp_path):
     # Not stopped mid-job and re-queued (the 5 s drain of the other test apps does that): finished,
     # recorded, with its video, on its first attempt.
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert job["step"] == job["total_steps"] == 80  # though progress reports failed while the JobQueue drained
     assert job["result_bytes"] and (settings.results_dir / job_id / "video.mp4").stat().st_size == job["result_bytes"]
     assert took < 60, took

@@ -53,3 +53,30 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_delete_app_waits_past_serves_own_60_s_for_the_drain(monkeypatch):
+    """Serve's blocking delete gives up after 60 s; ``delete_app`` waits as long as it is told, polling
+    the app's status, and stops waiting at its own bound."""
+    import types
+
+    from service import launcher
+
+    polls = {"n": 0}
+    deleted: list = []
+
+    def status():
+        polls["n"] += 1
+        still_there = polls["n"] <= 3  # the app goes on the fourth look
+        return types.SimpleNamespace(applications={"app": object()} if still_there else {})
+
+    monkeypatch.setattr(launcher.serve, "delete", lambda name, _blocking=True: deleted.append((name, _blocking)))
+    monkeypatch.setattr(launcher.serve, "status", status)
+    monkeypatch.setattr(launcher.time, "sleep", lambda s: None)
+    launcher.delete_app("app", timeout_s=700)
+    assert deleted == [("app", False)] and polls["n"] == 4
+    polls["n"] = -10**9  # never goes: the bound ends the wait
+    clock = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: next(clock))
+    launcher.delete_app("app", timeout_s=700)
+    assert polls["n"] < -10**9 + 20
