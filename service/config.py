@@ -66,6 +66,10 @@ class ServiceSettings(BaseSettings):
     # Queued + running jobs one client (of client_tokens) may hold, so that one client cannot fill
     # the queue for the others. None: only queue_size bounds them. The auth_token holder is not bound.
     max_jobs_per_client: Optional[int] = Field(None, ge=1)
+    # The highest ``priority`` a client token may ask for; higher is refused (403). Jobs of equal
+    # priority run in order, so without a cap any client could jump the queue. Without tokens, or
+    # with the auth_token, every priority (-100..100) is allowed.
+    max_client_priority: int = Field(0, ge=-100, le=100)
     max_tokens: int = Field(75_600, ge=1)  # latent tokens F'*H'*W' per request (1280x720x81 on 14B)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)

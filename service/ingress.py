@@ -197,13 +197,19 @@ class Ingress:
             errors = {**extra, **errors}
         if errors:
             return JSONResponse({"detail": field_errors(errors)}, status_code=422)
+        client = getattr(request.state, "client", None)
+        if client is not None and req.priority > self.settings.max_client_priority:
+            return JSONResponse({"detail": [{
+                "loc": ["body", "priority"], "type": "forbidden",
+                "msg": (f"priority {req.priority} is above {self.settings.max_client_priority}, the highest a "
+                        f"client token may set (max_client_priority); the operator token may set up to 100")}]},
+                status_code=403)
         key = request.headers.get("idempotency-key") or None
         if key is not None and len(key) > 255:
             return JSONResponse({"detail": field_errors({"Idempotency-Key": "longer than 255 characters"})}, 422)
         # Fingerprint the validated request before to_job_request fills in a random seed.
         fingerprint = request_fingerprint(req.model_dump(mode="json")) if key is not None else None
-        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority,
-                                             getattr(request.state, "client", None), fingerprint)
+        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority, client, fingerprint)
         if answer.get("key_reused"):
             return JSONResponse({"detail": [{"loc": ["header", "Idempotency-Key"], "msg": answer["error"],
                                              "type": "value_error"}]}, status_code=422)
@@ -211,7 +217,6 @@ class Ingress:
             logger.warning("submission refused: %s", answer["error"])
             return _error(429, answer["error"], headers={"Retry-After": str(answer["retry_after_s"])})
         job = answer["job"]
-        client = getattr(request.state, "client", None)
         job_log(logger, job["id"]).info(
             "accepted%s (client %s, queue position %s)", "" if answer["created"] else " again (same Idempotency-Key)",
             client or "-", job["queue_position"], extra={"client": client, "new_job": answer["created"]})

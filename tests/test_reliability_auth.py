@@ -136,3 +136,20 @@ def test_one_client_cannot_fill_the_queue_for_the_others(app):
     for client, r in zip((alice, alice, alice, bob, operator), [*accepted, *others]):
         wait_status(client, r.json()["id"], ("succeeded",), timeout_s=60)
     assert alice.post("/generate", json={"prompt": "room again", **TINY_JOB}).status_code == 202
+
+
+def test_a_client_cannot_jump_the_queue_with_priority(app):
+    settings, clients, _ = app
+    alice, operator = clients["alice"], clients["operator"]
+    cap = settings.max_client_priority
+    before = alice.get("/jobs").json()["total"]
+    refused = alice.post("/generate", json={"prompt": "me first", "priority": cap + 1, **TINY_JOB})
+    assert refused.status_code == 403, refused.text
+    [entry] = refused.json()["detail"]
+    assert entry["loc"] == ["body", "priority"] and f"above {cap}" in entry["msg"]
+    assert alice.get("/jobs").json()["total"] == before  # nothing was queued
+    low = alice.post("/generate", json={"prompt": "after the others", "priority": cap - 5, **TINY_JOB})
+    urgent = operator.post("/generate", json={"prompt": "urgent", "priority": 100, **TINY_JOB})
+    assert (low.status_code, urgent.status_code) == (202, 202)
+    wait_status(alice, low.json()["id"], ("succeeded",), timeout_s=60)
+    wait_status(operator, urgent.json()["id"], ("succeeded",), timeout_s=60)
