@@ -272,7 +272,7 @@ def _update_bar(bar, view: dict) -> None:
 def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": args.prompt}
     for name in ("negative_prompt", "model", "width", "height", "num_frames", "steps", "shift", "sampler", "seed",
-                 "priority"):
+                 "priority", "webhook_url"):
         value = getattr(args, name)
         if value is not None:
             body[name] = value
@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", metavar="NAME", help="a LoRA in the server's LoRA folder")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--priority", type=int)
+    p.add_argument("--webhook", dest="webhook_url", metavar="URL",
+                   help="the server POSTs the job's outcome here when it ends (a host in its webhook_allowed_hosts)")
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 unless it "
                                                        "succeeded)")

@@ -70,6 +70,18 @@ class ServiceSettings(BaseSettings):
     # priority run in order, so without a cap any client could jump the queue. Without tokens, or
     # with the auth_token, every priority (-100..100) is allowed.
     max_client_priority: int = Field(0, ge=-100, le=100)
+    # Webhooks (service/webhooks.py): a request's webhook_url gets the job's outcome when it finishes.
+    # Only URLs on these hosts are accepted ("hooks.example.com", "*.example.com", "10.0.0.7:8080");
+    # empty: webhooks are off. The JobQueue sends from inside the cluster: list only receivers.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_secret: Optional[str] = None  # signs each message (Standard Webhooks, "whsec_..." or any string)
+    webhook_secret_file: Optional[str] = None
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_retry_s: float = Field(5.0, gt=0)  # the wait after the first failed attempt; doubles each time
+    # The service's address as clients see it ("https://video.example.com"): webhook messages carry
+    # absolute video links under it. None: the links are paths (/jobs/<id>/video).
+    public_url: Optional[str] = None
     max_tokens: int = Field(75_600, ge=1)  # latent tokens F'*H'*W' per request (1280x720x81 on 14B)
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
@@ -108,7 +120,23 @@ class ServiceSettings(BaseSettings):
             get_variant(value)  # raises naming the known variants
         return value
 
-    @field_validator("data_dir", "lora_dir", "auth_token_file", "compile_cache_dir")
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: list[str]) -> list[str]:
+        from service.webhooks import parse_host_pattern  # here: webhooks imports this module
+
+        for pattern in value:
+            parse_host_pattern(pattern)  # raises naming a bad entry
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"public_url {value!r} must start with http:// or https://")
+        return value
+
+    @field_validator("data_dir", "lora_dir", "auth_token_file", "webhook_secret_file", "compile_cache_dir")
     @classmethod
     def _absolute(cls, value: Optional[str]) -> Optional[str]:
         # Replicas and workers do not share the builder's working directory: store absolute paths.
@@ -118,6 +146,8 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> "ServiceSettings":
         if self.auth_token and self.auth_token_file:
             raise ValueError("set auth_token or auth_token_file, not both")
+        if self.webhook_secret and self.webhook_secret_file:
+            raise ValueError("set webhook_secret or webhook_secret_file, not both")
         for token, client in self.client_tokens.items():
             if len(token) < 16 or not client.strip():
                 raise ValueError("client_tokens maps tokens of 16+ characters to non-empty client names")
@@ -194,6 +224,15 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"auth token file {self.auth_token_file} is empty")
             return token
         return self.auth_token or None
+
+    def resolved_webhook_secret(self) -> Optional[str]:
+        """The webhook signing secret, read from the file when one is configured."""
+        if self.webhook_secret_file:
+            secret = Path(self.webhook_secret_file).read_text().strip()
+            if not secret:
+                raise ValueError(f"webhook secret file {self.webhook_secret_file} is empty")
+            return secret
+        return self.webhook_secret or None
 
     def generator_config(self) -> dict[str, Any]:
         """What the generator factory receives as ``config`` (``GeneratorConfig`` fields)."""

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -36,11 +35,12 @@ from service.config import ServiceSettings
 from service.logs import job_log
 from service.lora import resolve_lora
 from service.queue import FAILED, RUNNING, TERMINAL, IdempotencyKeyReused, JobQueue, QueueFull
+from service.retention import ResultRetention
+from service.webhooks import WebhookSender
 from wan_model.pipeline.video import mp4_problem
 
 logger = logging.getLogger("ray.serve")
 
-RESULT_SWEEP_MAX_S = 60.0  # result retention: the longest between two looks for expired files
 DRAIN_MARGIN_S = 30.0  # the JobQueue's own shutdown budget beyond the engines' drain_timeout_s
 DISPATCH_LEASE_MIN_S = 10.0  # the dispatch lease's length, at least (2 health periods if longer)
 ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
@@ -55,6 +55,8 @@ class JobQueueService:
                               max_attempts=self.settings.max_attempts,
                               max_per_owner=self.settings.max_jobs_per_client)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
+        self.retention = ResultRetention(self.queue, self.settings)
+        self.webhooks = WebhookSender(self.queue, self.settings)
         self.engines: dict[str, dict[str, Any]] = {}
         # Jobs a previous JobQueue replica left running: job id -> when to stop waiting for an engine
         # to claim it (monotonic clock).
@@ -76,7 +78,6 @@ class JobQueueService:
         self._standing_by_for: Optional[str] = None
         self._draining = False  # shutting down: dispatch nothing more
         self._stopped = False  # shut down: the loop ends and takes the lease no more
-        self._next_sweep = 0.0  # monotonic time of the next result-retention sweep
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -107,7 +108,8 @@ class JobQueueService:
                 leading = self._hold_lease()
                 if leading:
                     self._settle_orphans()
-                    await self._sweep_results()
+                    await self.retention.sweep()
+                    self.webhooks.send_due()
                 busy = len(self.inflight) + len(self.orphans) + len(self.adopted)
                 if leading and not self._draining and busy < self.settings.engine_replicas:
                     job = self.queue.next_queued()
@@ -177,6 +179,9 @@ class JobQueueService:
             logger.info("shutting down: waiting up to %.0f s for %d running job(s) to end",
                         self.settings.drain_timeout_s, len(pending))
             await asyncio.wait(pending, timeout=self.settings.drain_timeout_s + DRAIN_MARGIN_S / 2)
+        if self._leading:  # the outcomes just recorded owe their webhooks; what is not sent now waits in the store
+            self.webhooks.send_due()
+            await self.webhooks.drain(min(self.settings.webhook_timeout_s, DRAIN_MARGIN_S / 3))
         self._stopped = True  # or the loop would take the lease again once it is released
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -283,49 +288,6 @@ class JobQueueService:
             self.inflight.pop(job_id, None)
             self._poke()
 
-    # ---------------------------------------------------------------- result retention
-
-    @property
-    def _sweep_period_s(self) -> float:
-        """Files outlive ``result_ttl_s`` by at most this much."""
-        return min(RESULT_SWEEP_MAX_S, max(1.0, self.settings.result_ttl_s / 10))
-
-    async def _sweep_results(self) -> None:
-        """Delete the files of jobs that finished more than ``result_ttl_s`` ago (0: keep them)."""
-        ttl = self.settings.result_ttl_s
-        now = time.monotonic()
-        if not ttl or now < self._next_sweep:
-            return
-        self._next_sweep = now + self._sweep_period_s
-        reason = f"expired: kept for result_ttl_s={ttl:g} s after the job finished"
-        for job in self.queue.files_due(time.time() - ttl):
-            try:
-                await self._delete_files(job, reason)
-            except OSError:
-                continue  # logged; the next sweep tries again
-
-    async def _delete_files(self, job: dict[str, Any], reason: str) -> dict[str, Any]:
-        """Delete a finished job's results folder, then record it. A folder that cannot be deleted is
-        left unrecorded, so that the next sweep tries again, and the error is logged."""
-        try:
-            await asyncio.to_thread(self._remove_results_dir, job["id"])
-        except OSError as exc:
-            job_log(logger, job["id"]).warning("cannot delete its results (%s); will try again", exc)
-            raise
-        done = self.queue.mark_files_deleted(job["id"], reason)
-        if job["status"] == "succeeded":
-            job_log(logger, job["id"]).info("video and preview deleted: %s", reason, extra={"reason": reason})
-        return done
-
-    def _remove_results_dir(self, job_id: str) -> None:
-        folder = self.settings.results_dir / job_id
-        if folder.exists():
-            shutil.rmtree(folder)
-
-    def _discard_results(self, job_id: str) -> None:
-        """Remove what a job that did not succeed left in its results folder: only succeeded jobs have files."""
-        shutil.rmtree(self.settings.results_dir / job_id, ignore_errors=True)
-
     async def _call_engine(self, engine_job: dict[str, Any]) -> dict[str, Any]:
         return await self.engine.run.remote(engine_job)
 
@@ -363,16 +325,16 @@ class JobQueueService:
                 return
             problem = mp4_problem(video)
             if problem:
-                self._discard_results(job_id)
+                self.retention.discard(job_id)
                 self.queue.finish(job_id, FAILED, error=f"the generator wrote an incomplete video: {problem}")
                 return
             self.queue.finish(job_id, "succeeded", result=result, result_path=video,
                               preview_path=result.get("preview_path"), result_bytes=size)
         elif status == "cancelled":
-            self._discard_results(job_id)
+            self.retention.discard(job_id)
             self.queue.finish(job_id, "cancelled", error="cancelled while running")
         elif status == "failed":
-            self._discard_results(job_id)  # e.g. an MP4 renamed into place before the preview hit a full disk
+            self.retention.discard(job_id)  # e.g. an MP4 renamed into place before the preview hit a full disk
             self.queue.finish(job_id, FAILED, error=outcome.get("error") or "failed")
         elif status == "crashed":
             self.queue.requeue(job_id, outcome.get("error") or "worker died")
@@ -384,13 +346,13 @@ class JobQueueService:
     # ---------------------------------------------------------------- API for the ingress
 
     async def submit(self, request: dict[str, Any], idempotency_key: Optional[str] = None,
-                     priority: int = 0, owner: Optional[str] = None,
-                     fingerprint: Optional[str] = None) -> dict[str, Any]:
+                     priority: int = 0, owner: Optional[str] = None, fingerprint: Optional[str] = None,
+                     webhook_url: Optional[str] = None) -> dict[str, Any]:
         """``{"job": ..., "created": bool}``, ``{"full": True, "retry_after_s": n, "error": ...}``, or
         ``{"key_reused": True, "error": ...}`` (the idempotency key belongs to a different request)."""
         try:
             job, created = self.queue.submit(request, idempotency_key=idempotency_key, priority=priority,
-                                            owner=owner, fingerprint=fingerprint)
+                                            owner=owner, fingerprint=fingerprint, webhook_url=webhook_url)
         except QueueFull as exc:
             return {"full": True, "retry_after_s": exc.retry_after_s, "error": str(exc)}
         except IdempotencyKeyReused as exc:
@@ -424,7 +386,7 @@ class JobQueueService:
             return job
         if job["status"] not in TERMINAL:
             raise ValueError(f"job {job_id} is {job['status']}: only a finished job's files can be deleted")
-        return await self._delete_files(job, "deleted by request")
+        return await self.retention.delete(job, "deleted by request")
 
     async def report_progress(self, job_id: str, progress: dict[str, Any]) -> bool:
         return self.queue.report_progress(job_id, stage=progress["stage"], step=progress.get("step", 0),
@@ -488,7 +450,7 @@ class JobQueueService:
                  if now - e["seen_at"] < self._engine_stale_s}
         self.engines = fresh
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
-                "results_bytes": self.queue.results_bytes(),
+                "results_bytes": self.queue.results_bytes(), "webhooks_pending": self.queue.webhooks_pending(),
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
                 "dispatching": self._leading, "standing_by_for": self._standing_by_for,
                 "running": [*self.inflight, *self.adopted], "orphaned": list(self.orphans)}

@@ -21,7 +21,8 @@ from service.logs import job_log
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL, request_fingerprint
 from service.schemas import (GenerateRequest, VideoCreateRequest, check_generate, field_errors, from_openai,
-                             openapi_body, pydantic_errors, to_job_request)
+                             fingerprint_fields, openapi_body, pydantic_errors, to_job_request)
+from service.views import job_view, openai_view
 
 api = FastAPI(title="wanserve", description="Wan2.1/Wan2.2 video generation jobs")
 
@@ -35,73 +36,6 @@ logger = logging.getLogger("ray.serve")
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
-
-
-# -------------------------------------------------------------------- views
-
-
-def job_view(job: dict[str, Any], result_ttl_s: float) -> dict[str, Any]:
-    """A job as the API shows it; ``result_ttl_s`` gives a succeeded job's ``expires_at``."""
-    result = job.get("result") or {}
-    view = {
-        "id": job["id"], "status": job["status"], "queue_position": job["queue_position"],
-        "created_at": job["created_at"], "started_at": job["started_at"], "finished_at": job["finished_at"],
-        "attempts": job["attempts"], "cancel_requested": job["cancel_requested"],
-        "progress": {"stage": job["stage"], "step": job["step"], "total_steps": job["total_steps"]},
-        "eta_s": job["eta_s"], "error": job["error"], "request": _public_request(job["request"]),
-        "elapsed_s": ((job["finished_at"] or time.time()) - job["started_at"]) if job["started_at"] else None,
-    }
-    if job["status"] == "succeeded":
-        deleted = job.get("files_deleted_at") is not None
-        view["result"] = {
-            "video_url": None if deleted else f"/jobs/{job['id']}/video",
-            "preview_url": None if deleted else f"/jobs/{job['id']}/preview.png",
-            "size_bytes": job["result_bytes"],
-            "expires_at": expires_at(job, result_ttl_s),
-            **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout", "encoder")},
-        }
-        if deleted:
-            view["result"].update(deleted_at=job["files_deleted_at"], deleted_reason=job["files_deleted_reason"])
-        view["timings"] = result.get("timings", {})
-    return view
-
-
-def expires_at(job: dict[str, Any], result_ttl_s: float) -> Optional[float]:
-    """When a finished job's files are deleted (Unix time); None if kept forever or already gone."""
-    if not result_ttl_s or not job.get("finished_at") or job.get("files_deleted_at") is not None:
-        return None
-    return job["finished_at"] + result_ttl_s
-
-
-def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
-    status = {"queued": "queued", "running": "in_progress", "succeeded": "completed"}.get(job["status"], "failed")
-    req = job["request"]
-    spec = settings.variant_spec
-    width, height = req.get("width") or spec.default_size[0], req.get("height") or spec.default_size[1]
-    frames = req.get("num_frames") or spec.default_frames
-    progress = 100 if status == "completed" else (
-        int(100 * job["step"] / job["total_steps"]) if job["total_steps"] else 0)
-    view = {"id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": status,
-            "model": spec.name, "progress": progress, "size": f"{width}x{height}",
-            "seconds": f"{frames / spec.fps:.2f}"}
-    if status == "failed":
-        view["error"] = {"code": job["status"], "message": job["error"] or job["status"]}
-    if job["finished_at"]:
-        view["completed_at"] = int(job["finished_at"])
-    if status == "completed":
-        expiry = expires_at(job, settings.result_ttl_s)
-        view["expires_at"] = None if expiry is None else int(expiry)
-    return view
-
-
-def _public_request(req: dict[str, Any]) -> dict[str, Any]:
-    out = dict(req)
-    if out.get("image"):
-        out["image"] = f"<{len(out['image'])} base64 characters>"
-    deleted = out.pop("image_deleted", None)
-    if deleted:
-        out["image"] = f"<{deleted['base64_chars']} base64 characters, deleted with the results>"
-    return out
 
 
 def _cause(exc: BaseException) -> str:
@@ -208,8 +142,9 @@ class Ingress:
         if key is not None and len(key) > 255:
             return JSONResponse({"detail": field_errors({"Idempotency-Key": "longer than 255 characters"})}, 422)
         # Fingerprint the validated request before to_job_request fills in a random seed.
-        fingerprint = request_fingerprint(req.model_dump(mode="json")) if key is not None else None
-        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority, client, fingerprint)
+        fingerprint = request_fingerprint(fingerprint_fields(req)) if key is not None else None
+        answer = await self.queue.submit.remote(to_job_request(req), key, req.priority, client, fingerprint,
+                                                req.webhook_url)
         if answer.get("key_reused"):
             return JSONResponse({"detail": [{"loc": ["header", "Idempotency-Key"], "msg": answer["error"],
                                              "type": "value_error"}]}, status_code=422)

@@ -25,6 +25,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = ACTIVE + TERMINAL
+WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -53,7 +54,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT,
     request_fingerprint TEXT,
     files_deleted_at REAL,
-    files_deleted_reason TEXT
+    files_deleted_reason TEXT,
+    webhook_url TEXT,
+    webhook_status TEXT,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_next_at REAL,
+    webhook_error TEXT,
+    webhook_delivered_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -145,8 +152,13 @@ class JobQueue:
         if "files_deleted_at" not in columns:  # a table written before results expired
             self._db.execute("ALTER TABLE jobs ADD COLUMN files_deleted_at REAL")
             self._db.execute("ALTER TABLE jobs ADD COLUMN files_deleted_reason TEXT")
-        # After the migration: the index names a column an older table gains only above.
+        if "webhook_url" not in columns:  # a table written before webhooks
+            for column in ("webhook_url TEXT", "webhook_status TEXT", "webhook_attempts INTEGER NOT NULL DEFAULT 0",
+                           "webhook_next_at REAL", "webhook_error TEXT", "webhook_delivered_at REAL"):
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+        # After the migration: the indexes name columns an older table gains only above.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")
 
     def close(self) -> None:
         with self._lock:
@@ -193,14 +205,15 @@ class JobQueue:
     # ------------------------------------------------------------------ submit / read
 
     def submit(self, request: dict[str, Any], *, idempotency_key: Optional[str] = None,
-               priority: int = 0, owner: Optional[str] = None,
-               fingerprint: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+               priority: int = 0, owner: Optional[str] = None, fingerprint: Optional[str] = None,
+               webhook_url: Optional[str] = None) -> tuple[dict[str, Any], bool]:
         """Add a job; returns ``(job, created)``. A known idempotency key returns its job unchanged.
 
         ``owner``: the client that submitted it (per-client tokens); keys are per owner.
         ``fingerprint``: ``request_fingerprint`` of the request as sent (default: of ``request``);
         a known key with a different fingerprint raises ``IdempotencyKeyReused`` and writes nothing.
-        A job stored without a fingerprint (an older database) matches any request, as before."""
+        A job stored without a fingerprint (an older database) matches any request, as before.
+        ``webhook_url``: where to send the job's outcome when it finishes (``webhooks_due``)."""
         given_key = idempotency_key
         if idempotency_key and owner is not None:
             idempotency_key = f"{owner}\x1f{idempotency_key}"
@@ -227,9 +240,9 @@ class JobQueue:
             job_id = new_job_id()
             self._db.execute(
                 "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at, owner, "
-                "request_fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "request_fingerprint, webhook_url, webhook_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, QUEUED, priority, payload, idempotency_key, now, now, owner,
-                 fingerprint if idempotency_key else None),
+                 fingerprint if idempotency_key else None, webhook_url, WEBHOOK_PENDING if webhook_url else None),
             )
             return self._to_dict(self._require(job_id)), True
 
@@ -413,6 +426,56 @@ class JobQueue:
                 if row["status"] == SUCCEEDED:
                     self._add_counter("results_deleted", 1)
             return self._to_dict(self._require(job_id))
+
+    # ------------------------------------------------------------------ webhooks (the job row is the outbox)
+
+    def webhooks_due(self, now: float, limit: int = 20) -> list[dict[str, Any]]:
+        """Finished jobs whose webhook is still to be sent and due now, in the order they finished.
+        The row is the outbox: a job becomes due in the same write that finishes it, so no outcome
+        can finish without its webhook being owed."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE webhook_status = ? AND COALESCE(webhook_next_at, 0) <= ? "
+                f"AND status IN ({', '.join('?' * len(TERMINAL))}) ORDER BY finished_at LIMIT ?",
+                (WEBHOOK_PENDING, now, *TERMINAL, limit)).fetchall()
+            return [self._to_dict(r) for r in rows]
+
+    def start_webhook(self, job_id: str, hold_s: float) -> Optional[dict[str, Any]]:
+        """Count one delivery attempt and hold the webhook for ``hold_s`` seconds, so that no other
+        sender (a successor holding the lease) takes it while this one is sending. ``None`` if it is
+        no longer due."""
+        with self._tx():
+            now = time.time()
+            cur = self._db.execute(
+                "UPDATE jobs SET webhook_attempts = webhook_attempts + 1, webhook_next_at = ? "
+                "WHERE id = ? AND webhook_status = ? AND COALESCE(webhook_next_at, 0) <= ?",
+                (now + hold_s, job_id, WEBHOOK_PENDING, now))
+            return self._to_dict(self._require(job_id)) if cur.rowcount else None
+
+    def record_webhook(self, job_id: str, *, error: Optional[str], retry_at: Optional[float]) -> dict[str, Any]:
+        """The outcome of one attempt: ``error`` None means delivered; otherwise it is tried again at
+        ``retry_at``, or with ``retry_at`` None it has failed for good."""
+        with self._tx():
+            now = time.time()
+            if error is None:
+                self._db.execute("UPDATE jobs SET webhook_status = ?, webhook_delivered_at = ?, webhook_error = NULL, "
+                                 "webhook_next_at = NULL WHERE id = ?", (WEBHOOK_DELIVERED, now, job_id))
+                self._add_counter("webhooks_delivered", 1)
+            elif retry_at is None:
+                self._db.execute("UPDATE jobs SET webhook_status = ?, webhook_error = ?, webhook_next_at = NULL "
+                                 "WHERE id = ?", (WEBHOOK_FAILED, error, job_id))
+                self._add_counter("webhooks_failed", 1)
+            else:
+                self._db.execute("UPDATE jobs SET webhook_error = ?, webhook_next_at = ? WHERE id = ?",
+                                 (error, retry_at, job_id))
+            return self._to_dict(self._require(job_id))
+
+    def webhooks_pending(self) -> int:
+        """Webhooks of finished jobs not yet delivered (nor given up)."""
+        with self._lock:
+            (n,) = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE webhook_status = ? AND status IN "
+                                    f"({', '.join('?' * len(TERMINAL))})", (WEBHOOK_PENDING, *TERMINAL)).fetchone()
+            return n
 
     # ------------------------------------------------------------------ the dispatch lease
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.config import ServiceSettings
 from service.lora import resolve_lora
+from service.webhooks import url_problem
 from wan_model.config import VariantSpec
 
 
@@ -38,6 +39,7 @@ class GenerateRequest(BaseModel):
     lora: Optional[LoraRef] = None
     image: Optional[str] = None  # base64 PNG/JPEG
     priority: int = Field(0, ge=-100, le=100)
+    webhook_url: Optional[str] = None  # POSTed the job's outcome when it finishes (service/webhooks.py)
 
 
 class VideoCreateRequest(BaseModel):
@@ -118,6 +120,10 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
             resolve_lora(settings.lora_dir, req.lora.name)
         except ValueError as exc:
             errors["lora"] = str(exc)
+    if req.webhook_url is not None:
+        problem = url_problem(req.webhook_url, settings.webhook_allowed_hosts)
+        if problem:
+            errors["webhook_url"] = problem
     return errors
 
 
@@ -133,12 +139,18 @@ def _decode_image(data: str) -> Optional[bytes]:
 
 def to_job_request(req: GenerateRequest) -> dict[str, Any]:
     """What the queue stores: the validated request with a seed fixed (random if not given)."""
-    data = req.model_dump(exclude={"priority"})
+    data = req.model_dump(exclude={"priority", "webhook_url"})  # the queue keeps these beside the request
     if data["seed"] is None:
         data["seed"] = secrets.randbelow(2**31)
     if isinstance(data.get("guidance"), tuple):
         data["guidance"] = list(data["guidance"])
     return data
+
+
+def fingerprint_fields(req: GenerateRequest) -> dict[str, Any]:
+    """What an Idempotency-Key's fingerprint hashes: the request as sent. Without a webhook it hashes
+    as before webhooks existed, so that a retry across that upgrade still matches its job."""
+    return req.model_dump(mode="json", exclude={"webhook_url"} if req.webhook_url is None else None)
 
 
 def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[GenerateRequest, dict[str, str]]:

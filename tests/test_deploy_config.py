@@ -25,7 +25,6 @@ def unknown_keys(model_cls, data: Any, where: str = "") -> list[str]:
     Serve's schemas accept and silently ignore unknown keys (forward compatibility), so a typo such
     as ``max_ongoing_request`` would be dropped without a word; this finds them.
     """
-    from pydantic import BaseModel
 
     if not isinstance(data, dict):
         return []

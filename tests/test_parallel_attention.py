@@ -13,7 +13,6 @@ import torch
 from _dist import run_ranks
 from wan_model.parallel import (
     ParallelConfig,
-    SequenceParallelSharding,
     UlyssesRingAttention,
     pick_parallel_degrees,
     setup_sequence_parallel,

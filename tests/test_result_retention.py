@@ -11,7 +11,7 @@ import time
 import pytest
 
 from service.dispatcher import JobQueueService
-from service.ingress import job_view, openai_view
+from service.views import job_view, openai_view
 from service.metrics import render_metrics
 from service.queue import JobQueue
 from service_helpers import make_settings
@@ -39,8 +39,8 @@ def make_service(tmp_path, ttl: float) -> JobQueueService:
 
 
 def sweep(svc: JobQueueService) -> None:
-    svc._next_sweep = 0.0  # the sweep runs at most once a period; the tests do not wait for it
-    asyncio.run(svc._sweep_results())
+    svc.retention.next_sweep = 0.0  # the sweep runs at most once a period; the tests do not wait for it
+    asyncio.run(svc.retention.sweep())
 
 
 def test_files_of_jobs_older_than_the_ttl_are_deleted_and_recorded(tmp_path):
@@ -99,14 +99,14 @@ def test_a_folder_that_cannot_be_deleted_is_retried_and_does_not_stop_the_others
     svc = make_service(tmp_path, ttl=60)
     stuck = finished_job(svc, age_s=600)
     other = finished_job(svc, age_s=300)
-    remove = svc._remove_results_dir
+    remove = svc.retention.remove_dir
 
     def refuse(job_id: str) -> None:
         if job_id == stuck:
             raise PermissionError(13, "Permission denied", str(svc.settings.results_dir / job_id))
         remove(job_id)
 
-    monkeypatch.setattr(svc, "_remove_results_dir", refuse)
+    monkeypatch.setattr(svc.retention, "remove_dir", refuse)
     records = Records()
     logging.getLogger("ray.serve").addHandler(records)  # Serve's logger does not propagate to pytest's
     try:
@@ -116,7 +116,7 @@ def test_a_folder_that_cannot_be_deleted_is_retried_and_does_not_stop_the_others
     assert svc.queue.get(stuck)["files_deleted_at"] is None  # not recorded: its files are still there
     assert any("cannot delete its results" in m and "Permission denied" in m for m in records.messages)
     assert svc.queue.get(other)["files_deleted_at"] is not None
-    monkeypatch.setattr(svc, "_remove_results_dir", remove)
+    monkeypatch.setattr(svc.retention, "remove_dir", remove)
     sweep(svc)
     assert svc.queue.get(stuck)["files_deleted_at"] is not None
     assert not (svc.settings.results_dir / stuck).exists()

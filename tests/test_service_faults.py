@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.queue import JobQueue
-from service_helpers import TOKEN, deploy, make_settings, wait_for, wait_status
+from service_helpers import TOKEN, deploy, make_settings, wait_status
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,276 @@
+"""Webhooks without Ray: ``WebhookSender`` over a ``JobQueue`` posting to a local receiver. What a
+receiver gets (Standard Webhooks headers, a signature checked here by the spec's own recipe), retries
+with backoff, giving up, 410, timeouts, redirects not followed, the hold that keeps two senders off
+one delivery, and a pending webhook surviving a restart. The HTTP path is in test_webhooks_service.py."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import sqlite3
+import time
+
+import pytest
+
+from service.config import ServiceSettings
+from service.metrics import render_metrics
+from service.queue import JobQueue
+from service.webhooks import WebhookSender, parse_host_pattern, url_problem
+from service_helpers import make_settings
+from webhook_receiver import WebhookReceiver
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+def settings_for(tmp_path, **overrides) -> ServiceSettings:
+    fields = dict(webhook_allowed_hosts=["127.0.0.1"], webhook_secret=SECRET, webhook_retry_s=0.05,
+                  webhook_timeout_s=2.0, public_url="https://video.example.com")
+    fields.update(overrides)
+    return make_settings(tmp_path, **fields)
+
+
+def finished(queue: JobQueue, url: str, status: str = "succeeded") -> str:
+    job, _ = queue.submit({"prompt": "a cat", "seed": 7}, webhook_url=url)
+    if status == "cancelled":
+        queue.cancel(job["id"])  # while queued
+        return job["id"]
+    queue.mark_running(job["id"])
+    if status == "succeeded":
+        queue.finish(job["id"], "succeeded", result={"width": 64, "height": 64}, result_bytes=10)
+    else:
+        queue.finish(job["id"], status, error="out of memory")
+    return job["id"]
+
+
+def pump(sender: WebhookSender, until, timeout_s: float = 20.0) -> None:
+    """Run the sender as the dispatch loop does until ``until()`` holds."""
+    async def loop():
+        deadline = time.monotonic() + timeout_s
+        while not until():
+            assert time.monotonic() < deadline, "timed out pumping webhooks"
+            sender.send_due()
+            await asyncio.sleep(0.02)
+        await sender.drain(5.0)
+
+    asyncio.run(loop())
+
+
+def verify(secret: str, headers: dict, body: bytes) -> bool:
+    """The receiver's side, written from the Standard Webhooks spec (not with service.webhooks)."""
+    key = base64.b64decode(secret.split("_", 1)[1])
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    given = [s.split(",", 1)[1] for s in headers["webhook-signature"].split(" ") if s.startswith("v1,")]
+    return any(hmac.compare_digest(expected, g) for g in given)
+
+
+@pytest.mark.parametrize("url, hosts, problem", [
+    ("https://hooks.example.com/x", ["hooks.example.com"], None),
+    ("https://HOOKS.example.com./x", ["hooks.example.com"], None),
+    ("https://a.b.example.com/x", ["*.example.com"], None),
+    ("https://example.com/x", ["*.example.com"], "not one this server sends to"),
+    ("https://evil-example.com/x", ["*.example.com"], "not one this server sends to"),
+    ("http://10.0.0.7:8080/x", ["10.0.0.7:8080"], None),
+    ("http://10.0.0.7:8081/x", ["10.0.0.7:8080"], "not one this server sends to"),
+    ("http://[::1]:9000/x", ["[::1]:9000"], None),
+    ("http://169.254.169.254/latest", ["hooks.example.com"], "not one this server sends to"),
+    ("https://hooks.example.com/x", [], "webhooks are not enabled"),
+    ("ftp://hooks.example.com/x", ["hooks.example.com"], "http:// or https://"),
+    ("https:///x", ["hooks.example.com"], "http:// or https://"),
+    ("https://u:p@hooks.example.com/x", ["hooks.example.com"], "credentials"),
+    ("https://hooks.example.com:99999/x", ["hooks.example.com"], "not a valid URL"),
+    ("https://hooks.example.com/" + "a" * 3000, ["hooks.example.com"], "longer than"),
+])
+def test_which_urls_are_accepted(url, hosts, problem):
+    found = url_problem(url, hosts)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def test_bad_settings_are_refused_at_start(tmp_path):
+    for bad in (["hooks.example.com:http"], ["a/b"], ["*"], ["hooks.*.com"]):
+        with pytest.raises(ValueError, match="webhook_allowed_hosts entry"):
+            parse_host_pattern(bad[0])
+        with pytest.raises(ValueError, match="webhook_allowed_hosts"):
+            ServiceSettings(webhook_allowed_hosts=bad)
+    with pytest.raises(ValueError, match="not both"):
+        ServiceSettings(webhook_secret="s", webhook_secret_file=str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="public_url"):
+        ServiceSettings(public_url="video.example.com")
+    settings = settings_for(tmp_path, webhook_secret="whsec_not base64!")
+    with pytest.raises(ValueError, match="not base64"):
+        WebhookSender(JobQueue(settings.db_path), settings)
+
+
+def test_a_finished_job_posts_one_signed_message(tmp_path):
+    settings = settings_for(tmp_path)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver() as receiver:
+        job_id = finished(queue, receiver.url + "/hooks/video?tenant=7")
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "delivered")
+        [got] = receiver.received
+        for _ in range(5):  # nothing more is owed
+            asyncio.run(asyncio.sleep(0.01))
+            sender.send_due()
+        assert len(receiver.received) == 1
+    assert got["path"] == "/hooks/video?tenant=7"
+    headers, body = got["headers"], got["body"]
+    assert headers["content-type"] == "application/json"
+    assert headers["webhook-id"] == f"msg_{job_id}_succeeded"
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    assert verify(SECRET, headers, body)
+    assert not verify(SECRET, headers, body.replace(b"a cat", b"a dog"))  # the check can fail
+    message = json.loads(body)
+    assert message["type"] == "job.succeeded" and message["timestamp"].endswith("Z")
+    data = message["data"]
+    assert data["id"] == job_id and data["status"] == "succeeded" and data["request"]["prompt"] == "a cat"
+    assert data["result"]["video_url"] == f"https://video.example.com/jobs/{job_id}/video"
+    assert "webhook" not in data
+    job = queue.get(job_id)
+    assert job["webhook_attempts"] == 1 and job["webhook_delivered_at"] is not None and job["webhook_error"] is None
+    assert queue.counters()["webhooks_delivered"] == 1 and queue.webhooks_pending() == 0
+
+
+def test_failed_and_cancelled_jobs_are_reported_too(tmp_path):
+    settings = settings_for(tmp_path, webhook_secret=None, public_url=None)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver() as receiver:
+        failed = finished(queue, receiver.url, "failed")
+        cancelled = finished(queue, receiver.url, "cancelled")
+        running, _ = queue.submit({"prompt": "still going"}, webhook_url=receiver.url)
+        queue.mark_running(running["id"])
+        pump(sender, lambda: len(receiver.received) == 2)
+    messages = {json.loads(r["body"])["data"]["id"]: (json.loads(r["body"]), r["headers"]) for r in receiver.received}
+    assert messages[failed][0]["type"] == "job.failed" and messages[failed][0]["data"]["error"] == "out of memory"
+    assert messages[cancelled][0]["type"] == "job.cancelled"
+    assert all("webhook-signature" not in h for _, h in messages.values())  # no secret: unsigned
+    assert running["id"] not in messages and queue.get(running["id"])["webhook_status"] == "pending"
+
+
+def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(tmp_path):
+    settings = settings_for(tmp_path, webhook_retry_s=0.2)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver(replies=[500, 503, 200]) as receiver:
+        job_id = finished(queue, receiver.url)
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "delivered")
+    assert len(receiver.received) == 3
+    assert len({r["headers"]["webhook-id"] for r in receiver.received}) == 1  # one message, three tries
+    gaps = [b["at"] - a["at"] for a, b in zip(receiver.received, receiver.received[1:])]
+    assert gaps[0] >= 0.2 * 0.9 and gaps[1] >= 0.4 * 0.9, gaps  # the wait doubles
+    job = queue.get(job_id)
+    assert job["webhook_attempts"] == 3 and job["webhook_error"] is None
+
+
+def test_it_gives_up_after_max_attempts_and_says_why(tmp_path):
+    settings = settings_for(tmp_path, webhook_max_attempts=3)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver(default=500) as receiver:
+        job_id = finished(queue, receiver.url)
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "failed")
+        time.sleep(0.3)
+        asyncio.run(asyncio.sleep(0))
+        sender.send_due()  # given up: nothing more is sent
+    assert len(receiver.received) == 3
+    job = queue.get(job_id)
+    assert job["webhook_error"].startswith("HTTP 500") and "after 3 attempts" in job["webhook_error"]
+    assert queue.counters()["webhooks_failed"] == 1
+    metrics = render_metrics({"counts": queue.counts(), "counters": queue.counters(), "engines": [],
+                              "webhooks_pending": queue.webhooks_pending()})
+    assert 'wanserve_webhooks_total{outcome="failed"} 1' in metrics and "wanserve_webhooks_pending 0" in metrics
+
+
+def test_410_gone_stops_at_once(tmp_path):
+    settings = settings_for(tmp_path)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver(default=410) as receiver:
+        job_id = finished(queue, receiver.url)
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "failed")
+    assert len(receiver.received) == 1 and "HTTP 410" in queue.get(job_id)["webhook_error"]
+
+
+def test_a_slow_or_absent_receiver_is_an_error_and_retried(tmp_path):
+    settings = settings_for(tmp_path, webhook_timeout_s=0.3, webhook_retry_s=30)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver(replies=[("sleep", 1.5)]) as receiver:
+        slow = finished(queue, receiver.url)
+        pump(sender, lambda: queue.get(slow)["webhook_error"] is not None)
+    closed = finished(queue, receiver.url)  # the receiver is gone: nothing listens on its port
+    pump(sender, lambda: queue.get(closed)["webhook_error"] is not None)
+    for job_id, word in ((slow, "timed out"), (closed, "refused")):
+        job = queue.get(job_id)
+        assert job["webhook_status"] == "pending" and word in job["webhook_error"].lower(), job["webhook_error"]
+        assert job["webhook_next_at"] > time.time() + 20  # the next try waits webhook_retry_s
+    assert queue.webhooks_pending() == 2
+
+
+def test_redirects_are_not_followed(tmp_path):
+    settings = settings_for(tmp_path, webhook_max_attempts=1)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver() as elsewhere, WebhookReceiver(replies=[("redirect", elsewhere.url + "/x")]) as receiver:
+        job_id = finished(queue, receiver.url)
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "failed")
+        assert elsewhere.received == []
+    assert "HTTP 302" in queue.get(job_id)["webhook_error"]
+
+
+def test_a_delivery_in_flight_is_held_from_other_senders_and_a_pending_one_survives_a_restart(tmp_path):
+    settings = settings_for(tmp_path)
+    queue = JobQueue(settings.db_path)
+    with WebhookReceiver() as receiver:
+        job_id = finished(queue, receiver.url)
+        held = queue.start_webhook(job_id, hold_s=60)  # another sender is sending it (or died doing so)
+        assert held["webhook_attempts"] == 1 and queue.start_webhook(job_id, hold_s=60) is None
+        queue.close()
+        # A new JobQueue replica over the same store: the held delivery is left alone until its hold ends.
+        queue = JobQueue(settings.db_path)
+        sender = WebhookSender(queue, settings)
+        asyncio.run(_send_once(sender))
+        assert receiver.received == []
+        queue._db.execute("UPDATE jobs SET webhook_next_at = ? WHERE id = ?", (time.time() - 1, job_id))
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "delivered")
+    assert len(receiver.received) == 1 and queue.get(job_id)["webhook_attempts"] == 2
+
+
+async def _send_once(sender: WebhookSender) -> None:
+    sender.send_due()
+    await sender.drain(5.0)
+
+
+def test_an_older_database_gains_the_webhook_columns(tmp_path):
+    db = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(db)  # the table as the eleventh release wrote it
+    conn.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+                 "status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, request TEXT NOT NULL, "
+                 "idempotency_key TEXT UNIQUE, created_at REAL NOT NULL, started_at REAL, finished_at REAL, "
+                 "updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL "
+                 "DEFAULT 0, stage TEXT, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, "
+                 "step_s REAL, eta_s REAL, error TEXT, result_path TEXT, preview_path TEXT, result_bytes INTEGER, "
+                 "result TEXT, owner TEXT, request_fingerprint TEXT, files_deleted_at REAL, files_deleted_reason TEXT)")
+    conn.execute("INSERT INTO jobs (id, status, request, created_at, finished_at, updated_at) "
+                 "VALUES ('a1', 'succeeded', '{}', 1.0, 2.0, 2.0)")
+    conn.commit()
+    conn.close()
+    queue = JobQueue(db)
+    assert queue.get("a1")["webhook_url"] is None and queue.webhooks_pending() == 0
+    assert queue.webhooks_due(time.time()) == []
+    assert "jobs_webhooks" in {r[1] for r in queue._db.execute("PRAGMA index_list(jobs)")}
+
+
+def test_the_idempotency_fingerprint_of_a_request_without_a_webhook_is_unchanged():
+    from service.queue import request_fingerprint
+    from service.schemas import GenerateRequest, fingerprint_fields
+
+    plain = GenerateRequest(prompt="a cat", seed=3)
+    before_webhooks = plain.model_dump(mode="json")
+    before_webhooks.pop("webhook_url")  # the fields as the eleventh release hashed them
+    assert request_fingerprint(fingerprint_fields(plain)) == request_fingerprint(before_webhooks)
+    hooked = GenerateRequest(prompt="a cat", seed=3, webhook_url="https://hooks.example.com/a")
+    assert request_fingerprint(fingerprint_fields(hooked)) != request_fingerprint(fingerprint_fields(plain))
