@@ -54,6 +54,7 @@ class JobQueueService:
         self.queue = JobQueue(self.settings.db_path, max_size=self.settings.queue_size,
                               max_attempts=self.settings.max_attempts,
                               max_per_owner=self.settings.max_jobs_per_client)
+        self.queue.claim_for_app(self.settings.app_name)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.retention = ResultRetention(self.queue, self.settings)
         self.webhooks = WebhookSender(self.queue, self.settings)

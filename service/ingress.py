@@ -38,6 +38,11 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
+def _prefix(request: Request) -> str:
+    """The app's route prefix as Serve passes it (ASGI ``root_path``): "" at "/", "/t2v" under "/t2v"."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
 def _cause(exc: BaseException) -> str:
     """The innermost error of a remote call's exception (Ray wraps it), in one line."""
     cause = getattr(exc, "cause", None) or exc
@@ -172,15 +177,15 @@ class Ingress:
             return answer
         job = answer["job"]
         return JSONResponse(
-            {"id": job["id"], "status": job["status"], "status_url": f"/jobs/{job['id']}",
-             "events_url": f"/jobs/{job['id']}/events", "queue_position": job["queue_position"],
+            {"id": job["id"], "status": job["status"], "status_url": f"{_prefix(request)}/jobs/{job['id']}",
+             "events_url": f"{_prefix(request)}/jobs/{job['id']}/events", "queue_position": job["queue_position"],
              "created": answer["created"]},
-            status_code=202, headers={"Location": f"/jobs/{job['id']}"})
+            status_code=202, headers={"Location": f"{_prefix(request)}/jobs/{job['id']}"})
 
     @api.get("/jobs/{job_id}")
     async def job_status(self, job_id: str, request: Request):
         self._authorize(request)
-        return job_view(await self._job(job_id, request), self.settings.result_ttl_s)
+        return job_view(await self._job(job_id, request), self.settings.result_ttl_s, _prefix(request))
 
     @api.get("/jobs")
     async def jobs(self, request: Request, status: Optional[str] = None, limit: int = 50, offset: int = 0):
@@ -196,8 +201,8 @@ class Ingress:
             return JSONResponse({"detail": [{"loc": ["query", k], "msg": v, "type": "value_error"}
                                             for k, v in errors.items()]}, status_code=422)
         page = await self.queue.list.remote(status, limit, offset, getattr(request.state, "client", None))
-        return {"jobs": [job_view(j, self.settings.result_ttl_s) for j in page["jobs"]], "total": page["total"],
-                "limit": limit, "offset": offset}
+        return {"jobs": [job_view(j, self.settings.result_ttl_s, _prefix(request)) for j in page["jobs"]],
+                "total": page["total"], "limit": limit, "offset": offset}
 
     @api.delete("/jobs/{job_id}")
     async def cancel(self, job_id: str, request: Request):
@@ -209,7 +214,7 @@ class Ingress:
                 return job
         else:
             job = await self.queue.cancel.remote(job_id)
-        return job_view(job, self.settings.result_ttl_s)
+        return job_view(job, self.settings.result_ttl_s, _prefix(request))
 
     async def _delete_files(self, job_id: str, request: Request) -> "dict[str, Any] | Response":
         """Delete a finished job's files through the JobQueue: the job after it, or a 503 to retry."""
@@ -237,7 +242,7 @@ class Ingress:
             if job is None:
                 yield _sse("error", {"detail": f"job {job_id} disappeared"})
                 return
-            view = job_view(job, self.settings.result_ttl_s)
+            view = job_view(job, self.settings.result_ttl_s, _prefix(request))
             key = (view["status"], view["progress"]["stage"], view["progress"]["step"], view["queue_position"])
             if key != last:
                 last, last_sent = key, time.monotonic()

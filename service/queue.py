@@ -21,56 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from service.queue_schema import create_or_migrate
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = ACTIVE + TERMINAL
 WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    status TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    request TEXT NOT NULL,
-    idempotency_key TEXT UNIQUE,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    stage TEXT,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER NOT NULL DEFAULT 0,
-    step_s REAL,
-    eta_s REAL,
-    error TEXT,
-    result_path TEXT,
-    preview_path TEXT,
-    result_bytes INTEGER,
-    result TEXT,
-    owner TEXT,
-    request_fingerprint TEXT,
-    files_deleted_at REAL,
-    files_deleted_reason TEXT,
-    webhook_url TEXT,
-    webhook_status TEXT,
-    webhook_attempts INTEGER NOT NULL DEFAULT 0,
-    webhook_next_at REAL,
-    webhook_error TEXT,
-    webhook_delivered_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS dispatch_lease (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    holder TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
-
 
 class QueueFull(RuntimeError):
     """The queue holds ``limit`` active jobs; retry after ``retry_after_s`` seconds."""
@@ -89,6 +46,11 @@ class ClientQueueFull(QueueFull):
         self.owner = owner
         super().__init__(limit, retry_after_s, f"client {owner!r} has {limit} queued or running jobs, its limit "
                                                f"(max_jobs_per_client); retry after {retry_after_s} s")
+
+
+class StoreOfAnotherApp(RuntimeError):
+    """The store already holds another Serve application's jobs: two apps on one ``data_dir`` would
+    run each other's jobs on the wrong model."""
 
 
 class JobNotFound(KeyError):
@@ -143,22 +105,7 @@ class JobQueue:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if "owner" not in columns:  # a table written before per-client tokens
-            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
-        if "request_fingerprint" not in columns:  # a table written before key reuse was checked
-            self._db.execute("ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT")
-        if "files_deleted_at" not in columns:  # a table written before results expired
-            self._db.execute("ALTER TABLE jobs ADD COLUMN files_deleted_at REAL")
-            self._db.execute("ALTER TABLE jobs ADD COLUMN files_deleted_reason TEXT")
-        if "webhook_url" not in columns:  # a table written before webhooks
-            for column in ("webhook_url TEXT", "webhook_status TEXT", "webhook_attempts INTEGER NOT NULL DEFAULT 0",
-                           "webhook_next_at REAL", "webhook_error TEXT", "webhook_delivered_at REAL"):
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
-        # After the migration: the indexes name columns an older table gains only above.
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")
+        create_or_migrate(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -476,6 +423,23 @@ class JobQueue:
             (n,) = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE webhook_status = ? AND status IN "
                                     f"({', '.join('?' * len(TERMINAL))})", (WEBHOOK_PENDING, *TERMINAL)).fetchone()
             return n
+
+    # ------------------------------------------------------------------ whose store this is
+
+    def claim_for_app(self, app_name: str) -> None:
+        """Record that this store holds Serve application ``app_name``'s jobs (at first use), or raise
+        ``StoreOfAnotherApp`` if it holds another's. The JobQueue that holds the dispatch lease
+        dispatches every job in the store, so a second app (another model) on the same ``data_dir``
+        would see its jobs run on the first app's model."""
+        with self._tx():
+            row = self._db.execute("SELECT value FROM store_info WHERE key = 'app_name'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO store_info (key, value) VALUES ('app_name', ?)", (app_name,))
+            elif row["value"] != app_name:
+                raise StoreOfAnotherApp(
+                    f"{self.db_path} holds the jobs of Serve application {row['value']!r}, not {app_name!r}: "
+                    f"give each application its own data_dir (or keep app_name {row['value']!r} to take "
+                    f"over its jobs)")
 
     # ------------------------------------------------------------------ the dispatch lease
 

@@ -7,8 +7,9 @@ from typing import Any, Optional
 from service.config import ServiceSettings
 
 
-def job_view(job: dict[str, Any], result_ttl_s: float) -> dict[str, Any]:
-    """A job as the API shows it; ``result_ttl_s`` gives a succeeded job's ``expires_at``."""
+def job_view(job: dict[str, Any], result_ttl_s: float, base: str = "") -> dict[str, Any]:
+    """A job as the API shows it; ``result_ttl_s`` gives a succeeded job's ``expires_at``. Links are
+    ``base`` + the route: the app's route prefix (``/t2v``), or a public URL (webhooks)."""
     result = job.get("result") or {}
     view = {
         "id": job["id"], "status": job["status"], "queue_position": job["queue_position"],
@@ -21,8 +22,8 @@ def job_view(job: dict[str, Any], result_ttl_s: float) -> dict[str, Any]:
     if job["status"] == "succeeded":
         deleted = job.get("files_deleted_at") is not None
         view["result"] = {
-            "video_url": None if deleted else f"/jobs/{job['id']}/video",
-            "preview_url": None if deleted else f"/jobs/{job['id']}/preview.png",
+            "video_url": None if deleted else f"{base}/jobs/{job['id']}/video",
+            "preview_url": None if deleted else f"{base}/jobs/{job['id']}/preview.png",
             "size_bytes": job["result_bytes"],
             "expires_at": expires_at(job, result_ttl_s),
             **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout", "encoder")},

@@ -110,15 +110,10 @@ def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def message(job: dict[str, Any], settings: ServiceSettings) -> tuple[str, bytes]:
-    """A finished job's ``(webhook-id, body)``. Relative links in the view become absolute under
-    ``public_url`` when it is set."""
-    view = job_view(job, settings.result_ttl_s)
+    """A finished job's ``(webhook-id, body)``. The view's links are absolute under ``public_url``
+    when it is set (which includes the app's route prefix, if any)."""
+    view = job_view(job, settings.result_ttl_s, base=(settings.public_url or "").rstrip("/"))
     view.pop("webhook", None)  # the delivery's own state is not news to the receiver
-    if settings.public_url and view.get("result"):
-        base = settings.public_url.rstrip("/")
-        for key in ("video_url", "preview_url"):
-            if view["result"].get(key):
-                view["result"][key] = base + view["result"][key]
     finished = datetime.fromtimestamp(job["finished_at"], timezone.utc).isoformat().replace("+00:00", "Z")
     body = {"type": EVENT_TYPES[job["status"]], "timestamp": finished, "data": view}
     return f"msg_{job['id']}_{job['status']}", json.dumps(body, separators=(",", ":")).encode()

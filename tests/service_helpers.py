@@ -54,16 +54,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
-def deploy(settings: ServiceSettings, url: str, timeout_s: float = 90.0) -> None:
+def deploy(settings: ServiceSettings, url: str, timeout_s: float = 90.0, route_prefix: str = "/") -> None:
     from ray import serve
 
     from service.app import build_app
 
-    serve.run(build_app(settings), name=settings.app_name, route_prefix="/", blocking=False)
+    serve.run(build_app(settings), name=settings.app_name, route_prefix=route_prefix, blocking=False)
 
     def ready() -> bool:
         try:
-            return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+            return httpx.get(f"{url}{route_prefix.rstrip('/')}/readyz", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -79,3 +79,18 @@ def test_a_released_lease_passes_at_once_and_ended_jobs_are_no_orphans(tmp_path)
     asyncio.run(old.shut_down())  # Serve's graceful shutdown of the old replica hands the lease on
     assert new._hold_lease() and new.orphans == {}
     assert new.queue.get(job["id"])["status"] == "failed" and new_engine.sent == []
+
+
+def test_a_second_application_on_the_same_store_is_refused(tmp_path):
+    """Two apps (two models) given one data_dir: the lease holder would dispatch both apps' jobs to
+    its own model. The second app's JobQueue does not start, and says why."""
+    import pytest
+
+    from service.queue import StoreOfAnotherApp
+
+    first, _ = replica(make_settings(tmp_path, app_name="wanserve-t2v"))
+    again, _ = replica(make_settings(tmp_path, app_name="wanserve-t2v"))  # the same app again: an upgrade
+    with pytest.raises(StoreOfAnotherApp, match="'wanserve-t2v', not 'wanserve-i2v'.*its own data_dir"):
+        JobQueueService(make_settings(tmp_path, app_name="wanserve-i2v").to_args(), FakeEngine())
+    first.release_lease()
+    again.release_lease()

@@ -1,0 +1,72 @@
+"""The job store's SQLite schema, and the migrations that bring a store written by an older release
+up to it (columns are only ever added, so an older release's rows stay readable)."""
+from __future__ import annotations
+
+import sqlite3
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    request TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    stage TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    step_s REAL,
+    eta_s REAL,
+    error TEXT,
+    result_path TEXT,
+    preview_path TEXT,
+    result_bytes INTEGER,
+    result TEXT,
+    owner TEXT,
+    request_fingerprint TEXT,
+    files_deleted_at REAL,
+    files_deleted_reason TEXT,
+    webhook_url TEXT,
+    webhook_status TEXT,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_next_at REAL,
+    webhook_error TEXT,
+    webhook_delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dispatch_lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+# Columns added since the first release, in order: (the column that marks the step, its columns).
+_ADDED_COLUMNS = (
+    ("owner", ("owner TEXT",)),  # per-client tokens
+    ("request_fingerprint", ("request_fingerprint TEXT",)),  # idempotency keys checked against their request
+    ("files_deleted_at", ("files_deleted_at REAL", "files_deleted_reason TEXT")),  # result retention
+    ("webhook_url", ("webhook_url TEXT", "webhook_status TEXT", "webhook_attempts INTEGER NOT NULL DEFAULT 0",
+                     "webhook_next_at REAL", "webhook_error TEXT", "webhook_delivered_at REAL")),  # webhooks
+)
+
+
+def create_or_migrate(db: sqlite3.Connection) -> None:
+    """Create the tables, or add to an older store what it lacks."""
+    db.executescript(_SCHEMA)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    for marker, added in _ADDED_COLUMNS:
+        if marker not in columns:
+            for column in added:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+    # After the migration: the indexes name columns an older table gains only above.
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")
