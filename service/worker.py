@@ -226,16 +226,11 @@ class _ProgressReporter:
         self._in_flight = None
 
     def flush(self) -> None:
-        """At the job's end: the last progress, sent unless a report is still on its way, and waited
-        for briefly (the job's outcome, which follows, matters more), then the thread goes."""
-        if self._in_flight is not None and self._in_flight.done():
-            self._collect()
-        if self._in_flight is None:
-            self._send(time.monotonic())
-            if self._in_flight is not None:
-                try:
-                    self._in_flight.result(timeout=FLUSH_WAIT_S)
-                except Exception:  # noqa: BLE001 - logged by nobody: the outcome goes on regardless
-                    pass
+        """At the job's end: the last progress (sent unless a report is still on its way), and the
+        report in flight waited for briefly (the job's outcome, which follows, matters more), then
+        the thread goes."""
+        self._send(time.monotonic())
+        if self._in_flight is not None:
+            concurrent.futures.wait([self._in_flight], timeout=FLUSH_WAIT_S)
         if self._sender is not None:
             self._sender.shutdown(wait=False)
