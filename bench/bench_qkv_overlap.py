@@ -61,7 +61,6 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
     recv_nccl = torch.empty_like(send)  # [t, source, tokens, part]
     recv_serial = torch.empty(world, 3, local, part, dtype=torch.bfloat16, device=device)  # [source, t, ...]
     peer_streams = [torch.cuda.Stream(device) for _ in range(world)]
-    nccl_stream = torch.cuda.Stream(device)
 
     def project(t: int) -> None:
         """GEMM of tensor t, written in the all-to-all layout (the model's fused norm/RoPE kernel does this)."""

@@ -280,6 +280,12 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["guidance"] = args.guidance[0] if len(args.guidance) == 1 else list(args.guidance)
     if args.lora:
         body["lora"] = {"name": args.lora, "scale": args.lora_scale}
+    if args.metadata:
+        pairs = [item.partition("=") for item in args.metadata]
+        bad = [key for key, sep, _ in pairs if not sep]
+        if bad:
+            raise CliError(f"--metadata {bad[0]!r}: expected KEY=VALUE")
+        body["metadata"] = {key: value for key, _, value in pairs}
     if args.image:
         import base64
 
@@ -441,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", metavar="NAME", help="a LoRA in the server's LoRA folder")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--priority", type=int)
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE",
+                   help="a label kept with the job and shown in its view and webhook (repeatable)")
     p.add_argument("--webhook", dest="webhook_url", metavar="URL",
                    help="the server POSTs the job's outcome here when it ends (a host in its webhook_allowed_hosts)")
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")

@@ -218,21 +218,11 @@ class ServiceSettings(BaseSettings):
 
     def resolved_auth_token(self) -> Optional[str]:
         """The bearer token, read from the file when one is configured (stripped of whitespace)."""
-        if self.auth_token_file:
-            token = Path(self.auth_token_file).read_text().strip()
-            if not token:
-                raise ValueError(f"auth token file {self.auth_token_file} is empty")
-            return token
-        return self.auth_token or None
+        return _secret(self.auth_token, self.auth_token_file, "auth token")
 
     def resolved_webhook_secret(self) -> Optional[str]:
         """The webhook signing secret, read from the file when one is configured."""
-        if self.webhook_secret_file:
-            secret = Path(self.webhook_secret_file).read_text().strip()
-            if not secret:
-                raise ValueError(f"webhook secret file {self.webhook_secret_file} is empty")
-            return secret
-        return self.webhook_secret or None
+        return _secret(self.webhook_secret, self.webhook_secret_file, "webhook secret")
 
     def generator_config(self) -> dict[str, Any]:
         """What the generator factory receives as ``config`` (``GeneratorConfig`` fields)."""
@@ -293,6 +283,16 @@ class ServiceSettings(BaseSettings):
     def to_args(self) -> dict[str, Any]:
         """A plain dict that ``build_app`` / ``serve deploy`` accept back."""
         return self.model_dump(mode="json")
+
+
+def _secret(value: Optional[str], path: Optional[str], what: str) -> Optional[str]:
+    """A secret given inline or as a file (its content stripped of whitespace; empty is an error)."""
+    if path:
+        text = Path(path).read_text().strip()
+        if not text:
+            raise ValueError(f"{what} file {path} is empty")
+        return text
+    return value or None
 
 
 def _variant_from_model_dir(model_dir: str) -> Optional[str]:

@@ -40,6 +40,8 @@ class GenerateRequest(BaseModel):
     image: Optional[str] = None  # base64 PNG/JPEG
     priority: int = Field(0, ge=-100, le=100)
     webhook_url: Optional[str] = None  # POSTed the job's outcome when it finishes (service/webhooks.py)
+    # The client's own labels (an order id, a user), kept with the job and shown in its view and webhook.
+    metadata: Optional[dict[str, str]] = None
 
 
 class VideoCreateRequest(BaseModel):
@@ -120,6 +122,10 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
             resolve_lora(settings.lora_dir, req.lora.name)
         except ValueError as exc:
             errors["lora"] = str(exc)
+    if req.metadata is not None:
+        problem = metadata_problem(req.metadata)
+        if problem:
+            errors["metadata"] = problem
     if req.webhook_url is not None:
         problem = url_problem(req.webhook_url, settings.webhook_allowed_hosts)
         if problem:
@@ -147,10 +153,25 @@ def to_job_request(req: GenerateRequest) -> dict[str, Any]:
     return data
 
 
+METADATA_MAX_KEYS, METADATA_MAX_KEY_CHARS, METADATA_MAX_VALUE_CHARS = 16, 64, 512
+
+
+def metadata_problem(metadata: dict[str, str]) -> Optional[str]:
+    if len(metadata) > METADATA_MAX_KEYS:
+        return f"metadata has {len(metadata)} keys; at most {METADATA_MAX_KEYS}"
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= METADATA_MAX_KEY_CHARS:
+            return f"metadata key {key[:80]!r} must be 1 to {METADATA_MAX_KEY_CHARS} characters"
+        if len(value) > METADATA_MAX_VALUE_CHARS:
+            return f"metadata[{key!r}] is {len(value)} characters; at most {METADATA_MAX_VALUE_CHARS}"
+    return None
+
+
 def fingerprint_fields(req: GenerateRequest) -> dict[str, Any]:
-    """What an Idempotency-Key's fingerprint hashes: the request as sent. Without a webhook it hashes
-    as before webhooks existed, so that a retry across that upgrade still matches its job."""
-    return req.model_dump(mode="json", exclude={"webhook_url"} if req.webhook_url is None else None)
+    """What an Idempotency-Key's fingerprint hashes: the request as sent. Fields added in the twelfth
+    release hash only when given, so that a retry across that upgrade still matches its job."""
+    added = {name for name in ("webhook_url", "metadata") if getattr(req, name) is None}
+    return req.model_dump(mode="json", exclude=added or None)
 
 
 def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[GenerateRequest, dict[str, str]]:

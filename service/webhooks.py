@@ -114,8 +114,9 @@ def message(job: dict[str, Any], settings: ServiceSettings) -> tuple[str, bytes]
     when it is set (which includes the app's route prefix, if any)."""
     view = job_view(job, settings.result_ttl_s, base=(settings.public_url or "").rstrip("/"))
     view.pop("webhook", None)  # the delivery's own state is not news to the receiver
-    finished = datetime.fromtimestamp(job["finished_at"], timezone.utc).isoformat().replace("+00:00", "Z")
-    body = {"type": EVENT_TYPES[job["status"]], "timestamp": finished, "data": view}
+    finished = datetime.fromtimestamp(job["finished_at"] or time.time(), timezone.utc)
+    timestamp = finished.isoformat().replace("+00:00", "Z")
+    body = {"type": EVENT_TYPES[job["status"]], "timestamp": timestamp, "data": view}
     return f"msg_{job['id']}_{job['status']}", json.dumps(body, separators=(",", ":")).encode()
 
 

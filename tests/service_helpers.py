@@ -43,6 +43,30 @@ def make_settings(data_dir: Path, **overrides: Any) -> ServiceSettings:
     return ServiceSettings(**fields)
 
 
+# The job table as the tenth release wrote it (before result retention and webhooks).
+TENTH_RELEASE_JOBS = (
+    "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+    "status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, request TEXT NOT NULL, "
+    "idempotency_key TEXT UNIQUE, created_at REAL NOT NULL, started_at REAL, finished_at REAL, "
+    "updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL "
+    "DEFAULT 0, stage TEXT, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, "
+    "step_s REAL, eta_s REAL, error TEXT, result_path TEXT, preview_path TEXT, result_bytes INTEGER, "
+    "result TEXT, owner TEXT, request_fingerprint TEXT{extra})")
+
+
+def write_old_store(db: Path, extra_columns: str = "") -> None:
+    """A store an older release wrote: ``TENTH_RELEASE_JOBS`` (+ ``extra_columns``, e.g. ", x REAL")
+    holding one succeeded job ``a1`` of 42 bytes."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute(TENTH_RELEASE_JOBS.format(extra=extra_columns))
+    conn.execute("INSERT INTO jobs (id, status, request, created_at, finished_at, updated_at, result_bytes) "
+                 "VALUES ('a1', 'succeeded', '{}', 1.0, 2.0, 2.0, 42)")
+    conn.commit()
+    conn.close()
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None

@@ -311,12 +311,14 @@ def test_submit_prints_the_job_id_and_sends_fields(stub, monkeypatch, capsys):
     monkeypatch.setenv("WANSERVE_TOKEN", stub.TOKEN)
     code, out, _ = run_main(["submit", "--url", stub.url, "--prompt", "a fox", "--width", "832", "--height", "480",
                              "--guidance", "3", "4", "--seed", "5", "--lora", "style", "--idempotency-key", "k1",
-                             "--webhook", "https://hooks.example.com/done"],
+                             "--webhook", "https://hooks.example.com/done", "--metadata", "order=A-17",
+                             "--metadata", "note=x=y"],
                             capsys)
     assert code == 0 and out.strip() == "job-1"
     (sent,) = stub.requests
     assert sent["body"] == {"prompt": "a fox", "width": 832, "height": 480, "seed": 5, "guidance": [3.0, 4.0],
-                            "lora": {"name": "style", "scale": 1.0}, "webhook_url": "https://hooks.example.com/done"}
+                            "lora": {"name": "style", "scale": 1.0}, "webhook_url": "https://hooks.example.com/done",
+                            "metadata": {"order": "A-17", "note": "x=y"}}
     assert sent["headers"]["Idempotency-Key"] == "k1"
 
 

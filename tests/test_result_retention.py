@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from service.dispatcher import JobQueueService
 from service.views import job_view, openai_view
 from service.metrics import render_metrics
 from service.queue import JobQueue
-from service_helpers import make_settings
+from service_helpers import make_settings, write_old_store
 
 
 def finished_job(svc: JobQueueService, status: str = "succeeded", age_s: float = 0.0) -> str:
@@ -163,18 +162,7 @@ def test_metrics_report_kept_bytes_and_deleted_videos(tmp_path):
 
 def test_an_older_database_gains_the_retention_columns(tmp_path):
     db = tmp_path / "jobs.sqlite3"
-    conn = sqlite3.connect(db)  # the table as releases before retention wrote it
-    conn.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
-                 "status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, request TEXT NOT NULL, "
-                 "idempotency_key TEXT UNIQUE, created_at REAL NOT NULL, started_at REAL, finished_at REAL, "
-                 "updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL "
-                 "DEFAULT 0, stage TEXT, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, "
-                 "step_s REAL, eta_s REAL, error TEXT, result_path TEXT, preview_path TEXT, result_bytes INTEGER, "
-                 "result TEXT, owner TEXT, request_fingerprint TEXT)")
-    conn.execute("INSERT INTO jobs (id, status, request, created_at, finished_at, updated_at, result_bytes) "
-                 "VALUES ('a1', 'succeeded', '{}', 1.0, 2.0, 2.0, 42)")
-    conn.commit()
-    conn.close()
+    write_old_store(db)  # as releases before retention wrote it
     queue = JobQueue(db)
     assert queue.get("a1")["files_deleted_at"] is None and queue.results_bytes() == 42
     assert [j["id"] for j in queue.files_due(time.time())] == ["a1"]

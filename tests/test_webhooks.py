@@ -9,7 +9,6 @@ import base64
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from service.config import ServiceSettings
 from service.metrics import render_metrics
 from service.queue import JobQueue
 from service.webhooks import WebhookSender, parse_host_pattern, url_problem
-from service_helpers import make_settings
+from service_helpers import make_settings, write_old_store
 from webhook_receiver import WebhookReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -32,7 +31,7 @@ def settings_for(tmp_path, **overrides) -> ServiceSettings:
 
 
 def finished(queue: JobQueue, url: str, status: str = "succeeded") -> str:
-    job, _ = queue.submit({"prompt": "a cat", "seed": 7}, webhook_url=url)
+    job, _ = queue.submit({"prompt": "a cat", "seed": 7, "metadata": {"order": "A-17"}}, webhook_url=url)
     if status == "cancelled":
         queue.cancel(job["id"])  # while queued
         return job["id"]
@@ -126,6 +125,7 @@ def test_a_finished_job_posts_one_signed_message(tmp_path):
     assert message["type"] == "job.succeeded" and message["timestamp"].endswith("Z")
     data = message["data"]
     assert data["id"] == job_id and data["status"] == "succeeded" and data["request"]["prompt"] == "a cat"
+    assert data["request"]["metadata"] == {"order": "A-17"}  # the client's labels, to match it up
     assert data["result"]["video_url"] == f"https://video.example.com/jobs/{job_id}/video"
     assert "webhook" not in data
     job = queue.get(job_id)
@@ -246,18 +246,7 @@ async def _send_once(sender: WebhookSender) -> None:
 
 def test_an_older_database_gains_the_webhook_columns(tmp_path):
     db = tmp_path / "jobs.sqlite3"
-    conn = sqlite3.connect(db)  # the table as the eleventh release wrote it
-    conn.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
-                 "status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, request TEXT NOT NULL, "
-                 "idempotency_key TEXT UNIQUE, created_at REAL NOT NULL, started_at REAL, finished_at REAL, "
-                 "updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL "
-                 "DEFAULT 0, stage TEXT, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, "
-                 "step_s REAL, eta_s REAL, error TEXT, result_path TEXT, preview_path TEXT, result_bytes INTEGER, "
-                 "result TEXT, owner TEXT, request_fingerprint TEXT, files_deleted_at REAL, files_deleted_reason TEXT)")
-    conn.execute("INSERT INTO jobs (id, status, request, created_at, finished_at, updated_at) "
-                 "VALUES ('a1', 'succeeded', '{}', 1.0, 2.0, 2.0)")
-    conn.commit()
-    conn.close()
+    write_old_store(db, ", files_deleted_at REAL, files_deleted_reason TEXT")  # as the eleventh release wrote it
     queue = JobQueue(db)
     assert queue.get("a1")["webhook_url"] is None and queue.webhooks_pending() == 0
     assert queue.webhooks_due(time.time()) == []
@@ -271,6 +260,9 @@ def test_the_idempotency_fingerprint_of_a_request_without_a_webhook_is_unchanged
     plain = GenerateRequest(prompt="a cat", seed=3)
     before_webhooks = plain.model_dump(mode="json")
     before_webhooks.pop("webhook_url")  # the fields as the eleventh release hashed them
+    before_webhooks.pop("metadata")
     assert request_fingerprint(fingerprint_fields(plain)) == request_fingerprint(before_webhooks)
     hooked = GenerateRequest(prompt="a cat", seed=3, webhook_url="https://hooks.example.com/a")
     assert request_fingerprint(fingerprint_fields(hooked)) != request_fingerprint(fingerprint_fields(plain))
+    labelled = GenerateRequest(prompt="a cat", seed=3, metadata={"order": "A-17"})
+    assert request_fingerprint(fingerprint_fields(labelled)) != request_fingerprint(fingerprint_fields(plain))

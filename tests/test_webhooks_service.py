@@ -38,7 +38,8 @@ def app(serve_url, tmp_path_factory):
 def test_a_finished_job_is_posted_to_its_webhook(app):
     _, client = app
     with WebhookReceiver(replies=[503]) as receiver:  # the first try fails: the retry delivers
-        r = client.post("/generate", json={"prompt": "a heron", "webhook_url": receiver.url + "/done", **TINY_JOB})
+        r = client.post("/generate", json={"prompt": "a heron", "webhook_url": receiver.url + "/done",
+                                           "metadata": {"order": "A-17"}, **TINY_JOB})
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         first, second = receiver.wait(2, timeout_s=60)
@@ -51,6 +52,7 @@ def test_a_finished_job_is_posted_to_its_webhook(app):
     assert hmac.compare_digest(headers["webhook-signature"], expected)
     message = json.loads(body)
     assert message["type"] == "job.succeeded" and message["data"]["id"] == job_id
+    assert message["data"]["request"]["metadata"] == job["request"]["metadata"] == {"order": "A-17"}
     assert message["data"]["result"]["video_url"] == f"https://video.example.com/jobs/{job_id}/video"
     assert message["data"]["result"]["size_bytes"] == job["result"]["size_bytes"]
     assert job["webhook"] == {"url": receiver.url + "/done", "status": "delivered", "attempts": 2,
@@ -71,3 +73,12 @@ def test_a_host_outside_the_allowed_list_is_refused(app):
         [entry] = [e for e in r.json()["detail"] if e["loc"][-1] == "webhook_url"]
         assert words in entry["msg"]
     assert client.get("/jobs").json()["total"] == before
+
+
+def test_metadata_is_bounded(app):
+    _, client = app
+    for metadata, words in (({f"k{i}": "v" for i in range(17)}, "at most 16"), ({"": "v"}, "1 to 64"),
+                            ({"k": "v" * 513}, "at most 512"), ({"k": 5}, "string")):
+        r = client.post("/generate", json={"prompt": "x", "metadata": metadata, **TINY_JOB})
+        assert r.status_code == 422, r.text
+        assert any(e["loc"][1] == "metadata" and words in e["msg"] for e in r.json()["detail"]), r.text

@@ -1,7 +1,7 @@
 """Model configurations: the transformer's shape, and each named variant's pipeline defaults."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
