@@ -121,7 +121,10 @@ class GenerationWorker:
     def health(self) -> dict[str, Any]:
         from wan_model.compile import compile_stats
 
+        import ray
+
         info: dict[str, Any] = {"rank": self.rank, "ready": self.generator is not None, "busy_job": self.busy_job,
+                                "node_id": ray.get_runtime_context().get_node_id(),
                                 "compiled": compile_stats(),
                                 "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
         if self.device.startswith("cuda"):
@@ -226,11 +229,13 @@ class _ProgressReporter:
         self._in_flight = None
 
     def flush(self) -> None:
-        """At the job's end: the last progress (sent unless a report is still on its way), and the
-        report in flight waited for briefly (the job's outcome, which follows, matters more), then
+        """At the job's end: the last progress, sent unless a report is still on its way, and waited
+        for briefly (the job's outcome, which follows, matters more); a report already on its way is
+        not waited for (the JobQueue may be unreachable: it drains while Serve stops the app). Then
         the thread goes."""
+        earlier = self._in_flight
         self._send(time.monotonic())
-        if self._in_flight is not None:
+        if self._in_flight is not None and self._in_flight is not earlier:
             concurrent.futures.wait([self._in_flight], timeout=FLUSH_WAIT_S)
         if self._sender is not None:
             self._sender.shutdown(wait=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service import cli
+from service import cli, client
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -384,4 +384,4 @@ def test_client_errors_are_one_readable_line(stub, tmp_path, capsys):
 def test_sse_parser():
     lines = ["event: progress", "data: {\"a\": 1}", "", ": keep-alive", "", "data: x", "data: y", "",
              "event: end", "data: {}"]
-    assert list(cli.iter_sse(lines)) == [("progress", "{\"a\": 1}"), ("message", "x\ny"), ("end", "{}")]
+    assert list(client.iter_sse(lines)) == [("progress", "{\"a\": 1}"), ("message", "x\ny"), ("end", "{}")]

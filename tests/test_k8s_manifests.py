@@ -158,6 +158,13 @@ def test_cluster_layout(docs):
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env.get("NCCL_DEBUG") and "NCCL_NVLS_ENABLE" not in env
 
+    # A deleted or evicted GPU pod drains first (wanserve drain-node): Ray's drain deadline must leave
+    # Serve drain_timeout_s to stop the engine replica gracefully, and Kubernetes must wait for the hook.
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["wanserve", "drain-node"]
+    deadline_s = int(hook[hook.index("--deadline-s") + 1])
+    assert settings.drain_timeout_s < deadline_s < pod["terminationGracePeriodSeconds"]
+
     probe = container["readinessProbe"]["httpGet"]
     assert probe["path"] == "/-/healthz" and probe["port"] == 8000
 

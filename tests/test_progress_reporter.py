@@ -13,19 +13,23 @@ from wan_model.pipeline.request import Progress
 class SlowQueueHandle:
     """Stands in for the JobQueue's deployment handle: ``report_progress.remote(...).result(timeout_s)``."""
 
-    def __init__(self, delay_s: float, cancel: bool = False):
+    def __init__(self, delay_s: float, cancel: bool = False, first_delay_s: "float | None" = None):
         self.delay_s, self.cancel = delay_s, cancel
+        self.first_delay_s = first_delay_s  # the first report's delay, if not delay_s
         self.reports: list[dict] = []
         self.report_progress = self
         self.lock = threading.Lock()
 
     def remote(self, job_id: str, progress: dict):
         handle = self
+        delay = self.delay_s
+        if self.first_delay_s is not None:
+            delay, self.first_delay_s = self.first_delay_s, None
 
         class Answer:
             def result(self, timeout_s: float):
-                time.sleep(min(handle.delay_s, timeout_s))
-                if handle.delay_s > timeout_s:
+                time.sleep(min(delay, timeout_s))
+                if delay > timeout_s:
                     raise TimeoutError("the JobQueue did not answer")
                 with handle.lock:
                     handle.reports.append(progress)
@@ -49,7 +53,11 @@ def test_a_slow_jobqueue_never_holds_the_steps_up(monkeypatch):
         r(Progress("denoise", step, 20, elapsed_s=step * 0.01))
     assert time.monotonic() - start < 0.3  # 20 steps; each report alone takes 0.5 s
     r.flush()
-    assert handle.reports and handle.reports[0]["step"] == 0  # the first went at once; the rest waited
+    deadline = time.monotonic() + 3
+    while not handle.reports:
+        assert time.monotonic() < deadline, "the first report never arrived"
+        time.sleep(0.02)
+    assert handle.reports[0]["step"] == 0  # the first went at once; the rest waited for it
 
 
 def test_the_cancel_flag_comes_back_with_a_report():
@@ -74,9 +82,15 @@ def test_flush_sends_the_last_progress_and_waits_only_briefly(monkeypatch):
     r(Progress("denoise", 3, 3))
     r.flush()
     assert [p["step"] for p in fast.reports] == [0, 3]
-    hung = SlowQueueHandle(delay_s=60.0)  # the JobQueue is gone (draining, restarting)
-    r = reporter(hung)
-    r(Progress("decode", 0, 0))
-    start = time.monotonic()
-    r.flush()
-    assert time.monotonic() - start < 1.0
+    # The JobQueue stops answering (it drains while Serve stops the app): the flush's own report is
+    # waited for FLUSH_WAIT_S at most, and one already on its way not at all.
+    for first_delay_s, most_s in ((0.0, 1.0), (60.0, 0.2)):
+        hung = SlowQueueHandle(delay_s=60.0, first_delay_s=first_delay_s)
+        r = reporter(hung)
+        r.interval_s = 3600.0
+        r(Progress("decode", 0, 0))
+        time.sleep(0.05)
+        r(Progress("decode", 1, 0))  # held for the flush
+        start = time.monotonic()
+        r.flush()
+        assert time.monotonic() - start < most_s, first_delay_s

@@ -1,0 +1,102 @@
+"""``wanserve drain-node``: hand a Ray node's Serve replicas over before the node goes away.
+
+Meant as the ``preStop`` hook of a KubeRay GPU worker pod. Without it, a pod deleted by hand, or
+evicted, takes its engine replica down at once: the running job is killed and runs again from the
+start elsewhere, using up one of its ``max_attempts``. With it:
+1. Ray is told that the node will go (``ray drain-node``, reason preemption, with a deadline). Ray
+   schedules nothing new there. Serve starts replacements for the node's replicas elsewhere and
+   stops the old ones gracefully: an engine replica first finishes its running job (its
+   ``drain_timeout_s``), and the JobQueue records the outcome.
+2. The hook waits until no Serve replica and no ``GenerationWorker`` is left alive on the node, then
+   returns, and Kubernetes stops the container.
+
+The deadline should exceed ``drain_timeout_s`` (Serve stops a replica by
+``deadline - graceful_shutdown_timeout_s`` at the latest, and needs that long to stop it), and the
+pod's ``terminationGracePeriodSeconds`` should exceed the deadline.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional
+
+DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"  # accepted even while the node is busy (unlike idle termination)
+WORKER_CLASS = "GenerationWorker"
+
+
+def actors_to_wait_for(actors: list[dict[str, Any]]) -> list[str]:
+    """Of a node's live actors (``ray.util.state.list_actors`` rows): the Serve replicas and the
+    generation workers, as names to print."""
+    names = []
+    for actor in actors:
+        cls = actor.get("class_name") or ""
+        if cls.startswith("ServeReplica:") or cls.endswith(WORKER_CLASS):
+            names.append(actor.get("name") or cls)
+    return names
+
+
+def request_drain(address: str, node_id: str, deadline_s: int, message: str) -> Optional[str]:
+    """``ray drain-node`` for ``node_id``; returns why it was refused, or None if accepted."""
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", address, "--node-id", node_id,
+           "--reason", DRAIN_REASON, "--reason-message", message, "--deadline-remaining-seconds", str(deadline_s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return lines[-1] if lines else f"exit status {proc.returncode}"
+    return None
+
+
+def wait_until_gone(list_live: Callable[[], list[str]], deadline: float, poll_s: float,
+                    say: Callable[[str], None]) -> bool:
+    """Poll ``list_live`` until it is empty (True) or the monotonic ``deadline`` passes (False)."""
+    last: Optional[list[str]] = None
+    while True:
+        live = list_live()
+        if not live:
+            return True
+        if live != last:
+            say(f"waiting for {len(live)} actor(s) to stop: {', '.join(sorted(live))}")
+            last = live
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def drain_node(address: str = "auto", node_id: Optional[str] = None, deadline_s: int = 690,
+               poll_s: float = 2.0, say: Callable[[str], None] = print) -> int:
+    """Drain ``node_id`` (default: the node this runs on) and wait for its replicas to stop. Exit
+    status: 0 when they are gone, 1 when the deadline passed first or Ray refused the drain."""
+    import ray
+    from ray.util.state import list_actors
+
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        node = node_id or ray.get_runtime_context().get_node_id()
+        gcs = ray.get_runtime_context().gcs_address
+        started = time.monotonic()
+        refused = request_drain(gcs, node, deadline_s, "wanserve drain-node (the pod is stopping)")
+        if refused:
+            say(f"Ray refused to drain node {node}: {refused}")  # e.g. already drained: still wait below
+        else:
+            say(f"node {node} is draining; Serve moves its replicas (deadline {deadline_s} s)")
+
+        def live() -> list[str]:
+            try:
+                rows = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000,
+                                   raise_on_missing_output=False)
+            except Exception as exc:  # noqa: BLE001 - the state API can hiccup; ask again
+                say(f"could not list actors ({type(exc).__name__}: {exc}); asking again")
+                return ["(unknown)"]
+            return actors_to_wait_for([r if isinstance(r, dict) else r.__dict__ for r in rows])
+
+        gone = wait_until_gone(live, started + deadline_s, poll_s, say)
+        took = time.monotonic() - started
+        if gone:
+            say(f"node {node}: no Serve replica or worker left after {took:.0f} s")
+            return 0
+        say(f"node {node}: replicas still alive after the {deadline_s} s deadline")
+        return 1
+    finally:
+        ray.shutdown()
