@@ -178,8 +178,12 @@ class WebhookSender:
         log = job_log(logger, job["id"])
         try:
             msg_id, body = message(job, self.settings)
-            error, retry = await asyncio.to_thread(post, job["webhook_url"], msg_id, body, self.secret,
-                                                   self.settings.webhook_timeout_s)
+            # Checked again at each try: the operator may have taken the host off the list since.
+            error = url_problem(job["webhook_url"], self.settings.webhook_allowed_hosts)
+            retry = False
+            if error is None:
+                error, retry = await asyncio.to_thread(post, job["webhook_url"], msg_id, body, self.secret,
+                                                       self.settings.webhook_timeout_s)
             attempts = job["webhook_attempts"]
             if error is None:
                 log.info("webhook delivered (attempt %d)", attempts)

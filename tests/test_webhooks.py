@@ -266,3 +266,15 @@ def test_the_idempotency_fingerprint_of_a_request_without_a_webhook_is_unchanged
     assert request_fingerprint(fingerprint_fields(hooked)) != request_fingerprint(fingerprint_fields(plain))
     labelled = GenerateRequest(prompt="a cat", seed=3, metadata={"order": "A-17"})
     assert request_fingerprint(fingerprint_fields(labelled)) != request_fingerprint(fingerprint_fields(plain))
+
+
+def test_a_host_taken_off_the_list_is_not_called_any_more(tmp_path):
+    settings = settings_for(tmp_path)
+    queue = JobQueue(settings.db_path)
+    with WebhookReceiver() as receiver:
+        job_id = finished(queue, receiver.url)  # accepted while 127.0.0.1 was listed
+        narrower = settings_for(tmp_path, webhook_allowed_hosts=["hooks.example.com"])  # a restart, new list
+        sender = WebhookSender(queue, narrower)
+        pump(sender, lambda: queue.get(job_id)["webhook_status"] == "failed")
+        assert receiver.received == []
+    assert "not one this server sends to" in queue.get(job_id)["webhook_error"]
