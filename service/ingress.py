@@ -176,11 +176,11 @@ class Ingress:
         if isinstance(answer, Response):
             return answer
         job = answer["job"]
+        status_url = f"{_prefix(request)}/jobs/{job['id']}"
         return JSONResponse(
-            {"id": job["id"], "status": job["status"], "status_url": f"{_prefix(request)}/jobs/{job['id']}",
-             "events_url": f"{_prefix(request)}/jobs/{job['id']}/events", "queue_position": job["queue_position"],
-             "created": answer["created"]},
-            status_code=202, headers={"Location": f"{_prefix(request)}/jobs/{job['id']}"})
+            {"id": job["id"], "status": job["status"], "status_url": status_url, "events_url": f"{status_url}/events",
+             "queue_position": job["queue_position"], "created": answer["created"]},
+            status_code=202, headers={"Location": status_url})
 
     @api.get("/jobs/{job_id}")
     async def job_status(self, job_id: str, request: Request):
@@ -237,12 +237,13 @@ class Ingress:
     async def _event_stream(self, job_id: str, request: Request):
         last: Optional[tuple] = None
         last_sent = time.monotonic()
+        prefix = _prefix(request)
         while True:
             job = await self.queue.get.remote(job_id)
             if job is None:
                 yield _sse("error", {"detail": f"job {job_id} disappeared"})
                 return
-            view = job_view(job, self.settings.result_ttl_s, _prefix(request))
+            view = job_view(job, self.settings.result_ttl_s, prefix)
             key = (view["status"], view["progress"]["stage"], view["progress"]["step"], view["queue_position"])
             if key != last:
                 last, last_sent = key, time.monotonic()

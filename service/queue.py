@@ -28,6 +28,7 @@ ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = ACTIVE + TERMINAL
 WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
+_FINISHED_SQL = f"status IN ({', '.join('?' * len(TERMINAL))})"  # binds *TERMINAL
 
 class QueueFull(RuntimeError):
     """The queue holds ``limit`` active jobs; retry after ``retry_after_s`` seconds."""
@@ -347,7 +348,7 @@ class JobQueue:
         with self._lock:
             rows = self._db.execute(
                 f"SELECT * FROM jobs WHERE files_deleted_at IS NULL AND finished_at < ? "
-                f"AND status IN ({', '.join('?' * len(TERMINAL))}) ORDER BY finished_at LIMIT ?",
+                f"AND {_FINISHED_SQL} ORDER BY finished_at LIMIT ?",
                 (finished_before, *TERMINAL, limit)).fetchall()
             return [self._to_dict(r) for r in rows]
 
@@ -383,7 +384,7 @@ class JobQueue:
         with self._lock:
             rows = self._db.execute(
                 f"SELECT * FROM jobs WHERE webhook_status = ? AND COALESCE(webhook_next_at, 0) <= ? "
-                f"AND status IN ({', '.join('?' * len(TERMINAL))}) ORDER BY finished_at LIMIT ?",
+                f"AND {_FINISHED_SQL} ORDER BY finished_at LIMIT ?",
                 (WEBHOOK_PENDING, now, *TERMINAL, limit)).fetchall()
             return [self._to_dict(r) for r in rows]
 
@@ -420,8 +421,8 @@ class JobQueue:
     def webhooks_pending(self) -> int:
         """Webhooks of finished jobs not yet delivered (nor given up)."""
         with self._lock:
-            (n,) = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE webhook_status = ? AND status IN "
-                                    f"({', '.join('?' * len(TERMINAL))})", (WEBHOOK_PENDING, *TERMINAL)).fetchone()
+            (n,) = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE webhook_status = ? AND {_FINISHED_SQL}",
+                                    (WEBHOOK_PENDING, *TERMINAL)).fetchone()
             return n
 
     # ------------------------------------------------------------------ whose store this is

@@ -166,9 +166,8 @@ class WebhookSender:
         room = MAX_SENDING - len(self.sending)
         if room <= 0:
             return
-        for job in self.queue.webhooks_due(time.time(), limit=room + len(self.sending)):
-            if job["id"] in self.sending or len(self.sending) >= MAX_SENDING:
-                continue
+        # A delivery in flight is held (not due), so what comes back is not being sent already.
+        for job in self.queue.webhooks_due(time.time(), limit=room):
             started = self.queue.start_webhook(job["id"], self.settings.webhook_timeout_s + HOLD_MARGIN_S)
             if started is not None:
                 task = asyncio.get_running_loop().create_task(self._deliver(started))

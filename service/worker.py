@@ -220,10 +220,10 @@ class _ProgressReporter:
     def _report(self, progress: dict) -> bool:
         return bool(self.handle.report_progress.remote(self.job_id, progress).result(timeout_s=PROGRESS_TIMEOUT_S))
 
-    def _collect(self, timeout_s: Optional[float] = None) -> None:
-        """The cancel flag from the last report (waiting at most ``timeout_s`` for it)."""
+    def _collect(self) -> None:
+        """The cancel flag from the last report, which has arrived (or failed)."""
         try:
-            self.cancel = self._in_flight.result(timeout=timeout_s)
+            self.cancel = self._in_flight.result()
         except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
             self.log.warning("progress report failed: %s", exc or type(exc).__name__)
         self._in_flight = None
