@@ -74,6 +74,11 @@ class ServiceSettings(BaseSettings):
     # Only URLs on these hosts are accepted ("hooks.example.com", "*.example.com", "10.0.0.7:8080");
     # empty: webhooks are off. The JobQueue sends from inside the cluster: list only receivers.
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    # A listed *name* must resolve to public addresses at each try, so that a name whose DNS answer
+    # turns internal (rebinding) cannot reach inside the cluster. True allows names that resolve to
+    # private, loopback or link-local addresses (in-cluster receivers such as hooks.ns.svc).
+    # Addresses listed as such (10.0.0.7) are always allowed.
+    webhook_private_networks: bool = False
     webhook_secret: Optional[str] = None  # signs each message (Standard Webhooks, "whsec_..." or any string)
     webhook_secret_file: Optional[str] = None
     webhook_timeout_s: float = Field(10.0, gt=0)

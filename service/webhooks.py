@@ -11,7 +11,9 @@ A 2xx answer delivers the message. Anything else is tried again after ``webhook_
 each time, up to ``webhook_max_attempts``; a 410 (Gone) stops at once. Redirects are not followed.
 
 A URL is accepted only if its host is in ``webhook_allowed_hosts``. The JobQueue sends from inside
-the cluster, so an open list would let any client make it call internal addresses.
+the cluster, so an open list would let any client make it call internal addresses. For the same
+reason a listed *name* must resolve to public addresses at each try (unless
+``webhook_private_networks`` is set), and the connection goes to the addresses that were checked.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ import hashlib
 import hmac
 import json
 import logging
+import http.client
+import ipaddress
+import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -120,31 +124,102 @@ def message(job: dict[str, Any], settings: ServiceSettings) -> tuple[str, bytes]
     return f"msg_{job['id']}_{job['status']}", json.dumps(body, separators=(",", ":")).encode()
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):  # a redirect could lead past webhook_allowed_hosts
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:10.0.0.1 reaches 10.0.0.1
+    return address.is_global and not address.is_multicast
+
+
+def address_problem(host: str, addresses: list[tuple], private_networks: bool) -> Optional[str]:
+    """Why the resolved ``addresses`` of ``host`` may not be called, or ``None``. Every address must be
+    public (not loopback, private, link-local, shared or reserved) unless ``private_networks`` is set.
+    An address written as the URL's host was listed as such by the operator, so it is always allowed.
+    ``post`` then connects to exactly these addresses: a name whose answer changes between the check
+    and the connection (DNS rebinding) cannot slip an internal address in."""
+    try:
+        ipaddress.ip_address(host)
         return None
+    except ValueError:
+        pass
+    if private_networks:
+        return None
+    for address in addresses:
+        text = address[4][0]
+        if not _is_public(ipaddress.ip_address(text.split("%", 1)[0])):  # without an IPv6 zone
+            return (f"webhook host {host!r} resolves to {text}, which is not a public address (list the "
+                    "address itself in webhook_allowed_hosts, or set webhook_private_networks)")
+    return None
 
 
-_opener = urllib.request.build_opener(_NoRedirects)
+def _connect(addresses: list[tuple], timeout_s: float) -> socket.socket:
+    error: OSError = OSError("no address to connect to")
+    for family, kind, proto, _, sockaddr in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
-def post(url: str, msg_id: str, body: bytes, secret: Optional[str], timeout_s: float) -> tuple[Optional[str], bool]:
-    """POST one message (blocking). Returns ``(error, retry)``: ``error`` None when delivered."""
+class _CheckedHTTP(http.client.HTTPConnection):
+    """Connects only to addresses ``resolve`` checked (the Host header keeps the name)."""
+
+    def __init__(self, host: str, port: int, addresses: list[tuple], timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = _connect(self.addresses, self.timeout)
+
+
+def tls_context() -> ssl.SSLContext:
+    """The system's trusted CAs, certificate and name checked (tests swap in their own CA)."""
+    return ssl.create_default_context()
+
+
+class _CheckedHTTPS(_CheckedHTTP):
+    default_port = 443
+
+    def connect(self) -> None:  # TLS is verified against the name, as for any HTTPS client
+        self.sock = tls_context().wrap_socket(_connect(self.addresses, self.timeout), server_hostname=self.host)
+
+
+def post(url: str, msg_id: str, body: bytes, secret: Optional[str], timeout_s: float,
+         private_networks: bool = False) -> tuple[Optional[str], bool]:
+    """POST one message (blocking), straight to the receiver: no proxy, no redirects (either could lead
+    past the checks). Returns ``(error, retry)``: ``error`` None when delivered."""
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    try:
+        addresses = list(dict.fromkeys(socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)))
+    except OSError as exc:  # a name that does not resolve now may later
+        return f"cannot resolve {parts.hostname!r}: {exc}", True
+    problem = address_problem(parts.hostname, addresses, private_networks)
+    if problem is not None:  # not a passing state: the operator has to change the settings
+        return problem, False
     timestamp = int(time.time())
     headers = {"content-type": "application/json", "user-agent": "wanserve-webhooks",
                "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
     if secret:
         headers["webhook-signature"] = signature(secret, msg_id, timestamp, body)
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = (_CheckedHTTPS if https else _CheckedHTTP)(parts.hostname, port, addresses, timeout_s)
     try:
-        with _opener.open(request, timeout=timeout_s) as answer:
-            answer.read(1024)
-            return None, False
-    except urllib.error.HTTPError as exc:  # 3xx (not followed), 4xx, 5xx
-        return f"HTTP {exc.code} {exc.reason}", exc.code != 410
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        return f"{type(reason).__name__}: {reason}".splitlines()[0][:300], True
+        connection.request("POST", target, body=body, headers=headers)
+        answer = connection.getresponse()
+        answer.read(1024)
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:300], True
+    finally:
+        connection.close()
+    if 200 <= answer.status < 300:
+        return None, False
+    return f"HTTP {answer.status} {answer.reason}", answer.status != 410  # 3xx are not followed
 
 
 class WebhookSender:
@@ -182,7 +257,8 @@ class WebhookSender:
             retry = False
             if error is None:
                 error, retry = await asyncio.to_thread(post, job["webhook_url"], msg_id, body, self.secret,
-                                                       self.settings.webhook_timeout_s)
+                                                       self.settings.webhook_timeout_s,
+                                                       self.settings.webhook_private_networks)
             attempts = job["webhook_attempts"]
             if error is None:
                 log.info("webhook delivered (attempt %d)", attempts)

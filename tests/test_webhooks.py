@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
+import ssl
+import subprocess
 import time
 
 import pytest
@@ -14,7 +17,8 @@ import pytest
 from service.config import ServiceSettings
 from service.metrics import render_metrics
 from service.queue import JobQueue
-from service.webhooks import WebhookSender, parse_host_pattern, url_problem
+from service import webhooks
+from service.webhooks import WebhookSender, address_problem, parse_host_pattern, url_problem
 from service_helpers import make_settings, write_old_store
 from webhook_receiver import WebhookReceiver, signature_ok
 
@@ -267,3 +271,100 @@ def test_a_host_taken_off_the_list_is_not_called_any_more(tmp_path):
         pump(sender, lambda: queue.get(job_id)["webhook_status"] == "failed")
         assert receiver.received == []
     assert "not one this server sends to" in queue.get(job_id)["webhook_error"]
+
+
+# --- where a webhook may connect: names resolving inside, DNS rebinding, TLS ---
+
+def _info(address: str, port: int = 443) -> tuple:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return (family, socket.SOCK_STREAM, 6, "", (address, port))
+
+
+@pytest.mark.parametrize("host, addresses, private_networks, refused", [
+    ("hooks.example.com", ["93.184.215.14"], False, None),
+    ("hooks.example.com", ["93.184.215.14", "10.0.0.9"], False, "10.0.0.9"),  # one inside is enough
+    ("hooks.example.com", ["127.0.0.1"], False, "127.0.0.1"),
+    ("hooks.example.com", ["169.254.169.254"], False, "169.254.169.254"),  # cloud metadata
+    ("hooks.example.com", ["100.64.0.1"], False, "100.64.0.1"),  # shared (carrier-grade NAT)
+    ("hooks.example.com", ["::ffff:10.0.0.1"], False, "::ffff:10.0.0.1"),  # IPv4-mapped
+    ("hooks.example.com", ["fd00::7"], False, "fd00::7"),
+    ("hooks.example.com", ["10.0.0.9"], True, None),  # the operator allows in-cluster receivers
+    ("10.0.0.7", ["10.0.0.7"], False, None),  # an address listed as such
+])
+def test_a_name_must_resolve_to_public_addresses(host, addresses, private_networks, refused):
+    problem = address_problem(host, [_info(a) for a in addresses], private_networks)
+    if refused is None:
+        assert problem is None
+    else:
+        assert f"resolves to {refused}," in problem and "webhook_private_networks" in problem
+
+
+def test_a_listed_name_that_resolves_to_loopback_is_not_called(tmp_path):
+    with WebhookReceiver() as receiver:
+        url = f"http://localhost:{receiver.port}/hook"
+        settings = settings_for(tmp_path, webhook_allowed_hosts=["localhost"])
+        queue = JobQueue(settings.db_path)
+        job_id = finished(queue, url)
+        pump(WebhookSender(queue, settings), lambda: queue.get(job_id)["webhook_status"] != "pending")
+        job = queue.get(job_id)
+        assert job["webhook_status"] == "failed" and job["webhook_attempts"] == 1  # not retried
+        assert "not a public address" in job["webhook_error"] and receiver.received == []
+
+        allowed = settings_for(tmp_path / "b", webhook_allowed_hosts=["localhost"], webhook_private_networks=True)
+        queue = JobQueue(allowed.db_path)
+        job_id = finished(queue, url)
+        pump(WebhookSender(queue, allowed), lambda: queue.get(job_id)["webhook_status"] == "delivered")
+        assert receiver.received[0]["headers"]["host"] == f"localhost:{receiver.port}"
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypatch):
+    """DNS rebinding: the name is resolved once per try, and the connection uses that answer. A
+    second lookup (which a rebinding server would answer with another address) never happens."""
+    real = socket.getaddrinfo
+    lookups = []
+
+    def rebinding_dns(host, port, *args, **kwargs):
+        if host != "hooks.test":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        # The first answer is the receiver; any later one is an address nothing listens on.
+        return [_info("127.0.0.1" if len(lookups) == 1 else "10.255.255.1", port)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    settings = settings_for(tmp_path, webhook_allowed_hosts=["hooks.test"], webhook_private_networks=True)
+    queue = JobQueue(settings.db_path)
+    with WebhookReceiver() as receiver:
+        job_id = finished(queue, f"http://hooks.test:{receiver.port}/hook?x=1")
+        pump(WebhookSender(queue, settings), lambda: queue.get(job_id)["webhook_status"] == "delivered")
+    assert lookups == ["hooks.test"]
+    got = receiver.received[0]
+    assert got["path"] == "/hook?x=1" and got["headers"]["host"] == f"hooks.test:{receiver.port}"
+
+
+def _certificate(folder, name: str) -> tuple[str, str]:
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_https_checks_the_certificate_against_the_name(tmp_path, monkeypatch):
+    cert, key = _certificate(tmp_path, "hooks.test")
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: [_info("127.0.0.1", port)]
+                        if host in ("hooks.test", "other.test") else real(host, port, *a, **k))
+    monkeypatch.setattr(webhooks, "tls_context", lambda: ssl.create_default_context(cafile=cert))
+    settings = settings_for(tmp_path, webhook_allowed_hosts=["hooks.test", "other.test"],
+                            webhook_private_networks=True, webhook_max_attempts=1)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    with WebhookReceiver(tls=(cert, key)) as receiver:
+        good = finished(queue, f"https://hooks.test:{receiver.port}/hook")
+        wrong_name = finished(queue, f"https://other.test:{receiver.port}/hook")
+        pump(sender, lambda: all(queue.get(j)["webhook_status"] != "pending" for j in (good, wrong_name)))
+    assert queue.get(good)["webhook_status"] == "delivered"
+    assert len(receiver.received) == 1 and signature_ok(SECRET, receiver.received[0]["headers"],
+                                                         receiver.received[0]["body"])
+    failed = queue.get(wrong_name)
+    assert failed["webhook_status"] == "failed" and "certificate" in failed["webhook_error"].lower()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,9 @@ Reply = Union[int, tuple[str, Any]]
 
 
 class WebhookReceiver:
-    def __init__(self, replies: Optional[list[Reply]] = None, default: Reply = 200):
+    def __init__(self, replies: Optional[list[Reply]] = None, default: Reply = 200,
+                 tls: Optional[tuple[str, str]] = None):
+        """``tls``: (certificate file, key file) to answer HTTPS instead of HTTP."""
         self.replies = list(replies or [])
         self.default = default
         self.received: list[dict[str, Any]] = []
@@ -47,7 +50,11 @@ class WebhookReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "WebhookReceiver":
