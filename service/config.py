@@ -57,6 +57,10 @@ class ServiceSettings(BaseSettings):
     engine_replicas: int = Field(1, ge=1)
     queue_size: int = Field(64, ge=1)  # queued + running jobs; more gets 429
     data_dir: str = "./wanserve-data"
+    # SQLite's journal for jobs.sqlite3: "auto" takes WAL where data_dir is on a local filesystem and
+    # the rollback journal ("delete") where other hosts mount it (NFS, EFS, CephFS...), because WAL's
+    # shared-memory index is not shared between hosts (service/store_journal.py).
+    store_journal: Literal["auto", "wal", "delete"] = "auto"
     lora_dir: Optional[str] = None
     auth_token: Optional[str] = None
     auth_token_file: Optional[str] = None

@@ -29,6 +29,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 from service.config import ServiceSettings
@@ -36,6 +37,7 @@ from service.logs import job_log
 from service.lora import resolve_lora
 from service.queue import FAILED, RUNNING, TERMINAL, IdempotencyKeyReused, JobQueue, QueueFull
 from service.retention import ResultRetention
+from service.store_journal import choose_journal
 from service.webhooks import WebhookSender
 from wan_model.pipeline.video import mp4_problem
 
@@ -51,9 +53,11 @@ class JobQueueService:
     def __init__(self, args: dict[str, Any], engine: Any):
         self.settings = ServiceSettings.coerce(args)
         self.engine = engine
+        journal, why = choose_journal(self.settings.store_journal, Path(self.settings.data_dir))
         self.queue = JobQueue(self.settings.db_path, max_size=self.settings.queue_size,
                               max_attempts=self.settings.max_attempts,
-                              max_per_owner=self.settings.max_jobs_per_client)
+                              max_per_owner=self.settings.max_jobs_per_client, journal=journal)
+        logger.info("job store %s: journal %s (%s)", self.settings.db_path, self.queue.journal_mode, why)
         self.queue.claim_for_app(self.settings.app_name)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.retention = ResultRetention(self.queue, self.settings)
@@ -452,6 +456,7 @@ class JobQueueService:
         self.engines = fresh
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
                 "results_bytes": self.queue.results_bytes(), "webhooks_pending": self.queue.webhooks_pending(),
+                "store_journal": self.queue.journal_mode,
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
                 "dispatching": self._leading, "standing_by_for": self._standing_by_for,
                 "running": [*self.inflight, *self.adopted], "orphaned": list(self.orphans)}

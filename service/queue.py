@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from service.queue_schema import create_or_migrate
+from service.store_journal import set_journal
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
@@ -91,7 +92,9 @@ def new_job_id() -> str:
 
 class JobQueue:
     def __init__(self, db_path: str | Path, *, max_size: int = 64, max_attempts: int = 2,
-                 max_per_owner: Optional[int] = None):
+                 max_per_owner: Optional[int] = None, journal: str = "wal"):
+        """``journal``: ``wal``, or ``delete`` (the rollback journal) for a store that several hosts
+        open (service/store_journal.py); ``journal_mode`` is the one in use."""
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         if max_per_owner is not None and max_per_owner < 1:
@@ -104,8 +107,10 @@ class JobQueue:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.journal_mode = set_journal(self._db, journal, self.db_path)
+        # FULL: a commit is on disk before its caller answers (a 202 means the job is stored). Jobs
+        # are written a few times a second at most, so the fsyncs cost nothing that matters.
+        self._db.execute("PRAGMA synchronous=FULL")
         create_or_migrate(self._db)
 
     def close(self) -> None:
