@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,8 +70,10 @@ def iter_sse(lines):
         yield event, "\n".join(data)
 
 
-def follow_job(client, job_id: str, *, quiet: bool = False, max_reconnects: int = 20) -> dict:
-    """Follow ``/jobs/{id}/events`` with a progress bar until the job ends; returns the last job view."""
+def follow_job(client, job_id: str, *, quiet: bool = False, max_reconnects: int = 40, retry_s: float = 3.0) -> dict:
+    """Follow ``/jobs/{id}/events`` with a progress bar until the job ends; returns the last job view.
+    A cut stream or a service that is restarting is waited out, ``retry_s`` between tries, up to
+    ``max_reconnects`` times."""
     import httpx
     from tqdm import tqdm
 
@@ -80,28 +83,47 @@ def follow_job(client, job_id: str, *, quiet: bool = False, max_reconnects: int 
         for _ in range(max_reconnects + 1):
             try:
                 with client.stream("GET", f"/jobs/{job_id}/events", timeout=httpx.Timeout(30.0, read=60.0)) as r:
-                    if r.status_code >= 400:
+                    if r.status_code >= 400:  # 5xx: restarting, and waited out below
                         r.read()
-                        raise CliError(f"GET /jobs/{job_id}/events: HTTP {r.status_code}: {_detail(r)}")
-                    for event, data in iter_sse(r.iter_lines()):
-                        if event == "error":
-                            raise CliError(f"job {job_id}: {data}")
-                        view = json.loads(data)
-                        last = view
-                        _update_bar(bar, view)
-                        if event == "end":
-                            return view
+                        if r.status_code < 500:
+                            raise CliError(f"GET /jobs/{job_id}/events: HTTP {r.status_code}: {_detail(r)}")
+                    else:
+                        for event, data in iter_sse(r.iter_lines()):
+                            if event == "error":
+                                raise CliError(f"job {job_id}: {data}")
+                            view = json.loads(data)
+                            last = view
+                            _update_bar(bar, view)
+                            if event == "end":
+                                return view
             except (httpx.TransportError, httpx.StreamError):
                 pass  # the stream was cut (proxy timeout, restart): reconnect; the server resends the state
-            # The stream ended without an "end" event: look at the job before reconnecting.
-            view = _request(client, "GET", f"/jobs/{job_id}").json()
-            last = view
-            if view["status"] in FINISHED:
+            # The stream ended without an "end" event: look at the job before reconnecting. While the
+            # service restarts it may not answer, or answer 5xx: wait and try again.
+            view = _job_while_restarting(client, job_id, retry_s)
+            last = view or last
+            if view is not None and view["status"] in FINISHED:
                 return view
         raise CliError(f"lost the event stream of job {job_id} {max_reconnects} times; last status: "
                        f"{(last or {}).get('status')}")
     finally:
         bar.close()
+
+
+def _job_while_restarting(client, job_id: str, retry_s: float) -> Optional[dict]:
+    """The job's view, or None (after waiting ``retry_s``) while the service cannot answer."""
+    import httpx
+
+    try:
+        response = client.get(f"/jobs/{job_id}")
+    except httpx.TransportError:
+        response = None
+    if response is not None and response.status_code < 400:
+        return response.json()
+    if response is not None and response.status_code < 500:  # 401, 404: waiting will not help
+        raise CliError(f"GET /jobs/{job_id}: HTTP {response.status_code}: {_detail(response)}")
+    time.sleep(retry_s)
+    return None
 
 
 def _update_bar(bar, view: dict) -> None:
@@ -180,12 +202,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    import httpx
+
     with _client(args) as client:
-        view = _request(client, "GET", f"/jobs/{args.job}").json()
-        if view["status"] in FINISHED:  # DELETE of a finished job deletes its files: not what "cancel" means
-            print(f"job {view['id']}: already {view['status']}, nothing to cancel")
+        # Not DELETE: that deletes the files of a job that finishes just before it arrives.
+        try:
+            response = client.post(f"/jobs/{args.job}/cancel")
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the service at {client.base_url} ({type(exc).__name__}: {exc})") from None
+        if response.status_code == 409:
+            print(f"job {args.job}: {_detail(response)}")
             return 0
-        view = _request(client, "DELETE", f"/jobs/{args.job}").json()
+        if response.status_code >= 400:
+            raise CliError(f"POST /jobs/{args.job}/cancel: HTTP {response.status_code}: {_detail(response)}")
+        view = response.json()
     print(f"job {view['id']}: {view['status']}" + (" (cancel requested)" if view.get("cancel_requested") else ""))
     return 0
 

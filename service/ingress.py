@@ -7,8 +7,9 @@ import base64
 import hmac
 import json
 import logging
+import os
 import time
-from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Optional
 
 from fastapi import FastAPI, HTTPException, Request
@@ -56,7 +57,7 @@ def _sse(event: str, data: Any) -> str:
 def _maybe_json(value: str) -> Any:
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         return value
 
 
@@ -95,9 +96,18 @@ class Ingress:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             raise HTTPException(413, f"request body of {length} bytes is over the limit of {limit} bytes")
+        # Counted as it arrives, so that a body without a length (chunked) is held to the limit too.
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
         ctype = request.headers.get("content-type", "")
         if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            form = await request.form(max_part_size=limit)
+            async def replay() -> dict[str, Any]:  # the form parser reads the body already read
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, replay).form(max_part_size=limit)
             data: dict[str, Any] = {}
             for key, value in form.multi_items():
                 if hasattr(value, "read"):  # an uploaded file
@@ -110,15 +120,12 @@ class Ingress:
                 else:
                     data[key] = value
             return data
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
         try:
             data = json.loads(body or b"null")
         except ValueError as exc:
             raise HTTPException(422, f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPException(422, "body is not valid JSON here: it is nested too deep") from None
         if not isinstance(data, dict):
             raise HTTPException(422, "body must be a JSON object")
         return data
@@ -216,6 +223,18 @@ class Ingress:
             job = await self.queue.cancel.remote(job_id)
         return job_view(job, self.settings.result_ttl_s, _prefix(request))
 
+    @api.post("/jobs/{job_id}/cancel")
+    async def cancel_only(self, job_id: str, request: Request):
+        """Cancel, and only cancel: a job that has already succeeded or failed gets 409 and keeps its
+        files (``DELETE`` of a finished job deletes them, so a client racing the job's end would lose
+        its video)."""
+        self._authorize(request)
+        await self._job(job_id, request)
+        job = await self.queue.cancel.remote(job_id)  # leaves a finished job as it is, atomically
+        if job["status"] in ("succeeded", "failed"):
+            return _error(409, f"job {job_id} has already {job['status']}: nothing to cancel")
+        return job_view(job, self.settings.result_ttl_s, _prefix(request))
+
     async def _delete_files(self, job_id: str, request: Request) -> "dict[str, Any] | Response":
         """Delete a finished job's files through the JobQueue: the job after it, or a 503 to retry."""
         try:
@@ -275,15 +294,19 @@ class Ingress:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job["files_deleted_at"]))
             return _error(410, f"the {kind} of job {job['id']} was deleted at {when} ({job['files_deleted_reason']})")
         path = job["result_path"] if kind == "video" else job["preview_path"]
-        if not path or not Path(path).is_file():
+        try:  # one stat, handed to the response: a file deleted meanwhile (a DELETE, the TTL) is a 410
+            stat = os.stat(path) if path else None
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
             return _error(410, f"the {kind} of job {job['id']} is gone from the server")
-        if kind == "video" and job.get("result_bytes") is not None and Path(path).stat().st_size != job["result_bytes"]:
+        if kind == "video" and job.get("result_bytes") is not None and stat.st_size != job["result_bytes"]:
             # Truncated or overwritten since the job finished: never serve a broken file as the result.
             return _error(410, f"the video of job {job['id']} is corrupt on the server (its size changed from "
-                               f"{job['result_bytes']} to {Path(path).stat().st_size} bytes)")
+                               f"{job['result_bytes']} to {stat.st_size} bytes)")
         media = "video/mp4" if kind == "video" else "image/png"
         name = f"{job['id']}.mp4" if kind == "video" else f"{job['id']}.png"
-        return FileResponse(path, media_type=media, filename=name, content_disposition_type="inline")
+        return FileResponse(path, media_type=media, filename=name, content_disposition_type="inline", stat_result=stat)
 
     # ---------------------------------------------------------------- service
 

@@ -5,12 +5,15 @@ from pathlib import Path
 from typing import Optional
 
 LORA_SUFFIXES = ("", ".safetensors")
+MAX_NAME_CHARS = 200  # file names are at most 255 bytes on common filesystems, suffix included
 
 
 def check_lora_name(name: str) -> Optional[str]:
     """Why ``name`` is not an acceptable LoRA name (a plain file or folder name), or ``None``."""
     if not name or not name.strip():
         return "LoRA name is empty"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_CHARS:
+        return f"LoRA name is longer than {MAX_NAME_CHARS} bytes"
     if "/" in name or "\\" in name or ".." in name or name.startswith(("~", ".")) or "\x00" in name:
         return f"LoRA name {name!r} must be a plain name in the LoRA folder (no '/', '\\', '..', or leading '.')"
     if Path(name).is_absolute():

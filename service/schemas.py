@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import secrets
 from typing import Any, Literal, Optional, Union
 
@@ -12,10 +13,11 @@ from service.config import ServiceSettings
 from service.lora import resolve_lora
 from service.webhooks import url_problem
 from wan_model.config import VariantSpec
+from wan_model.pipeline.validation import MAX_FRAMES, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE
 
 
 class LoraRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     scale: float = Field(1.0, ge=-10.0, le=10.0)
 
@@ -23,7 +25,9 @@ class LoraRef(BaseModel):
 class GenerateRequest(BaseModel):
     """``POST /generate``. Fields left out take the served variant's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No inf or NaN (JSON has no such numbers, but Python's parser reads 1e999 and NaN): they are no
+    # guidance or shift, and a stored NaN could not be shown back as JSON.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Optional[str] = None
     prompt: str
@@ -33,7 +37,7 @@ class GenerateRequest(BaseModel):
     num_frames: Optional[int] = None
     steps: Optional[int] = None
     guidance: Optional[Union[float, tuple[float, float]]] = None
-    shift: Optional[float] = Field(None, gt=0.0)
+    shift: Optional[float] = Field(None, gt=0.0, le=MAX_SHIFT)
     sampler: Optional[Literal["unipc", "euler"]] = None
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     lora: Optional[LoraRef] = None
@@ -47,7 +51,7 @@ class GenerateRequest(BaseModel):
 class VideoCreateRequest(BaseModel):
     """``POST /v1/videos`` (OpenAI-style): ``size`` "WxH" and ``seconds`` besides the native fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Optional[str] = None
     prompt: str
@@ -93,14 +97,16 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
         errors["prompt"] = f"prompt has {len(req.prompt)} characters; the maximum is {settings.max_prompt_chars}"
     if len(req.negative_prompt) > settings.max_prompt_chars:
         errors["negative_prompt"] = f"negative_prompt is longer than {settings.max_prompt_chars} characters"
-    width, height = req.width or spec.default_size[0], req.height or spec.default_size[1]
-    frames = req.num_frames or spec.default_frames
+    # 0 is a value here, not "the default": the workers would refuse it after a 202.
+    width = spec.default_size[0] if req.width is None else req.width
+    height = spec.default_size[1] if req.height is None else req.height
+    frames = spec.default_frames if req.num_frames is None else req.num_frames
     multiple = spec.size_multiple
     for name, value in (("width", width), ("height", height)):
-        if value < multiple or value % multiple:
-            errors[name] = f"{name} {value} must be a positive multiple of {multiple} for {spec.name}"
-    if frames < 1 or (frames - 1) % 4:
-        errors["num_frames"] = f"num_frames {frames} must be 4n+1 (e.g. 5, 17, 81)"
+        if not multiple <= value <= MAX_SIDE or value % multiple:
+            errors[name] = f"{name} {value} must be a multiple of {multiple} from {multiple} to {MAX_SIDE} for {spec.name}"
+    if not 1 <= frames <= MAX_FRAMES or (frames - 1) % 4:
+        errors["num_frames"] = f"num_frames {frames} must be 4n+1 (e.g. 5, 17, 81), at most {MAX_FRAMES}"
     if not errors.keys() & {"width", "height", "num_frames"}:
         tokens = latent_tokens(spec, width, height, frames)
         if tokens > settings.max_tokens:
@@ -110,6 +116,10 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
         errors["steps"] = f"steps {req.steps} must be between 1 and {settings.max_steps}"
     if isinstance(req.guidance, tuple) and not spec.is_moe:
         errors["guidance"] = f"a (low-noise, high-noise) pair needs a two-expert model; {spec.name} takes one number"
+    elif req.guidance is not None:
+        scales = req.guidance if isinstance(req.guidance, tuple) else (req.guidance,)
+        if not all(0.0 <= g <= MAX_GUIDANCE for g in scales):
+            errors["guidance"] = f"guidance must be from 0 to {MAX_GUIDANCE}"
     if req.image is not None:
         if spec.task == "t2v":
             errors["image"] = f"{spec.name} is text-to-video and takes no image"
@@ -130,7 +140,23 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
         problem = url_problem(req.webhook_url, settings.webhook_allowed_hosts)
         if problem:
             errors["webhook_url"] = problem
+    for name, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt),
+                        ("metadata", req.metadata), ("lora", req.lora and req.lora.name),
+                        ("webhook_url", req.webhook_url)):
+        if not _valid_unicode(value):  # a lone surrogate ("\ud800") parses, but is no text
+            errors[name] = f"{name} is not valid Unicode (it holds a lone surrogate)"
     return errors
+
+
+def _valid_unicode(value: Any) -> bool:
+    texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+    try:
+        for text in texts:
+            if isinstance(text, str):
+                text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode_image(data: str) -> Optional[bytes]:
@@ -190,10 +216,10 @@ def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[Gen
     if req.seconds is not None:
         try:
             seconds = float(req.seconds)
-            if seconds <= 0:
+            if not 0 < seconds < math.inf:
                 raise ValueError
             fields["num_frames"] = 4 * max(1, round(seconds * spec.fps / 4)) + 1
-        except ValueError:
+        except (ValueError, OverflowError):
             errors["seconds"] = f"seconds {req.seconds!r} must be a positive number"
     return GenerateRequest(**fields), errors
 

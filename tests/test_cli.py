@@ -2,6 +2,7 @@
 (``config``), ``serve`` / ``generate`` delegation, and the HTTP client against a stub service."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -214,6 +215,8 @@ class StubService:
         self.cut_first_stream = False
         self.streams = 0
         self.deletes = 0
+        self.cancels = 0
+        self.unavailable = 0  # GETs answered 503 (a restart) before the service is back
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -237,6 +240,13 @@ class StubService:
             def do_POST(self):
                 if not self._authorized():
                     return
+                if self.path == "/jobs/job-1/cancel":
+                    stub.cancels += 1
+                    if stub.final_status in ("succeeded", "failed"):
+                        self._send(409, {"detail": f"job job-1 has already {stub.final_status}: nothing to cancel"})
+                    else:
+                        self._send(200, stub.view("running", 1, cancel=True))
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"body": body, "headers": dict(self.headers)})
                 if body.get("width") == 13:
@@ -254,6 +264,10 @@ class StubService:
 
             def do_GET(self):
                 if not self._authorized():
+                    return
+                if stub.unavailable > 0:  # restarting: the proxy has no replica to send to
+                    stub.unavailable -= 1
+                    self._send(503, {"detail": "service unavailable"})
                     return
                 if self.path == "/jobs/job-1":
                     still_running = stub.cut_first_stream and stub.streams == 1
@@ -335,6 +349,30 @@ def test_submit_wait_follows_events_and_downloads(stub, tmp_path, capsys):
     assert not list(tmp_path.glob("sub/*.part"))
 
 
+def test_submit_wait_outlasts_a_service_restart(stub, tmp_path, monkeypatch, capsys):
+    """The stream is cut, and then the service answers 503 for a while (restarting): --wait keeps
+    waiting, and gets the video once the service is back."""
+    from service import client as client_module
+
+    monkeypatch.setattr(client_module, "follow_job", functools.partial(client_module.follow_job, retry_s=0.05))
+    stub.cut_first_stream = True
+    stub.unavailable = 0
+    original = stub.view
+
+    def view_then_restart(status, step, cancel=False):  # the cut stream's last event starts the restart
+        if status == "running" and step == 1 and stub.streams == 1 and not stub.restarted:
+            stub.restarted, stub.unavailable = True, 5
+        return original(status, step, cancel)
+
+    stub.restarted = False
+    stub.view = view_then_restart
+    out_file = tmp_path / "out.mp4"
+    code, out, err = run_main(["submit", "--url", stub.url, "--token", stub.TOKEN, "--prompt", "a fox", "--wait",
+                               "-q", "-o", str(out_file)], capsys)
+    assert code == 0, err
+    assert stub.restarted and stub.unavailable == 0 and out_file.read_bytes() == stub.VIDEO
+
+
 def test_submit_wait_on_a_failed_job_exits_1(stub, tmp_path, capsys):
     stub.final_status = "failed"
     code, _, err = run_main(["submit", "--url", stub.url, "--token", stub.TOKEN, "--prompt", "x", "--wait", "-q",
@@ -351,15 +389,15 @@ def test_status_and_download_and_cancel(stub, tmp_path, capsys):
     assert run_main(["download", *common, "job-1", "-o", str(target)], capsys)[0] == 0
     assert target.read_bytes() == stub.VIDEO
     code, out, _ = run_main(["cancel", *common, "job-1"], capsys)
-    assert code == 0 and "already succeeded, nothing to cancel" in out
-    assert stub.deletes == 0  # a DELETE of a finished job would delete its video
+    assert code == 0 and "already succeeded: nothing to cancel" in out
+    assert stub.deletes == 0 and stub.cancels == 1  # never a DELETE: it would delete the video
     code, out, _ = run_main(["delete", *common, "job-1"], capsys)
     assert code == 0 and "video and preview deleted" in out and stub.deletes == 1
     stub.final_status = "running"
     code, out, _ = run_main(["cancel", *common, "job-1"], capsys)
-    assert code == 0 and "cancelled (cancel requested)" in out and stub.deletes == 2
+    assert code == 0 and "running (cancel requested)" in out and stub.deletes == 1 and stub.cancels == 2
     code, _, err = run_main(["delete", *common, "job-1"], capsys)
-    assert code == 1 and "is running: cancel it first" in err and stub.deletes == 2
+    assert code == 1 and "is running: cancel it first" in err and stub.deletes == 1
 
 
 def test_client_errors_are_one_readable_line(stub, tmp_path, capsys):

@@ -1,0 +1,176 @@
+"""The HTTP API in one process, without Ray: the FastAPI app of ``Ingress`` over a real
+``JobQueueService`` (the JobQueue deployment's class) whose handle calls are plain awaits. Inputs
+that once got a 202 and broke later, or a 500: each must now be a 4xx naming the field, and the
+routes that race a job's end (cancel, the video while it is deleted) must keep their promises.
+The same API through Ray Serve is in test_service.py and test_reliability_input.py."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import types
+
+import pytest
+from fastapi.testclient import TestClient
+from ray import serve
+
+from service.dispatcher import JobQueueService
+from service.ingress import Ingress, api
+from service.queue import JobQueue
+from service_helpers import TOKEN, FakeEngine, make_settings
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class LocalHandle:
+    """``handle.method.remote(...)`` as an await of the object's method, as Serve's handle does."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def __getattr__(self, name):
+        method = getattr(self._target, name)
+
+        async def call(*args, **kwargs):
+            result = method(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return types.SimpleNamespace(remote=call)
+
+
+@pytest.fixture()
+def app(tmp_path, monkeypatch):
+    (tmp_path / "loras").mkdir()
+    settings = make_settings(tmp_path / "data", lora_dir=str(tmp_path / "loras"), max_body_bytes=64 * 1024)
+    # Another JobQueue holds the store's dispatch lease: this one takes jobs but dispatches none, so
+    # that the tests decide how each job ends.
+    JobQueue(settings.db_path).acquire_lease("another JobQueue replica", 3600)
+    queue = JobQueueService(settings.to_args(), FakeEngine())
+    routes_class = Ingress.__bases__[0]  # the class as written, under Serve's ASGI wrapper
+    ingress = object.__new__(routes_class)
+    routes_class.__init__(ingress, settings.to_args(), LocalHandle(queue))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=ingress))
+    with TestClient(api, raise_server_exceptions=False) as client:
+        yield types.SimpleNamespace(client=client, queue=queue.queue, settings=settings)
+
+
+def post(app, body, path="/generate", **kwargs):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body, allow_nan=True)
+    return app.client.post(path, content=data, headers={**AUTH, "content-type": "application/json"}, **kwargs)
+
+
+def field_of(response) -> set[str]:
+    """Every name in the 422's ``loc`` paths (``["body", "lora", "scale"]`` -> lora, scale)."""
+    return {str(part) for entry in response.json()["detail"] for part in entry["loc"][1:]}
+
+
+@pytest.mark.parametrize("body, field", [
+    ('{"prompt": "x", "guidance": 1e999}', "guidance"),  # Python's parser reads this as inf
+    ('{"prompt": "x", "guidance": NaN}', "guidance"),
+    ('{"prompt": "x", "shift": Infinity}', "shift"),
+    ('{"prompt": "x", "lora": {"name": "a", "scale": NaN}}', "scale"),
+    ('{"prompt": "a\\ud800b"}', "prompt"),  # a lone surrogate: no UTF-8 for it
+    ('{"prompt": "x", "metadata": {"k": "\\udfff"}}', "metadata"),
+    ('{"prompt": "x", "width": 0}', "width"),  # 0 is not "the default"
+    ('{"prompt": "x", "height": 0}', "height"),
+    ('{"prompt": "x", "num_frames": 0}', "num_frames"),
+    ('{"prompt": "x", "width": 8192, "height": 16, "num_frames": 1}', "width"),  # past the workers' 4096
+    ('{"prompt": "x", "num_frames": 1005}', "num_frames"),
+    ('{"prompt": "x", "guidance": 101}', "guidance"),
+    ('{"prompt": "x", "guidance": -1}', "guidance"),
+    ('{"prompt": "x", "shift": 1000}', "shift"),
+])
+def test_values_the_workers_would_refuse_are_a_422_naming_the_field(app, body, field):
+    response = post(app, body)
+    assert response.status_code == 422, response.text
+    assert field in field_of(response), response.json()
+    assert app.queue.counts().get("queued", 0) == 0  # nothing was stored
+    assert app.client.get("/jobs", headers=AUTH).status_code == 200  # and the list still answers
+
+
+def test_a_long_lora_name_and_deep_nesting_are_422_not_500(app):
+    response = post(app, {"prompt": "x", "lora": {"name": "a" * 300}})
+    assert response.status_code == 422 and "lora" in field_of(response)
+    response = post(app, "[" * 20_000 + "]" * 20_000)
+    assert response.status_code == 422 and "nested too deep" in response.text
+
+
+@pytest.mark.parametrize("seconds", ["inf", 1e308, "nan", -1, 0])
+def test_openai_seconds_must_be_a_positive_finite_number(app, seconds):
+    response = post(app, {"prompt": "x", "seconds": seconds}, path="/v1/videos")
+    assert response.status_code == 422 and "seconds" in field_of(response), response.text
+
+
+def test_openai_size_0x0_is_refused(app):
+    response = post(app, {"prompt": "x", "size": "0x0"}, path="/v1/videos")
+    assert response.status_code == 422 and {"width", "height"} <= set(field_of(response))
+
+
+def test_a_chunked_form_is_held_to_max_body_bytes(app):
+    limit = app.settings.max_body_bytes
+    boundary = "b0undary"
+    form = (f"--{boundary}\r\ncontent-disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+            f"--{boundary}\r\ncontent-disposition: form-data; name=\"image\"; filename=\"i.png\"\r\n"
+            f"content-type: image/png\r\n\r\n").encode() + b"\x89PNG" + b"0" * (2 * limit) + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks():  # no content-length: the body arrives chunked
+        for start in range(0, len(form), 8192):
+            yield form[start:start + 8192]
+
+    response = app.client.post("/generate", content=chunks(),
+                               headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413, response.text
+    # A small form in chunks still works.
+    small = form[:form.index(b"\x89PNG")] + b"not an image" + f"\r\n--{boundary}--\r\n".encode()
+    response = app.client.post("/generate", content=iter([small[:50], small[50:]]),
+                               headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 422 and "image" in field_of(response)  # parsed: t2v takes no image
+
+
+def _succeeded_job(app, tmp_path) -> str:
+    job_id = post(app, {"prompt": "x"}).json()["id"]
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"\x00" * 100)
+    app.queue.mark_running(job_id)
+    app.queue.finish(job_id, "succeeded", result={"width": 64}, result_path=str(video), result_bytes=100)
+    return job_id
+
+
+def test_cancel_never_deletes_a_finished_job_s_files(app, tmp_path):
+    job_id = _succeeded_job(app, tmp_path)
+    response = app.client.post(f"/jobs/{job_id}/cancel", headers=AUTH)
+    assert response.status_code == 409 and "already succeeded" in response.text
+    assert app.client.get(f"/jobs/{job_id}/video", headers=AUTH).status_code == 200  # still there
+    queued = post(app, {"prompt": "y"}).json()["id"]
+    response = app.client.post(f"/jobs/{queued}/cancel", headers=AUTH)
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert app.client.post(f"/jobs/{queued}/cancel", headers=AUTH).status_code == 200  # again: same answer
+    assert app.client.post("/jobs/nope/cancel", headers=AUTH).status_code == 404
+    assert app.client.post(f"/jobs/{queued}/cancel").status_code == 401
+
+
+def test_a_video_deleted_between_the_check_and_the_send_is_410(app, tmp_path, monkeypatch):
+    job_id = _succeeded_job(app, tmp_path)
+    real_stat = os.stat
+    calls = []
+
+    def stat_then_gone(path, *args, **kwargs):  # the file goes right after the first look at it
+        calls.append(path)
+        if str(path).endswith("video.mp4") and len(calls) > 1:
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_then_gone)
+    response = app.client.get(f"/jobs/{job_id}/video", headers=AUTH)
+    assert response.status_code == 200 and len(response.content) == 100  # served from the one stat
+    (tmp_path / "video.mp4").unlink()
+    monkeypatch.setattr(os, "stat", real_stat)
+    response = app.client.get(f"/jobs/{job_id}/video", headers=AUTH)
+    assert response.status_code == 410
+
+
+def test_the_dispatcher_state_is_reachable(app):
+    # The fixture's JobQueueService runs its loop in the test client's event loop.
+    assert app.client.get("/metrics", headers=AUTH).status_code == 200
+    assert asyncio.iscoroutinefunction(Ingress.generate)
