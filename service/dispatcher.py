@@ -36,16 +36,20 @@ from service.config import ServiceSettings
 from service.logs import job_log
 from service.lora import resolve_lora
 from service.queue import FAILED, RUNNING, TERMINAL, IdempotencyKeyReused, JobQueue, QueueFull
+from service.outcomes import record_outcome
 from service.retention import ResultRetention
 from service.store_journal import choose_journal
 from service.webhooks import WebhookSender
-from wan_model.pipeline.video import mp4_problem
 
 logger = logging.getLogger("ray.serve")
 
 DRAIN_MARGIN_S = 30.0  # the JobQueue's own shutdown budget beyond the engines' drain_timeout_s
 DISPATCH_LEASE_MIN_S = 10.0  # the dispatch lease's length, at least (2 health periods if longer)
 ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as ready
+# A dispatched job may wait in Serve's queue (behind another job, or for a replica to load) for up to
+# job_timeout_s + worker_init_timeout_s + this; once an engine has claimed it, the engine's own limit
+# (job_timeout_s, then nccl_timeout_s for wedged ranks) plus this. Past either, the call is given up.
+DISPATCH_MARGIN_S = 60.0
 ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
 
 
@@ -74,6 +78,7 @@ class JobQueueService:
             job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
                                             "engine replica to claim it (at most %.0f s)", grace)
         self.inflight: dict[str, asyncio.Task] = {}
+        self.claimed_at: dict[str, float] = {}  # job id -> when its engine claimed this replica's dispatch (monotonic)
         # Only the holder of the store's dispatch lease dispatches and re-queues (JobQueue.acquire_lease);
         # another replica on the same store stands by, and still records what engines report.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -271,27 +276,54 @@ class JobQueueService:
                 log.warning("failed: cannot prepare job: %s", exc, extra={"error": f"cannot prepare job: {exc}"})
                 return
             try:
-                # Bounded: with no replica able to start (constructor failing), a job must not stay "running".
-                limit = self.settings.job_timeout_s + self.settings.worker_init_timeout_s + 60
-                outcome = await asyncio.wait_for(self._call_engine(engine_job), timeout=limit)
-            except asyncio.TimeoutError:
-                job = self.queue.requeue(job_id, f"no engine replica finished the job within {limit:.0f} s")
-                log.warning("engine call timed out; job is now %s", job["status"], extra={"status": job["status"]})
+                outcome = await self._await_engine(job_id, engine_job)
+            except asyncio.TimeoutError as exc:
+                job = self.queue.requeue(job_id, str(exc))
+                log.warning("engine call timed out (%s); job is now %s", exc, job["status"],
+                            extra={"status": job["status"]})
                 return
             except Exception as exc:  # noqa: BLE001 - the engine replica itself died
                 job = self.queue.requeue(job_id, f"engine replica failed: {type(exc).__name__}: {exc}")
                 log.warning("engine replica failed (%s); job is now %s", exc, job["status"],
                             extra={"status": job["status"]})
                 return
-            self._apply_outcome(job_id, outcome)
             if outcome["status"] == "unavailable":
-                await asyncio.sleep(1.0)  # the replica waits for Serve to replace it
+                # The replica waits for Serve to replace it. Wait before re-queueing (the job still
+                # running and in flight), or the loop would send it straight back to the same replica.
+                await asyncio.sleep(1.0)
+            self._apply_outcome(job_id, outcome)
         except Exception:  # noqa: BLE001
             log.exception("dispatch error")
             self.queue.requeue(job_id, "dispatch error")
         finally:
-            self.inflight.pop(job_id, None)
+            # Only this run's entry: a later dispatch of the same job may have its own by now.
+            if self.inflight.get(job_id) is asyncio.current_task():
+                del self.inflight[job_id]
+                self.claimed_at.pop(job_id, None)
             self._poke()
+
+    async def _await_engine(self, job_id: str, engine_job: dict[str, Any]) -> dict[str, Any]:
+        """The engine's outcome, bounded so that a job never stays "running": while no engine has
+        claimed the dispatch (it waits in Serve's queue, or for a replica to start), by the time that
+        can take; once claimed, by the engine's own limit, counted from the claim."""
+        call = asyncio.ensure_future(self._call_engine(engine_job))
+        dispatched = time.monotonic()
+        waiting_s = self.settings.job_timeout_s + self.settings.worker_init_timeout_s + DISPATCH_MARGIN_S
+        running_s = self.settings.job_timeout_s + self.settings.nccl_timeout_s + DISPATCH_MARGIN_S
+        try:
+            while True:
+                claimed = self.claimed_at.get(job_id)
+                left = (claimed + running_s if claimed is not None else dispatched + waiting_s) - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError(
+                        f"the engine replica did not finish the job within {running_s:.0f} s of starting it"
+                        if claimed is not None else f"no engine replica started the job within {waiting_s:.0f} s")
+                done, _ = await asyncio.wait({call}, timeout=min(left, 5.0))
+                if done:
+                    return call.result()
+        finally:
+            if not call.done():
+                call.cancel()  # Serve cancels the request; an engine running it then retires its workers
 
     async def _call_engine(self, engine_job: dict[str, Any]) -> dict[str, Any]:
         return await self.engine.run.remote(engine_job)
@@ -302,7 +334,7 @@ class JobQueueService:
         if status == "superseded":  # the engine did not run this dispatch: the job's record is not its to touch
             job_log(logger, job_id).info("engine did not run this dispatch: %s", outcome.get("error"))
             return
-        self._record_outcome(job_id, outcome)
+        record_outcome(self.queue, self.retention, job_id, outcome)
         job = self.queue.get(job_id) or {}
         log = job_log(logger, job_id)
         final = job.get("status")
@@ -318,35 +350,6 @@ class JobQueueService:
         else:  # re-queued (crashed / unavailable engine)
             log.warning("engine outcome %s (%s); re-queued", status, outcome.get("error"),
                         extra={**fields, "error": outcome.get("error")})
-
-    def _record_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
-        status = outcome["status"]
-        if status == "succeeded":
-            result = outcome.get("result") or {}
-            video = result.get("video_path")
-            size = os.path.getsize(video) if video and os.path.exists(video) else None
-            if size is None:
-                self.queue.finish(job_id, FAILED, error=f"the generator reported success but wrote no video ({video})")
-                return
-            problem = mp4_problem(video)
-            if problem:
-                self.retention.discard(job_id)
-                self.queue.finish(job_id, FAILED, error=f"the generator wrote an incomplete video: {problem}")
-                return
-            self.queue.finish(job_id, "succeeded", result=result, result_path=video,
-                              preview_path=result.get("preview_path"), result_bytes=size)
-        elif status == "cancelled":
-            self.retention.discard(job_id)
-            self.queue.finish(job_id, "cancelled", error="cancelled while running")
-        elif status == "failed":
-            self.retention.discard(job_id)  # e.g. an MP4 renamed into place before the preview hit a full disk
-            self.queue.finish(job_id, FAILED, error=outcome.get("error") or "failed")
-        elif status == "crashed":
-            self.queue.requeue(job_id, outcome.get("error") or "worker died")
-        elif status == "unavailable":
-            self.queue.requeue(job_id, outcome.get("error") or "engine unavailable", count_attempt=False)
-        else:
-            self.queue.finish(job_id, FAILED, error=f"unknown engine outcome {status!r}")
 
     # ---------------------------------------------------------------- API for the ingress
 
@@ -424,6 +427,8 @@ class JobQueueService:
         job = self.queue.get(job_id)
         if job is None or job["status"] != RUNNING or job["attempts"] != attempt:
             return False
+        if job_id in self.inflight:
+            self.claimed_at[job_id] = time.monotonic()  # its run's time limit counts from here
         if job_id in self.orphans:
             self._adopt(job_id, replica_id, claimed_at if claimed_at is not None else time.time(), "claimed it")
         return True

@@ -194,7 +194,15 @@ class EngineReplica:
                 return {"status": "superseded", "error": refusal}
             ran = True
             log.info("started on %d ranks of replica %s", self.settings.world_size, self.replica_id)
-            outcome = await self._run_on_all_ranks(job)
+            try:
+                outcome = await self._run_on_all_ranks(job)
+            except asyncio.CancelledError:
+                # The JobQueue gave up on this call, but the ranks still run the job: a next job on them
+                # would share their process group. Retire this replica (and its workers) instead.
+                self.broken = f"job {job['id']} was abandoned by the JobQueue while its ranks ran it"
+                log.warning("cancelled while running: %s; the replica retires", self.broken)
+                self._report({"ready": False})
+                raise
             duration_s = time.monotonic() - started
             log.log(logging.INFO if outcome["status"] in ("succeeded", "cancelled") else logging.WARNING,
                     "%s in %.1f s%s", outcome["status"], duration_s,

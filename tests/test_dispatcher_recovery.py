@@ -280,3 +280,28 @@ def test_an_engine_runs_a_dispatch_only_when_its_claim_is_granted(tmp_path, monk
 
 async def _no_wait(_delay):
     return None
+
+
+def test_an_engine_whose_running_call_is_cancelled_retires(tmp_path):
+    """The JobQueue gave up on a call (its time limit) while the ranks ran the job: they may still be
+    running it, so the replica must not take another job on them; it reports itself broken."""
+    replica = engine_replica(tmp_path, FakeQueueHandle(grant=True))
+    started = asyncio.Event()
+
+    async def runs_long(job):
+        started.set()
+        await asyncio.sleep(3600)
+
+    replica._run_on_all_ranks = runs_long
+
+    async def scenario():
+        call = asyncio.ensure_future(replica.run({"id": "j1", "attempt": 1, "request": {}}))
+        await asyncio.wait_for(started.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return await replica.run({"id": "j2", "attempt": 1, "request": {}})
+
+    next_outcome = asyncio.run(scenario())
+    assert replica.broken and "abandoned" in replica.broken and replica.busy_job is None
+    assert next_outcome["status"] == "unavailable"  # the next job goes to another replica

@@ -1,0 +1,50 @@
+"""What an engine's outcome of a run does to the job's record (the JobQueue deployment's part)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from service.queue import FAILED, RUNNING, JobQueue
+from service.retention import ResultRetention
+from wan_model.pipeline.video import mp4_problem
+
+
+def record_outcome(queue: JobQueue, retention: ResultRetention, job_id: str, outcome: dict[str, Any]) -> None:
+    """Apply an engine's outcome of a run to the job's record: finished (a video is checked first),
+    or re-queued (crashed, unavailable)."""
+    status = outcome["status"]
+    if status == "succeeded":
+        result = outcome.get("result") or {}
+        video = result.get("video_path")
+        size = os.path.getsize(video) if video and os.path.exists(video) else None
+        if size is None:
+            queue.finish(job_id, FAILED, error=f"the generator reported success but wrote no video ({video})")
+            return
+        problem = mp4_problem(video)
+        if problem:
+            _discard_if_running(queue, retention, job_id)
+            queue.finish(job_id, FAILED, error=f"the generator wrote an incomplete video: {problem}")
+            return
+        queue.finish(job_id, "succeeded", result=result, result_path=video,
+                     preview_path=result.get("preview_path"), result_bytes=size)
+    elif status == "cancelled":
+        _discard_if_running(queue, retention, job_id)
+        queue.finish(job_id, "cancelled", error="cancelled while running")
+    elif status == "failed":
+        # e.g. an MP4 renamed into place before the preview hit a full disk
+        _discard_if_running(queue, retention, job_id)
+        queue.finish(job_id, FAILED, error=outcome.get("error") or "failed")
+    elif status == "crashed":
+        queue.requeue(job_id, outcome.get("error") or "worker died")
+    elif status == "unavailable":
+        queue.requeue(job_id, outcome.get("error") or "engine unavailable", count_attempt=False)
+    else:
+        queue.finish(job_id, FAILED, error=f"unknown engine outcome {status!r}")
+
+
+def _discard_if_running(queue: JobQueue, retention: ResultRetention, job_id: str) -> None:
+    """Remove what a failed run left in the job's results folder, unless the job has ended
+    already: then the outcome is a stale run's, and the folder may hold the video that succeeded."""
+    job = queue.get(job_id)
+    if job is not None and job["status"] == RUNNING:
+        retention.discard(job_id)
