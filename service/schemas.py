@@ -13,6 +13,7 @@ from service.config import ServiceSettings
 from service.lora import resolve_lora
 from service.webhooks import url_problem
 from wan_model.config import VariantSpec
+from wan_model.pipeline.conditioning import decode_image, size_for_image
 from wan_model.pipeline.validation import MAX_FRAMES, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE
 
 
@@ -123,8 +124,10 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
     if req.image is not None:
         if spec.task == "t2v":
             errors["image"] = f"{spec.name} is text-to-video and takes no image"
-        elif _decode_image(req.image) is None:
-            errors["image"] = "image is not valid base64 PNG/JPEG data"
+        else:
+            problem = image_problem(req.image, spec, sized=req.width is not None or req.height is not None)
+            if problem:
+                errors["image"] = problem
     elif spec.task == "i2v":
         errors["image"] = f"{spec.name} is image-to-video: an image is required"
     if req.lora is not None:
@@ -157,6 +160,25 @@ def _valid_unicode(value: Any) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def image_problem(data: str, spec: VariantSpec, sized: bool) -> Optional[str]:
+    """Why the workers would refuse this base64 image, or None: it must decode (as they decode it),
+    and without a size asked for, the video it implies must fit ``MAX_SIDE``."""
+    raw = _decode_image(data)
+    if raw is None:
+        return "image is not valid base64 PNG/JPEG/WebP data"
+    try:
+        image = decode_image(raw)
+    except ValueError as exc:
+        return str(exc)
+    if not sized:
+        width, height = size_for_image(image.width, image.height, spec.default_size[0] * spec.default_size[1],
+                                       spec.size_multiple)
+        if max(width, height) > MAX_SIDE:
+            return (f"a {image.width}x{image.height} image gives a {width}x{height} video, over {MAX_SIDE} "
+                    "pixels a side: give width and height")
+    return None
 
 
 def _decode_image(data: str) -> Optional[bytes]:

@@ -6,7 +6,9 @@ The same API through Ray Serve is in test_service.py and test_reliability_input.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
+import io
 import json
 import os
 import types
@@ -41,8 +43,18 @@ class LocalHandle:
 
 @pytest.fixture()
 def app(tmp_path, monkeypatch):
+    yield from serve_app(tmp_path, monkeypatch)
+
+
+@pytest.fixture()
+def i2v_app(tmp_path, monkeypatch):
+    yield from serve_app(tmp_path, monkeypatch, variant="tiny-i2v")
+
+
+def serve_app(tmp_path, monkeypatch, **overrides):
     (tmp_path / "loras").mkdir()
-    settings = make_settings(tmp_path / "data", lora_dir=str(tmp_path / "loras"), max_body_bytes=64 * 1024)
+    settings = make_settings(tmp_path / "data", lora_dir=str(tmp_path / "loras"), max_body_bytes=64 * 1024,
+                             **overrides)
     # Another JobQueue holds the store's dispatch lease: this one takes jobs but dispatches none, so
     # that the tests decide how each job ends.
     JobQueue(settings.db_path).acquire_lease("another JobQueue replica", 3600)
@@ -174,3 +186,27 @@ def test_the_dispatcher_state_is_reachable(app):
     # The fixture's JobQueueService runs its loop in the test client's event loop.
     assert app.client.get("/metrics", headers=AUTH).status_code == 200
     assert asyncio.iscoroutinefunction(Ingress.generate)
+
+
+def _png(width: int, height: int) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("image, sized, problem", [
+    (base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10).decode(), False, "cannot decode the image"),
+    (_png(1, 5000), False, "over 4096 pixels a side: give width and height"),
+    (_png(1, 5000), True, None),  # with a size asked for, the image is cropped to it
+    (_png(48, 32), False, None),
+])
+def test_an_image_the_workers_could_not_use_is_refused_at_submission(i2v_app, image, sized, problem):
+    body = {"prompt": "x", "image": image, **({"width": 64, "height": 64} if sized else {})}
+    response = post(i2v_app, body)
+    if problem is None:
+        assert response.status_code == 202, response.text
+    else:
+        assert response.status_code == 422 and "image" in field_of(response)
+        assert problem in response.text

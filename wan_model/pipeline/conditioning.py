@@ -29,7 +29,7 @@ def decode_image(data: bytes):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode the image ({exc})") from None
     return image.convert("RGB")
 
