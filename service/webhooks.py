@@ -22,10 +22,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
-import logging
 import http.client
 import ipaddress
+import json
+import logging
 import socket
 import ssl
 import time
@@ -166,7 +166,7 @@ def _connect(addresses: list[tuple], timeout_s: float) -> socket.socket:
 
 
 class _CheckedHTTP(http.client.HTTPConnection):
-    """Connects only to addresses ``resolve`` checked (the Host header keeps the name)."""
+    """Connects only to the addresses ``post`` checked (the Host header keeps the name)."""
 
     def __init__(self, host: str, port: int, addresses: list[tuple], timeout: float):
         super().__init__(host, port, timeout=timeout)
@@ -197,7 +197,7 @@ def post(url: str, msg_id: str, body: bytes, secret: Optional[str], timeout_s: f
     port = parts.port or (443 if https else 80)
     try:
         addresses = list(dict.fromkeys(socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)))
-    except OSError as exc:  # a name that does not resolve now may later
+    except (OSError, ValueError) as exc:  # a name that does not resolve now may later (ValueError: bad IDNA)
         return f"cannot resolve {parts.hostname!r}: {exc}", True
     problem = address_problem(parts.hostname, addresses, private_networks)
     if problem is not None:  # not a passing state: the operator has to change the settings
