@@ -1,7 +1,9 @@
 """Shared fixtures. ``ray_session``: ONE local Ray cluster for all service tests (its start-up is
-the big cost); ``serve_url``: Ray Serve's HTTP proxy on a free port on 127.0.0.1."""
+the big cost); ``serve_url``: Ray Serve's HTTP proxy on a free port on 127.0.0.1; ``serve_warnings``:
+what this process logs to ``ray.serve`` at WARNING and above."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -20,8 +22,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    import logging
-
     import ray
 
     # Workers inherit the environment of the local raylet: let them import tests' helpers too.
@@ -48,3 +48,29 @@ def serve_url(ray_session):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+
+@pytest.fixture()
+def serve_warnings():
+    """Warnings logged to ``ray.serve``. Not caplog: once Serve has set up its logging in this
+    process (an earlier test), that logger no longer propagates to pytest's handler."""
+    handler = _Warnings()
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

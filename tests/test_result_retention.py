@@ -4,7 +4,6 @@ without Ray (as in test_dispatcher_recovery.py); the HTTP side is in test_servic
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import pytest
@@ -85,16 +84,8 @@ def test_the_sweep_runs_from_the_dispatch_loop(tmp_path):
     assert not (svc.settings.results_dir / job_id).exists()
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def test_a_folder_that_cannot_be_deleted_is_retried_and_does_not_stop_the_others(tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_deleted_is_retried_and_does_not_stop_the_others(tmp_path, monkeypatch,
+                                                                                  serve_warnings):
     svc = make_service(tmp_path, ttl=60)
     stuck = finished_job(svc, age_s=600)
     other = finished_job(svc, age_s=300)
@@ -106,14 +97,9 @@ def test_a_folder_that_cannot_be_deleted_is_retried_and_does_not_stop_the_others
         remove(job_id)
 
     monkeypatch.setattr(svc.retention, "remove_dir", refuse)
-    records = Records()
-    logging.getLogger("ray.serve").addHandler(records)  # Serve's logger does not propagate to pytest's
-    try:
-        sweep(svc)
-    finally:
-        logging.getLogger("ray.serve").removeHandler(records)
+    sweep(svc)
     assert svc.queue.get(stuck)["files_deleted_at"] is None  # not recorded: its files are still there
-    assert any("cannot delete its results" in m and "Permission denied" in m for m in records.messages)
+    assert any("cannot delete its results" in m and "Permission denied" in m for m in serve_warnings.messages)
     assert svc.queue.get(other)["files_deleted_at"] is not None
     monkeypatch.setattr(svc.retention, "remove_dir", remove)
     sweep(svc)

@@ -5,7 +5,6 @@ processes writing one store at once."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import multiprocessing
 import sqlite3
 
@@ -52,12 +51,11 @@ def test_auto_takes_the_rollback_journal_where_other_hosts_mount_the_volume(path
     assert chosen == journal and point in why
 
 
-def test_an_explicit_journal_is_kept_and_risky_mounts_are_named(caplog):
-    with caplog.at_level(logging.WARNING, logger="ray.serve"):
-        assert choose_journal("wal", "/data/x", MOUNTINFO)[0] == "wal"
-        assert choose_journal("delete", "/home/x", MOUNTINFO)[0] == "delete"
-        assert choose_journal("auto", "/old/x", MOUNTINFO)[0] == "delete"
-    text = caplog.text
+def test_an_explicit_journal_is_kept_and_risky_mounts_are_named(serve_warnings):
+    assert choose_journal("wal", "/data/x", MOUNTINFO)[0] == "wal"
+    assert choose_journal("delete", "/home/x", MOUNTINFO)[0] == "delete"
+    assert choose_journal("auto", "/old/x", MOUNTINFO)[0] == "delete"
+    text = serve_warnings.text
     assert "could corrupt the store" in text  # WAL forced on NFS
     assert "host-local locks" in text and "nolock" in text  # NFS without working locks
 
@@ -82,12 +80,11 @@ def test_a_store_in_the_rollback_journal_works_and_keeps_no_wal(tmp_path):
     assert again._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a 202 is on disk
 
 
-def test_a_wal_store_open_elsewhere_stays_wal_until_it_is_free(tmp_path, caplog):
+def test_a_wal_store_open_elsewhere_stays_wal_until_it_is_free(tmp_path, serve_warnings):
     path = tmp_path / "jobs.sqlite3"
     older = JobQueue(path)  # an older JobQueue replica, in WAL, still running
-    with caplog.at_level(logging.WARNING, logger="ray.serve"):
-        newer = JobQueue(path, journal="delete")
-    assert newer.journal_mode == "wal" and "journal stays wal" in caplog.text
+    newer = JobQueue(path, journal="delete")
+    assert newer.journal_mode == "wal" and "journal stays wal" in serve_warnings.text
     job, _ = newer.submit({"prompt": "still works", "seed": 1})
     assert older.get(job["id"])["status"] == "queued"
     older.close()
