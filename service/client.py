@@ -210,8 +210,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             response = client.post(f"/jobs/{args.job}/cancel")
         except httpx.TransportError as exc:
             raise CliError(f"cannot reach the service at {client.base_url} ({type(exc).__name__}: {exc})") from None
-        if response.status_code == 409:
-            print(f"job {args.job}: {_detail(response)}")
+        if response.status_code == 409:  # already succeeded or failed: the server says which
+            print(_detail(response))
             return 0
         if response.status_code >= 400:
             raise CliError(f"POST /jobs/{args.job}/cancel: HTTP {response.status_code}: {_detail(response)}")
