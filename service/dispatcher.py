@@ -399,13 +399,16 @@ class JobQueueService:
     async def report_progress(self, job_id: str, progress: dict[str, Any]) -> bool:
         return self.queue.report_progress(job_id, stage=progress["stage"], step=progress.get("step", 0),
                                           total_steps=progress.get("total_steps", 0),
-                                          elapsed_s=progress.get("elapsed_s", 0.0), step_s=progress.get("step_s"))
+                                          elapsed_s=progress.get("elapsed_s", 0.0), step_s=progress.get("step_s"),
+                                          attempt=progress.get("attempt"))
 
     async def report_engine(self, replica_id: str, info: dict[str, Any]) -> None:
         self._ensure_dispatcher()
         now = time.time()
         self.engines[replica_id] = {**self.engines.get(replica_id, {}), **info, "seen_at": now}
         self.reported.add(replica_id)
+        for job_id, outcome in (info.get("outcomes") or {}).items():  # ended, its push not through yet
+            self._take_engine_outcome(job_id, outcome)
         busy = info.get("busy_job")
         made_at = info.get("reported_at", now)  # the engine's clock, as is an adoption's "since"
         if busy in self.orphans:
@@ -444,7 +447,15 @@ class JobQueueService:
         that a previous JobQueue replica dispatched (an orphan, adopted or not yet); the jobs this
         replica dispatched get the same outcome as their call's return value. Returns whether it
         was recorded."""
+        return self._take_engine_outcome(job_id, outcome)
+
+    def _take_engine_outcome(self, job_id: str, outcome: dict[str, Any]) -> bool:
+        """Record an outcome an engine pushed or reported, if the job is one this replica has no call
+        out for (an orphan, adopted or not yet) and the outcome is of its current attempt."""
         if job_id not in self.orphans and job_id not in self.adopted:
+            return False
+        attempt = outcome.get("attempt")
+        if attempt is not None and (self.queue.get(job_id) or {}).get("attempts") != attempt:
             return False
         self.orphans.pop(job_id, None)
         self.adopted.pop(job_id, None)

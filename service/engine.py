@@ -63,6 +63,10 @@ class EngineReplica:
         # replica is replaced, and the job must run again elsewhere.
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._pushes: set[asyncio.Task] = set()  # outcome pushes under way (held so they are not collected)
+        # Outcomes whose push has not got through yet, also sent with every report: a JobQueue replica
+        # that restarted meanwhile learns them from the report that tells it this replica is idle,
+        # instead of re-queueing the job as if no engine had run it.
+        self.unpushed: dict[str, dict[str, Any]] = {}
         started = time.monotonic()
         context = serve.get_replica_context()
         self.app_name = context.app_name
@@ -144,6 +148,7 @@ class EngineReplica:
             "layout": self.layout, "init_s": self.init_s, "warmup": self.warmup, "busy_job": self.busy_job,
             "compile_cache_dir": self.compile_cache_dir,
             "broken": self.broken, "jobs_done": self.jobs_done, "workers": workers or [], "reported_at": time.time(),
+            "outcomes": dict(self.unpushed),
         }
 
     def _report(self, extra: dict[str, Any], workers: Optional[list[dict]] = None) -> None:
@@ -214,7 +219,9 @@ class EngineReplica:
                     self.recent.popitem(last=False)
             # Also pushed: if the JobQueue replica that sent the job has restarted meanwhile, this call's
             # return value goes nowhere, and its successor learns the outcome only from the push.
-            self._pushes.add(asyncio.get_running_loop().create_task(self._push_outcome(job["id"], outcome)))
+            pushed = {**outcome, "attempt": job.get("attempt")}
+            self.unpushed[job["id"]] = pushed
+            self._pushes.add(asyncio.get_running_loop().create_task(self._push_outcome(job["id"], pushed)))
             return outcome
         finally:
             self.busy_job = None
@@ -248,6 +255,7 @@ class EngineReplica:
         except Exception as exc:  # noqa: BLE001
             job_log(logger, job_id).warning("could not push the outcome to the JobQueue: %s", exc)
         finally:
+            self.unpushed.pop(job_id, None)
             self._pushes.discard(asyncio.current_task())
 
     @staticmethod
@@ -288,10 +296,19 @@ class EngineReplica:
                 try:
                     outcomes[rank] = fut.result()
                 except Exception as exc:  # noqa: BLE001 - the actor died (ray.kill, OOM, segfault)
-                    self.broken = f"worker rank {rank} died during job {job['id']}: {type(exc).__name__}"
-                    logger.error("%s: %s", self.broken, exc)
                     for other in pending:
                         other.cancel()
+                    failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
+                    if failed:
+                        # Another rank failed first, and this one died waiting in a collective (NCCL's
+                        # watchdog ends the process): the job's failure is the first rank's, and running
+                        # it again would fail the same way.
+                        self.broken = (f"generator error: {failed[0]['error']}; then worker rank {rank} "
+                                       f"died ({type(exc).__name__})")
+                        logger.error("%s: %s", self.broken, exc)
+                        return {"status": "failed", "error": failed[0]["error"]}
+                    self.broken = f"worker rank {rank} died during job {job['id']}: {type(exc).__name__}"
+                    logger.error("%s: %s", self.broken, exc)
                     return {"status": "crashed", "error": self.broken}
                 if outcomes[rank]["status"] == "failed":
                     # The other ranks reach a collective that times out within nccl_timeout_s; a rank

@@ -265,11 +265,17 @@ class JobQueue:
             return self._to_dict(self._require(job_id)) if cur.rowcount else None
 
     def report_progress(self, job_id: str, *, stage: str, step: int = 0, total_steps: int = 0,
-                        elapsed_s: float = 0.0, step_s: Optional[float] = None) -> bool:
-        """Record progress of a running job; returns whether its cancellation was requested."""
+                        elapsed_s: float = 0.0, step_s: Optional[float] = None,
+                        attempt: Optional[int] = None) -> bool:
+        """Record progress of a running job; returns whether the run should stop: its cancellation
+        was requested, or the run is one the job no longer counts on (the job was re-queued, or this
+        is an earlier ``attempt`` than the job's current one), whose progress is not recorded."""
         with self._tx():
             row = self._row(job_id)
             if row is None:
+                return True
+            if row["status"] == QUEUED or (row["status"] == RUNNING and attempt is not None
+                                           and row["attempts"] != attempt):
                 return True
             if row["status"] != RUNNING:
                 return row["status"] == CANCELLED

@@ -89,12 +89,15 @@ class GenerationWorker:
 
         self.busy_job = job["id"]
         log = job_log(logger, job["id"], rank=self.rank)
-        # Warm-up jobs are no job of the queue's: nothing to report to it, and nobody can cancel them.
-        reporter = _ProgressReporter(job["id"], self.progress_target, job.get("progress_interval_s", 0.5), log) \
-            if self.rank == 0 and job.get("report_progress", True) else None
+        reporter = None
         started = time.monotonic()
         log.info("rank %d: started", self.rank)
         try:
+            # Warm-up jobs are no job of the queue's: nothing to report to it, and nobody can cancel
+            # them. Made inside the try: a handle that cannot be made is this job's failure, reported.
+            if self.rank == 0 and job.get("report_progress", True):
+                reporter = _ProgressReporter(job["id"], self.progress_target, job.get("progress_interval_s", 0.5),
+                                             log, attempt=job.get("attempt"))
             request = GenerationRequest(**job["request"])
             result = self.generator.generate(request, reporter if reporter else _no_cancel)
             out = {"status": "succeeded", "rank": self.rank}
@@ -154,8 +157,9 @@ class _ProgressReporter:
     a report can take its whole timeout, and the steps go on meanwhile."""
 
     def __init__(self, job_id: str, target: Optional[dict[str, str]], interval_s: float,
-                 log: Optional[logging.LoggerAdapter] = None):
+                 log: Optional[logging.LoggerAdapter] = None, attempt: Optional[int] = None):
         self.job_id = job_id
+        self.attempt = attempt  # the JobQueue ignores (and stops) a run of an attempt it no longer counts on
         self.log = log or job_log(logger, job_id, rank=0)
         self.logged_stage: Optional[str] = None
         self.logged_quarter = 0
@@ -184,7 +188,7 @@ class _ProgressReporter:
             self.last_step_time = now
         self._log_milestone(progress)
         self.pending = {"stage": progress.stage, "step": progress.step, "total_steps": progress.total_steps,
-                        "elapsed_s": progress.elapsed_s, "step_s": self.step_s}
+                        "elapsed_s": progress.elapsed_s, "step_s": self.step_s, "attempt": self.attempt}
         if progress.stage != self.last_stage or now - self.last_sent >= self.interval_s:
             self._send(now)
         return self.cancel

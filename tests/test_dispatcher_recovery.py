@@ -245,7 +245,7 @@ def engine_replica(tmp_path, queue: FakeQueueHandle):
     replica = object.__new__(EngineReplica)
     replica.settings, replica.queue, replica.replica_id = make_settings(tmp_path), queue, "A"
     replica.broken, replica.busy_job, replica.jobs_done = None, None, 0
-    replica.recent, replica._pushes, replica.ran = OrderedDict(), set(), []
+    replica.recent, replica._pushes, replica.unpushed, replica.ran = OrderedDict(), set(), {}, []
 
     async def run_on_all_ranks(job):
         replica.ran.append((job["id"], replica.busy_job))
@@ -305,3 +305,80 @@ def test_an_engine_whose_running_call_is_cancelled_retires(tmp_path):
     next_outcome = asyncio.run(scenario())
     assert replica.broken and "abandoned" in replica.broken and replica.busy_job is None
     assert next_outcome["status"] == "unavailable"  # the next job goes to another replica
+
+
+@pytest.mark.parametrize("attempt, recorded", [(1, True), (2, False)])
+def test_an_outcome_carried_by_an_engine_report_settles_an_orphan(tmp_path, attempt, recorded):
+    """The engine finished the job while the JobQueue was down, and its push has not got through yet:
+    the report that says it is idle carries the outcome, so the job is not re-queued and run again.
+    An outcome of another attempt than the job's current one is not taken."""
+    svc, _, (job_id,) = service(tmp_path, engine_replicas=2, left_running=1)
+
+    async def scenario():
+        outcome = {"status": "failed", "error": "out of memory", "attempt": attempt}
+        await svc.report_engine("A", {"ready": True, "busy_job": None, "outcomes": {job_id: outcome}})
+        await svc.report_engine("B", {"ready": True, "busy_job": None, "outcomes": {}})
+        svc._settle_orphans()
+        return svc.queue.get(job_id)
+
+    job = asyncio.run(scenario())
+    if recorded:
+        assert job["status"] == "failed" and job["error"] == "out of memory" and job["attempts"] == 1
+    else:
+        assert job["status"] == "queued" and "no engine replica was running it" in job["error"]
+
+
+def test_an_engine_reports_an_outcome_until_its_push_gets_through(tmp_path):
+    queue = FakeQueueHandle(grant=True)
+    replica = engine_replica(tmp_path, queue)
+    replica.layout = replica.init_s = replica.warmup = replica.compile_cache_dir = replica.backend = None
+    replica.settings = make_settings(tmp_path, variant="tiny-t2v")
+    release = asyncio.Event()
+    pushed = queue._report_outcome
+
+    async def slow_push(job_id, outcome):
+        await release.wait()
+        return await pushed(job_id, outcome)
+
+    queue.report_outcome = _Remote(slow_push)
+
+    async def scenario():
+        await replica.run({"id": "j1", "attempt": 2, "request": {}})
+        while_pushing = replica._info()["outcomes"]
+        release.set()
+        await asyncio.gather(*replica._pushes)
+        return while_pushing, replica._info()["outcomes"]
+
+    while_pushing, after = asyncio.run(scenario())
+    assert while_pushing == {"j1": {"status": "succeeded", "result": {}, "attempt": 2}}
+    assert after == {} and queue.outcomes == [("j1", "succeeded")]
+
+
+class _Worker:
+    def __init__(self, outcome=None, dies_after_s=None):
+        self.outcome, self.dies_after_s = outcome, dies_after_s
+        self.run = _Remote(self._run)
+
+    async def _run(self, job):
+        if self.dies_after_s is not None:
+            await asyncio.sleep(self.dies_after_s)
+            raise RuntimeError("The actor died unexpectedly before finishing this task.")
+        return self.outcome
+
+
+@pytest.mark.parametrize("rank0_fails_first, status", [(True, "failed"), (False, "crashed")])
+def test_a_rank_that_dies_after_another_failed_does_not_make_the_job_run_again(tmp_path, rank0_fails_first, status):
+    """With NCCL, a rank left waiting in a collective after rank 0 failed is ended by the watchdog. The
+    job failed (it would fail again): it is not a crash to run again. A death on its own still is."""
+    replica = engine_replica(tmp_path, FakeQueueHandle(grant=True))
+    del replica._run_on_all_ranks  # the real one, over stub workers
+    first = {"status": "failed", "rank": 0, "error": "OutOfMemoryError: CUDA out of memory", "fatal": True}
+    rank0 = _Worker(first) if rank0_fails_first else _Worker(dies_after_s=0.3)
+    replica.workers = [rank0, _Worker(dies_after_s=0.1 if not rank0_fails_first else 0.3)]
+    try:
+        outcome = asyncio.run(replica._run_on_all_ranks({"id": "j1", "attempt": 1, "request": {}}))
+    finally:
+        replica.workers = []  # its __del__ would ray.kill them (and start Ray to do it)
+    assert outcome["status"] == status and replica.broken
+    if status == "failed":
+        assert outcome["error"] == first["error"] and "then worker rank 1 died" in replica.broken

@@ -231,3 +231,21 @@ def test_a_client_holds_at_most_its_share_of_active_jobs(tmp_path):
     q.finish(a1["id"], "succeeded")
     assert q.submit({"prompt": "a3"}, owner="alice")[1] is True  # a finished job frees a place
     assert q.counts()["queued"] == 4
+
+
+def test_progress_of_a_run_the_job_no_longer_counts_on_is_ignored_and_stopped(queue):
+    """A run goes on after the JobQueue gave up on it (its replica broke, its call timed out): its
+    reports must not show as the job's progress, and its answer tells it to stop."""
+    job, _ = queue.submit({"prompt": "x"})
+    queue.mark_running(job["id"])  # attempt 1
+    assert queue.report_progress(job["id"], stage="denoise", step=3, total_steps=10, attempt=1) is False
+    queue.requeue(job["id"], "worker died")
+    before = queue.get(job["id"])
+    assert queue.report_progress(job["id"], stage="denoise", step=4, total_steps=10, attempt=1) is True
+    assert queue.get(job["id"]) == before  # not recorded while queued
+    queue.mark_running(job["id"])  # attempt 2
+    assert queue.report_progress(job["id"], stage="denoise", step=9, total_steps=10, attempt=1) is True
+    assert queue.get(job["id"])["step"] == 0
+    assert queue.report_progress(job["id"], stage="denoise", step=2, total_steps=10, attempt=2) is False
+    assert queue.report_progress(job["id"], stage="denoise", step=5, total_steps=10) is False  # no attempt: as before
+    assert queue.get(job["id"])["step"] == 5
