@@ -5,6 +5,7 @@ environment (``WANSERVE_*``, e.g. ``WANSERVE_GPUS=4``), a YAML file (``ServiceSe
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -318,7 +319,19 @@ def _variant_from_model_dir(model_dir: str) -> Optional[str]:
     for name, spec in VARIANTS.items():
         if not spec.tiny and name in lowered.replace("_", "-"):
             return name
-    return None
+    return _variant_from_contents(str(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _variant_from_contents(model_dir: str) -> Optional[str]:
+    """The variant the folder's files tell (its configs, experts, VAE), for folders whose name says
+    nothing: a Hugging Face cache snapshot (``models--Wan-AI--.../snapshots/<hash>``)."""
+    try:
+        from wan_model.pipeline.model_dir import detect_model_dir
+
+        return detect_model_dir(model_dir).variant
+    except Exception:  # noqa: BLE001 - not a model folder (the caller says to set 'variant')
+        return None
 
 
 def _grey_png(width: int, height: int) -> bytes:

@@ -266,6 +266,49 @@ def test_lora_is_merged_for_the_job_and_taken_out_after(t2v, tmp_path):
     torch.testing.assert_close(t2v.last_latents, plain, rtol=0, atol=0)
 
 
+def test_a_lora_file_replaced_under_its_name_and_a_peft_folder_are_merged_as_they_are(t2v, tmp_path):
+    """The merged LoRA is cached between jobs: a file replaced under the same name must be merged
+    again (not the old one kept), and a PEFT folder's lora_alpha must scale it (alpha / r)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    dim = t2v.variant.transformer.dim
+
+    def factors(seed, scale=1.0):
+        gen = torch.Generator().manual_seed(seed)
+        return {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, dim, generator=gen),
+                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": scale * torch.randn(dim, 4, generator=gen)}
+
+    request = GenerationRequest(prompt="a cat", output_dir=str(tmp_path / "o"), steps=2, seed=1, **SMALL)
+    path = tmp_path / "style.safetensors"
+    save_file(factors(1), str(path))
+    t2v.generate(replace(request, lora=str(path)))
+    first = t2v.last_latents.clone()
+    save_file(factors(2), str(path))  # a new version under the same name
+    os.utime(path, ns=(0, 10**18))  # a clearly different mtime, whatever the clock's resolution
+    t2v.generate(replace(request, lora=str(path)))
+    replaced = t2v.last_latents.clone()
+    other = tmp_path / "fresh.safetensors"
+    save_file(factors(2), str(other))
+    t2v.generate(replace(request, lora=str(other)))
+    assert (replaced - first).abs().max() > 1e-3
+    torch.testing.assert_close(replaced, t2v.last_latents, rtol=0, atol=0)  # the new file, as if new
+
+    # A PEFT folder with lora_alpha = r / 2 merges like the same factors with the up half as large.
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(factors(3), str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    t2v.generate(replace(request, lora=str(folder)))
+    peft = t2v.last_latents.clone()
+    halved = tmp_path / "halved.safetensors"
+    save_file(factors(3, scale=0.5), str(halved))
+    t2v.generate(replace(request, lora=str(halved)))
+    torch.testing.assert_close(peft, t2v.last_latents, rtol=1e-5, atol=1e-5)
+
+
 # --- Wan2.2 A14B: two experts -------------------------------------------------------------------
 
 
@@ -388,7 +431,7 @@ def test_generator_config_takes_the_old_name_of_parallel_vae():
 
 
 def test_lora_folder_holds_one_file_per_a14b_expert(tmp_path):
-    from wan_model.pipeline.generator import _lora_files
+    from wan_model.lora import expert_lora_files as _lora_files
 
     a14b, t2v = get_variant("tiny-a14b"), get_variant("tiny-t2v")
     single = tmp_path / "one.safetensors"
@@ -402,6 +445,12 @@ def test_lora_folder_holds_one_file_per_a14b_expert(tmp_path):
                                               "low_noise": str(folder / "low_noise_model.safetensors")}
     with pytest.raises(ValueError, match="exactly one weights file"):
         _lora_files(str(folder), t2v)
+    peft = tmp_path / "peft"  # adapter_config.json + weights: the folder itself, for every expert
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    (peft / "adapter_model.safetensors").write_bytes(b"")
+    assert list(_lora_files(str(peft), t2v).values()) == [str(peft)]
+    assert set(_lora_files(str(peft), a14b).values()) == {str(peft)}
     (folder / "low_noise_model.safetensors").unlink()
     with pytest.raises(ValueError, match="expert 'low_noise'"):
         _lora_files(str(folder), a14b)

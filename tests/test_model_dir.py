@@ -178,3 +178,17 @@ def test_tiny_builder_reuses_a_complete_folder_and_refuses_others(tmp_path, monk
         build_tiny_model_dir(tmp_path / "x", "tiny-t2v", layout="comfy")
     assert not list(tmp_path.glob(".*building*"))
     assert sorted(p.name for p in (tmp_path / ".cache" / "wanserve").iterdir()) == ["tiny-t2v-official"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_service_tells_the_variant_of_a_hugging_face_cache_snapshot(built, tmp_path, layout):
+    """A snapshot folder's name is a commit hash: the variant comes from the files, as the workers
+    would find it, not from the name."""
+    from service.config import ServiceSettings
+
+    snapshot = tmp_path / "models--Wan-AI--Wan2.2-T2V-A14B" / "snapshots" / "0123abcd"
+    shutil.copytree(built["tiny-a14b", layout], snapshot)
+    (snapshot / "wanserve.json").unlink(missing_ok=True)
+    assert ServiceSettings(model=str(snapshot)).variant_name == "tiny-a14b"
+    with pytest.raises(ValueError, match="cannot tell the variant"):
+        ServiceSettings(model=str(tmp_path)).variant_name

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from .config import VariantSpec
 from .keymap import official_to_diffusers_name
 from .loader import local_part
 
@@ -326,3 +328,47 @@ def unmerge_lora(model: nn.Module) -> list[str]:
 def merged_loras(model: nn.Module) -> list[tuple[str, float]]:
     """The LoRAs currently merged into ``model``, as (source, scale), in merge order."""
     return list(getattr(model, "_lora_merged", []))
+
+
+# --- which files, for which expert ---------------------------------------------------------------
+
+
+def lora_stamp(path: str) -> tuple:
+    """(name, size, mtime) of the LoRA's files, so that a replaced file does not stay merged."""
+    try:
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            return ((path, stat.st_size, stat.st_mtime_ns),)
+        found = []
+        for root, _, names in os.walk(path):
+            for name in sorted(names):
+                stat = os.stat(os.path.join(root, name))
+                found.append((os.path.join(root, name), stat.st_size, stat.st_mtime_ns))
+        return tuple(sorted(found))
+    except OSError:
+        return ()
+
+
+def _is_peft_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def expert_lora_files(path: str, variant: VariantSpec) -> dict[str, str]:
+    """expert -> LoRA file or PEFT folder (``adapter_config.json`` + weights: its ``lora_alpha`` is
+    read there). A file or PEFT folder applies to every expert; any other folder holds one per A14B
+    expert (its name contains the expert name, e.g. ``high_noise_model.safetensors``)."""
+    if os.path.isfile(path) or _is_peft_folder(path):
+        return {name: path for name in variant.experts}
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".pt", ".pth", ".bin"))
+                   or _is_peft_folder(os.path.join(path, f)))
+    if not variant.is_moe:
+        if len(files) != 1:
+            raise ValueError(f"LoRA folder {path} must hold exactly one weights file for {variant.name}, has {files}")
+        return {variant.experts[0]: os.path.join(path, files[0])}
+    chosen = {}
+    for name in variant.experts:
+        matches = [f for f in files if name in f]
+        if len(matches) != 1:
+            raise ValueError(f"LoRA folder {path}: expected one file naming expert {name!r}, found {matches}")
+        chosen[name] = os.path.join(path, matches[0])
+    return chosen

@@ -443,11 +443,13 @@ class Generator:
     # --- LoRA ----------------------------------------------------------------------------------
 
     def _apply_lora(self, path: Optional[str], scale: float) -> None:
-        """Keep the merged LoRA cached by (path, scale): merge on change, unmerge when dropped."""
-        wanted = (os.path.abspath(path), scale) if path else None
+        """Keep the merged LoRA cached by (path, scale, its files' size and mtime): merge on change,
+        unmerge when dropped. A file replaced under the same name is merged again."""
+        from wan_model.lora import expert_lora_files, lora_stamp, merge_lora, unmerge_lora
+
+        wanted = (os.path.abspath(path), scale, lora_stamp(path)) if path else None
         if wanted == self._lora:
             return
-        from wan_model.lora import merge_lora, unmerge_lora
 
         if self._lora is not None:
             for model in self.parts.experts.values():
@@ -455,32 +457,13 @@ class Generator:
             self._lora = None
         if wanted is not None:
             try:
-                for name, file in _lora_files(wanted[0], self.variant).items():
+                for name, file in expert_lora_files(wanted[0], self.variant).items():
                     merge_lora(self.parts.experts[name], file, scale)
             except ValueError as exc:  # LoraError is a ValueError: keys or shapes that do not fit
                 for model in self.parts.experts.values():
                     unmerge_lora(model)
                 raise InvalidRequest({"lora": f"{path}: {exc}"}) from None
             self._lora = wanted
-
-
-def _lora_files(path: str, variant: VariantSpec) -> dict[str, str]:
-    """expert -> LoRA file. A file applies to every expert; a folder holds one file per A14B expert
-    (its name contains the expert name, e.g. ``high_noise_model.safetensors``)."""
-    if os.path.isfile(path):
-        return {name: path for name in variant.experts}
-    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".pt", ".pth", ".bin")))
-    if not variant.is_moe:
-        if len(files) != 1:
-            raise ValueError(f"LoRA folder {path} must hold exactly one weights file for {variant.name}, has {files}")
-        return {variant.experts[0]: os.path.join(path, files[0])}
-    chosen = {}
-    for name in variant.experts:
-        matches = [f for f in files if name in f]
-        if len(matches) != 1:
-            raise ValueError(f"LoRA folder {path}: expected one file naming expert {name!r}, found {matches}")
-        chosen[name] = os.path.join(path, matches[0])
-    return chosen
 
 
 def build_generator(config: dict, rank: int, world_size: int) -> Generator:
