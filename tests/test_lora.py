@@ -116,8 +116,23 @@ def test_peft_diffusers_format_with_adapter_config(tmp_path) -> None:
     save_file(unprefixed, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": 2}))
     merge_lora(model, folder, scale=1.0)
-    expected = {k: before[k] + (2 / RANK) * (v - before[k]) / 1.5 for k, v in expected.items()}
-    _assert_only_changed(model, before, expected)
+    halved = {k: before[k] + (2 / RANK) * (v - before[k]) / 1.5 for k, v in expected.items()}
+    _assert_only_changed(model, before, halved)
+    unmerge_lora(model)
+
+    # A file diffusers saved: the same config in its safetensors metadata, unprefixed
+    # (save_lora_adapter) or under the component's name (save_lora_weights).
+    for name, config in (("adapter", {"r": RANK, "lora_alpha": 2}),
+                         ("pipeline", {"transformer.r": RANK, "transformer.lora_alpha": 2})):
+        file = tmp_path / f"{name}.safetensors"
+        save_file(lora, str(file), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+        merge_lora(model, file, scale=1.0)
+        _assert_only_changed(model, before, halved)
+        unmerge_lora(model)
+    bad = tmp_path / "rslora.safetensors"
+    save_file(lora, str(bad), metadata={"lora_adapter_metadata": json.dumps({"r": RANK, "use_rslora": True})})
+    with pytest.raises(LoraError, match="rslora"):
+        merge_lora(model, bad)
 
 
 def test_kohya_underscore_names_and_conv() -> None:

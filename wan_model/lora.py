@@ -83,19 +83,37 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], float | None]:
     if path.is_dir():
         config = path / "adapter_config.json"
         if config.is_file():
-            data = json.loads(config.read_text())
-            if data.get("use_rslora") or data.get("rank_pattern") or data.get("alpha_pattern"):
-                raise LoraError(f"{config}: rslora / per-module rank or alpha patterns are not supported")
-            default_alpha = data.get("lora_alpha")
+            default_alpha = _peft_alpha(json.loads(config.read_text()), str(config))
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
             raise LoraError(f"{path}: expected one .safetensors LoRA file, found {[f.name for f in files]}")
         path = files[0]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, default_alpha
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            metadata = handle.metadata() or {}
     except Exception as err:
         raise LoraError(f"cannot read LoRA file {path}: {err}") from err
+    # diffusers' save_lora_weights / save_lora_adapter keep the PEFT config in the file's metadata,
+    # unprefixed or under the component's name ("transformer.lora_alpha").
+    raw = metadata.get("lora_adapter_metadata")
+    if default_alpha is None and raw:
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            raise LoraError(f"{path}: its lora_adapter_metadata is not JSON ({err})") from None
+        if any(key.startswith("transformer.") for key in data):
+            data = {key.removeprefix("transformer."): value for key, value in data.items()
+                    if key.startswith("transformer.")}
+        default_alpha = _peft_alpha(data, f"{path} (lora_adapter_metadata)")
+    return tensors, default_alpha
+
+
+def _peft_alpha(config: dict, where: str) -> float | None:
+    """``lora_alpha`` of a PEFT LoRA config; the variants this merge cannot reproduce are refused."""
+    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LoraError(f"{where}: rslora / per-module rank or alpha patterns are not supported")
+    return config.get("lora_alpha")
 
 
 def _module_lookup(model: nn.Module) -> dict[str, str]:
