@@ -18,12 +18,16 @@ from service.dispatcher import DRAIN_MARGIN_S, JobQueueService
 from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
 from service.ingress import Ingress
 from service.logs import serve_logging_config
+from service.webhooks import signing_key
 
 
 def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.Application:
     settings = ServiceSettings.coerce(args)
     settings.variant_spec  # fail here, not in a replica, on an unknown variant
     settings.resolved_auth_token()  # and on an unreadable token file
+    webhook_secret = settings.resolved_webhook_secret()  # or webhook secret file
+    if webhook_secret:
+        signing_key(webhook_secret)  # and on a "whsec_" secret that is not base64
     settings.parallel_layout()  # and on degrees that cannot lay out the workers and heads
     settings.warmup_requests("/")  # and on warm-up shapes the variant cannot make
     plain = settings.to_args()

@@ -116,8 +116,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"no valid parallel layout: {exc}") from None
     shown = settings.to_args()
-    if shown.get("auth_token"):
-        shown["auth_token"] = "<set, hidden>"  # never print the secret itself
+    for secret in ("auth_token", "webhook_secret"):
+        if shown.get(secret):
+            shown[secret] = "<set, hidden>"  # never print the secret itself
     if shown.get("client_tokens"):
         names = shown["client_tokens"].values()
         shown["client_tokens"] = {f"<token {i + 1}, hidden>": name for i, name in enumerate(names)}

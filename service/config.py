@@ -42,7 +42,7 @@ class ServiceSettings(BaseSettings):
     cpu_workers: int = Field(2, ge=1)  # workers per engine replica when gpus == 0
     ulysses: Degree = "auto"
     ring: Degree = "auto"
-    cfg_parallel: Degree = "auto"
+    cfg_parallel: Degree = "auto"  # 1, 2 (the cond and uncond passes on two rank groups) or auto
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
     offload: bool = False
     fsdp: bool = False
@@ -128,6 +128,13 @@ class ServiceSettings(BaseSettings):
     def _known_variant(cls, value: Optional[str]) -> Optional[str]:
         if value is not None:
             get_variant(value)  # raises naming the known variants
+        return value
+
+    @field_validator("cfg_parallel")
+    @classmethod
+    def _cfg_parallel(cls, value: Any) -> Any:
+        if value != "auto" and value not in (1, 2):
+            raise ValueError(f"cfg_parallel must be 1, 2 or auto, got {value!r}")
         return value
 
     @field_validator("webhook_allowed_hosts")

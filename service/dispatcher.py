@@ -53,6 +53,17 @@ DISPATCH_MARGIN_S = 60.0
 ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
 
 
+def _serve_app_name() -> Optional[str]:
+    """The Serve application this replica belongs to (its ``name:`` in a Serve config), or None outside
+    Serve. Not the ``app_name`` setting: under ``serve deploy`` that is left at its default."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - not in a Serve replica (tests build this class directly)
+        return None
+
+
 class JobQueueService:
     def __init__(self, args: dict[str, Any], engine: Any):
         self.settings = ServiceSettings.coerce(args)
@@ -62,7 +73,7 @@ class JobQueueService:
                               max_attempts=self.settings.max_attempts,
                               max_per_owner=self.settings.max_jobs_per_client, journal=journal)
         logger.info("job store %s: journal %s (%s)", self.settings.db_path, self.queue.journal_mode, why)
-        self.queue.claim_for_app(self.settings.app_name)
+        self.queue.claim_for_app(_serve_app_name() or self.settings.app_name)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.retention = ResultRetention(self.queue, self.settings)
         self.webhooks = WebhookSender(self.queue, self.settings)

@@ -450,8 +450,10 @@ class JobQueue:
             elif row["value"] != app_name:
                 raise StoreOfAnotherApp(
                     f"{self.db_path} holds the jobs of Serve application {row['value']!r}, not {app_name!r}: "
-                    f"give each application its own data_dir (or keep app_name {row['value']!r} to take "
-                    f"over its jobs)")
+                    f"give each application its own data_dir. If they are this application's jobs (it was "
+                    f"renamed, or the twelfth release recorded 'wanserve' for an application deployed under "
+                    f"another name), stop the old one and run: sqlite3 {self.db_path} \"UPDATE store_info "
+                    f"SET value = '{app_name}' WHERE key = 'app_name'\"")
 
     # ------------------------------------------------------------------ the dispatch lease
 

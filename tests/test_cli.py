@@ -68,6 +68,16 @@ def config_json(argv, capsys) -> dict:
     return json.loads(out)
 
 
+def test_config_hides_the_secrets(capsys, monkeypatch):
+    monkeypatch.setenv("WANSERVE_WEBHOOK_SECRET", "whsec_c2VjcmV0c2VjcmV0")
+    monkeypatch.setenv("WANSERVE_AUTH_TOKEN", "operator-token-123")
+    code, out, err = run_main(["config", "--format", "json"], capsys)
+    assert code == 0, err
+    assert "c2VjcmV0" not in out and "operator-token-123" not in out
+    settings = json.loads(out)["settings"]
+    assert settings["webhook_secret"] == settings["auth_token"] == "<set, hidden>"
+
+
 def test_config_8_gpus_12_heads_without_cfg_parallel_is_ulysses4_ring2(capsys):
     data = config_json(["--gpus", "8", "--model", "/models/Wan2.1-T2V-1.3B", "--cfg-parallel", "1"], capsys)
     layout = data["parallel_layout"]

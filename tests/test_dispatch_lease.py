@@ -94,3 +94,24 @@ def test_a_second_application_on_the_same_store_is_refused(tmp_path):
         JobQueueService(make_settings(tmp_path, app_name="wanserve-i2v").to_args(), FakeEngine())
     first.release_lease()
     again.release_lease()
+
+
+def test_applications_are_told_apart_by_their_serve_names_not_the_app_name_setting(tmp_path, monkeypatch):
+    """Under serve deploy each application has its Serve name, and the app_name setting keeps its
+    default: two apps on one data_dir must still be told apart."""
+    import types
+
+    import pytest
+    from ray import serve
+
+    from service.queue import StoreOfAnotherApp
+
+    def in_app(name):
+        monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(app_name=name))
+
+    in_app("t2v")
+    first, _ = replica(make_settings(tmp_path))  # app_name left at its default, as under serve deploy
+    in_app("i2v")
+    with pytest.raises(StoreOfAnotherApp, match="'t2v', not 'i2v'.*UPDATE store_info"):
+        JobQueueService(make_settings(tmp_path).to_args(), FakeEngine())
+    first.release_lease()

@@ -31,6 +31,9 @@ def test_bad_settings_name_the_problem():
         ServiceSettings(auth_token="a", auth_token_file="/x")
     with pytest.raises(ValueError, match="cannot tell the variant"):
         ServiceSettings(model="/models/unknown").variant_name
+    with pytest.raises(ValidationError, match="cfg_parallel must be 1, 2 or auto, got 4"):
+        ServiceSettings(cfg_parallel=4)  # was taken as "off"
+    assert ServiceSettings(cfg_parallel="2").cfg_parallel == 2  # as the environment and flags give it
 
 
 def test_generator_config_maps_parallel_degrees():
@@ -70,6 +73,16 @@ def test_builder_refuses_parallel_degrees_that_do_not_fit():
     with pytest.raises(ValueError, match="heads"):
         build_app({"gpus": 8, "ulysses": 8})  # tiny has 4 heads
     build_app({"gpus": 8, "ulysses": 4, "cfg_parallel": 2})
+
+
+def test_the_builder_reads_the_webhook_secret_before_anything_starts(tmp_path):
+    from service.app import build_app
+
+    with pytest.raises(FileNotFoundError, match="webhook-secret"):
+        build_app({"webhook_secret_file": str(tmp_path / "webhook-secret")})
+    with pytest.raises(ValueError, match="not base64"):
+        build_app({"webhook_secret": "whsec_not*base64"})
+    build_app({"webhook_secret": "whsec_" + "QUJD" * 8})
 
 
 def test_warmup_shapes_are_checked_like_a_request_before_anything_starts(tmp_path):
