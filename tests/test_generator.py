@@ -122,6 +122,35 @@ def test_image_to_video_models_need_an_image():
     resolve_request(GenerationRequest(prompt="a cat", output_dir="/tmp/x"), get_variant("tiny-ti2v"))
 
 
+def test_wan21_i2v_samples_480p_with_shift_3_as_official():
+    spec = get_variant("wan2.1-i2v-14b")
+    image = png_bytes(104, 60)
+
+    def shift(**size):
+        return resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=image, **size), spec).shift
+
+    assert shift(width=832, height=480) == shift(width=480, height=832) == 3.0
+    assert shift(width=1280, height=720) == shift() == 5.0  # no size: 720p area
+    assert resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=image, width=832, height=480,
+                                             shift=7.0), spec).shift == 7.0  # asked for: kept
+    t2v = get_variant("wan2.1-t2v-14b")
+    assert resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", width=832, height=480), t2v).shift == t2v.shift
+
+
+def test_an_image_with_an_exif_orientation_is_turned_upright():
+    from PIL import Image
+
+    from wan_model.pipeline.conditioning import decode_image
+
+    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    sideways.save(buffer, format="JPEG", exif=exif)
+    upright = decode_image(buffer.getvalue())
+    assert upright.size == (20, 40) and upright.mode == "RGB"
+
+
 def test_image_sets_the_aspect_ratio_when_no_size_is_given():
     from wan_model.pipeline.conditioning import size_for_image
 

@@ -22,7 +22,7 @@ from .denoise import FirstFrameLock
 
 def decode_image(data: bytes):
     """Encoded PNG/JPEG/... bytes -> RGB ``PIL.Image``; raises ``ValueError`` naming the problem."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ValueError("the image is empty")
@@ -31,7 +31,9 @@ def decode_image(data: bytes):
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode the image ({exc})") from None
-    return image.convert("RGB")
+    # A phone photo is stored sideways with an EXIF orientation: turn it upright first, as diffusers'
+    # load_image does (sizing the video from its aspect ratio depends on it too).
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def size_for_image(image_width: int, image_height: int, area: int, multiple: int) -> tuple[int, int]:

@@ -117,6 +117,9 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
                         errors["image"] = (f"a {image.width}x{image.height} image gives a {width}x{height} video, over "
                                            f"{MAX_SIDE} pixels a side: give width and height")
 
+    if request.shift is None and not errors.keys() & {"width", "height", "image"}:
+        shift = default_shift(variant, width, height)
+
     if request.lora is not None and not os.path.exists(request.lora):
         errors["lora"] = f"no such file or folder: {request.lora}"
     if not _is_number(request.lora_scale):
@@ -129,6 +132,15 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
         num_frames=frames, steps=steps, guidance=guidance, shift=float(shift), sampler=sampler,
         seed=request.seed, image=image, lora=request.lora, lora_scale=float(request.lora_scale),
     )
+
+
+def default_shift(variant: VariantSpec, width: int, height: int) -> float:
+    """The sampling shift when the request names none. Official Wan2.1 samples image-to-video at
+    832x480 (either way round) with 3.0 and at other sizes with 5.0 (``generate.py``); the 480P
+    diffusers checkpoint's scheduler says 3.0 too."""
+    if variant.name == "wan2.1-i2v-14b" and {width, height} == {832, 480}:
+        return 3.0
+    return variant.shift
 
 
 def _resolve_guidance(value, variant: VariantSpec, errors: dict[str, str]) -> dict[str, float]:
