@@ -26,8 +26,6 @@ TINY_NOTE = ("note: the 'tiny' model has random weights: it makes noise videos. 
              "path (HTTP -> queue -> workers -> MP4) working on any machine; pass --model DIR for real videos.")
 
 
-
-
 # ==================================================================== settings (serve, config)
 
 def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,7 @@ FINISHED = ("succeeded", "failed", "cancelled")  # the job statuses that do not 
 class CliError(Exception):
     """A problem to show the user as one line, with exit status 1."""
 
+
 def _client(args: argparse.Namespace):
     import httpx
 
@@ -25,8 +26,9 @@ def _client(args: argparse.Namespace):
     return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout)
 
 
-def _request(client, method: str, path: str, **kwargs):
-    """One request; connection problems and HTTP errors become one readable line."""
+def _request(client, method: str, path: str, *, allow: tuple[int, ...] = (), **kwargs):
+    """One request; connection problems and HTTP errors (but the ``allow``ed ones) become one
+    readable line."""
     import httpx
 
     try:
@@ -34,7 +36,7 @@ def _request(client, method: str, path: str, **kwargs):
     except httpx.TransportError as exc:
         raise CliError(f"cannot reach the service at {client.base_url} ({type(exc).__name__}: {exc}); "
                        f"is `wanserve serve` running there? (--url / WANSERVE_URL)") from None
-    if response.status_code >= 400:
+    if response.status_code >= 400 and response.status_code not in allow:
         raise CliError(f"{method} {path}: HTTP {response.status_code}: {_detail(response)}")
     return response
 
@@ -202,19 +204,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    import httpx
-
     with _client(args) as client:
         # Not DELETE: that deletes the files of a job that finishes just before it arrives.
-        try:
-            response = client.post(f"/jobs/{args.job}/cancel")
-        except httpx.TransportError as exc:
-            raise CliError(f"cannot reach the service at {client.base_url} ({type(exc).__name__}: {exc})") from None
+        response = _request(client, "POST", f"/jobs/{args.job}/cancel", allow=(409,))
         if response.status_code == 409:  # already succeeded or failed: the server says which
             print(_detail(response))
             return 0
-        if response.status_code >= 400:
-            raise CliError(f"POST /jobs/{args.job}/cancel: HTTP {response.status_code}: {_detail(response)}")
         view = response.json()
     print(f"job {view['id']}: {view['status']}" + (" (cancel requested)" if view.get("cancel_requested") else ""))
     return 0

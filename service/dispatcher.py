@@ -35,8 +35,8 @@ from typing import Any, Optional
 from service.config import ServiceSettings
 from service.logs import job_log
 from service.lora import resolve_lora
-from service.queue import FAILED, RUNNING, TERMINAL, IdempotencyKeyReused, JobQueue, QueueFull
 from service.outcomes import record_outcome
+from service.queue import FAILED, RUNNING, TERMINAL, IdempotencyKeyReused, JobQueue, QueueFull
 from service.retention import ResultRetention
 from service.store_journal import choose_journal
 from service.webhooks import WebhookSender

@@ -283,7 +283,7 @@ class EngineReplica:
                                                return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 stuck = sorted(futures[f] for f in pending)
-                failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
+                failed = _failures(outcomes)
                 if failed:
                     # A rank failed (e.g. its collective timed out) and the others are wedged.
                     self.broken = (f"generator error: {failed[0]['error']}; rank(s) {stuck} still had not "
@@ -298,7 +298,7 @@ class EngineReplica:
                 except Exception as exc:  # noqa: BLE001 - the actor died (ray.kill, OOM, segfault)
                     for other in pending:
                         other.cancel()
-                    failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
+                    failed = _failures(outcomes)
                     if failed:
                         # Another rank failed first, and this one died waiting in a collective (NCCL's
                         # watchdog ends the process): the job's failure is the first rank's, and running
@@ -314,7 +314,7 @@ class EngineReplica:
                     # The other ranks reach a collective that times out within nccl_timeout_s; a rank
                     # stuck outside any collective must not hold the job until job_timeout_s.
                     deadline = min(deadline, time.monotonic() + self.settings.nccl_timeout_s + RANK_GRACE_S)
-        failed = [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
+        failed = _failures(outcomes)
         if failed:
             if any(o.get("fatal") for o in failed):
                 # An unexpected exception can leave the process group out of step: start afresh.
@@ -330,6 +330,11 @@ class EngineReplica:
                 ray.kill(w)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _failures(outcomes: dict[int, dict]) -> list[dict]:
+    """The failed ranks' outcomes, lowest rank first."""
+    return [o for _, o in sorted(outcomes.items()) if o["status"] == "failed"]
 
 
 def _shape(fields: dict[str, Any]) -> str:

@@ -110,11 +110,8 @@ class Ingress:
             form = await Request(request.scope, replay).form(max_part_size=limit)
             data: dict[str, Any] = {}
             for key, value in form.multi_items():
-                if hasattr(value, "read"):  # an uploaded file
-                    raw = await value.read()
-                    if len(raw) > limit:
-                        raise HTTPException(413, f"upload {key!r} is over the limit of {limit} bytes")
-                    data[key] = base64.b64encode(raw).decode()
+                if hasattr(value, "read"):  # an uploaded file (within the body's limit, read above)
+                    data[key] = base64.b64encode(await value.read()).decode()
                 elif key in ("lora", "guidance"):
                     data[key] = _maybe_json(value)
                 else:

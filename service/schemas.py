@@ -13,8 +13,8 @@ from service.config import ServiceSettings
 from service.lora import resolve_lora
 from service.webhooks import url_problem
 from wan_model.config import VariantSpec
-from wan_model.pipeline.conditioning import decode_image, size_for_image
-from wan_model.pipeline.validation import MAX_FRAMES, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE
+from wan_model.pipeline.conditioning import decode_image
+from wan_model.pipeline.validation import MAX_FRAMES, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE, video_size_for_image
 
 
 class LoraRef(BaseModel):
@@ -172,13 +172,7 @@ def image_problem(data: str, spec: VariantSpec, sized: bool) -> Optional[str]:
         image = decode_image(raw)
     except ValueError as exc:
         return str(exc)
-    if not sized:
-        width, height = size_for_image(image.width, image.height, spec.default_size[0] * spec.default_size[1],
-                                       spec.size_multiple)
-        if max(width, height) > MAX_SIDE:
-            return (f"a {image.width}x{image.height} image gives a {width}x{height} video, over {MAX_SIDE} "
-                    "pixels a side: give width and height")
-    return None
+    return None if sized else video_size_for_image(image, spec)[2]
 
 
 def _decode_image(data: str) -> Optional[bytes]:

@@ -359,7 +359,7 @@ def lora_stamp(path: str) -> tuple:
             return ((path, stat.st_size, stat.st_mtime_ns),)
         found = []
         for root, _, names in os.walk(path):
-            for name in sorted(names):
+            for name in names:
                 stat = os.stat(os.path.join(root, name))
                 found.append((os.path.join(root, name), stat.st_size, stat.st_mtime_ns))
         return tuple(sorted(found))

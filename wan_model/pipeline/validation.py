@@ -55,7 +55,7 @@ def _is_number(value) -> bool:
 
 def resolve_request(request: GenerationRequest, variant: VariantSpec) -> ResolvedJob:
     """The request with the variant's defaults filled in; raises ``InvalidRequest`` listing every problem."""
-    from .conditioning import decode_image, size_for_image
+    from .conditioning import decode_image
 
     errors: dict[str, str] = {}
     width = variant.default_size[0] if request.width is None else request.width
@@ -109,13 +109,9 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
                 errors["image"] = str(exc)
             else:
                 if request.width is None and request.height is None:
-                    # No size asked for: the default area in the image's aspect ratio (official Wan2.1 I2V).
-                    width, height = size_for_image(image.width, image.height,
-                                                   variant.default_size[0] * variant.default_size[1],
-                                                   variant.size_multiple)
-                    if max(width, height) > MAX_SIDE:
-                        errors["image"] = (f"a {image.width}x{image.height} image gives a {width}x{height} video, over "
-                                           f"{MAX_SIDE} pixels a side: give width and height")
+                    width, height, problem = video_size_for_image(image, variant)
+                    if problem:
+                        errors["image"] = problem
 
     if request.shift is None and not errors.keys() & {"width", "height", "image"}:
         shift = default_shift(variant, width, height)
@@ -132,6 +128,20 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
         num_frames=frames, steps=steps, guidance=guidance, shift=float(shift), sampler=sampler,
         seed=request.seed, image=image, lora=request.lora, lora_scale=float(request.lora_scale),
     )
+
+
+def video_size_for_image(image, variant: VariantSpec) -> tuple[int, int, Optional[str]]:
+    """No size asked for: (width, height) of the variant's default area in the image's aspect ratio
+    (official Wan2.1 I2V), and why that video cannot be made, or None."""
+    from .conditioning import size_for_image
+
+    width, height = size_for_image(image.width, image.height, variant.default_size[0] * variant.default_size[1],
+                                   variant.size_multiple)
+    problem = None
+    if max(width, height) > MAX_SIDE:
+        problem = (f"a {image.width}x{image.height} image gives a {width}x{height} video, over {MAX_SIDE} pixels "
+                   "a side: give width and height")
+    return width, height, problem
 
 
 def default_shift(variant: VariantSpec, width: int, height: int) -> float:
