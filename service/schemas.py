@@ -125,7 +125,7 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
         if spec.task == "t2v":
             errors["image"] = f"{spec.name} is text-to-video and takes no image"
         else:
-            problem = image_problem(req.image, spec, sized=req.width is not None or req.height is not None)
+            problem = image_problem(req.image, spec, req.width, req.height)
             if problem:
                 errors["image"] = problem
     elif spec.task == "i2v":
@@ -162,9 +162,9 @@ def _valid_unicode(value: Any) -> bool:
     return True
 
 
-def image_problem(data: str, spec: VariantSpec, sized: bool) -> Optional[str]:
+def image_problem(data: str, spec: VariantSpec, width: Optional[int], height: Optional[int]) -> Optional[str]:
     """Why the workers would refuse this base64 image, or None: it must decode (as they decode it),
-    and without a size asked for, the video it implies must fit ``MAX_SIDE``."""
+    and where the request leaves a side to the image, the video it implies must fit ``MAX_SIDE``."""
     raw = _decode_image(data)
     if raw is None:
         return "image is not valid base64 PNG/JPEG/WebP data"
@@ -172,7 +172,7 @@ def image_problem(data: str, spec: VariantSpec, sized: bool) -> Optional[str]:
         image = decode_image(raw)
     except ValueError as exc:
         return str(exc)
-    return None if sized else video_size_for_image(image, spec)[2]
+    return video_size_for_image(image, spec, width, height)[2]
 
 
 def _decode_image(data: str) -> Optional[bytes]:

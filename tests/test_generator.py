@@ -168,11 +168,47 @@ def test_image_sets_the_aspect_ratio_when_no_size_is_given():
     assert (explicit.width, explicit.height) == (64, 32)
     ti2v = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(60, 104)),
                            get_variant("tiny-ti2v"))
-    assert ti2v.height > ti2v.width and ti2v.width % 32 == 0 and ti2v.height % 32 == 0
+    # TI2V keeps the closest ratio within the area (official Wan2.2): at 64x64 with a 32 multiple the
+    # choices are 32x128 and 64x64, and a 60x104 image is closer to the square.
+    assert (ti2v.width, ti2v.height) == (64, 64)
     with pytest.raises(InvalidRequest, match="image") as info:
         resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(4000, 1)),
                         get_variant("wan2.1-i2v-14b"))
     assert "give width and height" in info.value.errors["image"]
+
+
+def test_ti2v_sizes_an_image_as_official_wan2_2_does():
+    from wan_model.pipeline.conditioning import closest_ratio_size
+
+    # Official Wan2.2 best_output_size at 1280x704 with a 32 multiple (values from the reference
+    # algorithm): the height-first rounding wins ties, so a square image is 960x928, not 928x960.
+    expected = {(1000, 1000): (960, 928), (1920, 1080): (1248, 704), (1080, 1920): (704, 1248),
+                (1024, 768): (1088, 800), (3000, 1250): (1472, 608)}
+    for (w, h), size in expected.items():
+        assert closest_ratio_size(w, h, 1280 * 704, 32) == size
+    job = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(100, 100)),
+                          get_variant("wan2.2-ti2v-5b"))
+    assert (job.width, job.height) == (960, 928)
+    # Wan2.1 I2V keeps its own rounding (each side down): a square image at 1280x720's area.
+    job = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(100, 100)),
+                          get_variant("wan2.1-i2v-14b"))
+    assert (job.width, job.height) == (960, 960)
+
+
+def test_one_side_given_takes_the_other_from_the_image():
+    spec = get_variant("wan2.1-i2v-14b")  # default 832x480, multiple 16
+    wide = png_bytes(192, 108)  # 16:9
+    job = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=wide, width=832), spec)
+    assert (job.width, job.height) == (832, 464)  # 832 * 9/16 = 468 -> nearest multiple of 16; not 480
+    job = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=wide, height=720), spec)
+    assert (job.width, job.height) == (1280, 720)
+    tall = png_bytes(108, 192)
+    job = resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=tall, width=480), spec)
+    assert (job.width, job.height) == (480, 848)
+    with pytest.raises(InvalidRequest) as info:  # the derived side is held to the same limit
+        resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=png_bytes(400, 10), height=480),
+                        spec)
+    assert "19200x480" in info.value.errors["image"]
 
 
 def test_guidance_pair_maps_low_and_high_noise_experts():

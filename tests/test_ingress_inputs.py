@@ -201,9 +201,12 @@ def _png(width: int, height: int) -> str:
     (_png(1, 5000), False, "over 4096 pixels a side: give width and height"),
     (_png(1, 5000), True, None),  # with a size asked for, the image is cropped to it
     (_png(48, 32), False, None),
+    (_png(400, 10), {"height": 480}, "gives a 19200x480 video"),  # the missing side follows the image
+    (_png(400, 10), {"width": 480}, None),
 ])
 def test_an_image_the_workers_could_not_use_is_refused_at_submission(i2v_app, image, sized, problem):
-    body = {"prompt": "x", "image": image, **({"width": 64, "height": 64} if sized else {})}
+    size = sized if isinstance(sized, dict) else {"width": 64, "height": 64} if sized else {}
+    body = {"prompt": "x", "image": image, **size}
     response = post(i2v_app, body)
     if problem is None:
         assert response.status_code == 202, response.text

@@ -8,7 +8,8 @@
 
 The image is resized to cover the requested size and center-cropped (aspect ratio kept). A request
 without width and height gets the variant's default area in the image's own aspect ratio
-(``size_for_image``), so nothing but the rounding to the size multiple is cropped.
+(``size_for_image``, or ``closest_ratio_size`` for TI2V), so nothing but the rounding to the size
+multiple is cropped.
 """
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def size_for_image(image_width: int, image_height: int, area: int, multiple: int
     height = max(multiple, int(math.sqrt(area * aspect) // multiple) * multiple)
     width = max(multiple, int(math.sqrt(area / aspect) // multiple) * multiple)
     return width, height
+
+
+def closest_ratio_size(image_width: int, image_height: int, area: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of at most ``area`` pixels, multiples of ``multiple``, whose aspect ratio is the
+    closest to the image's, as official Wan2.2 TI2V sizes its output: round the width down first and
+    fit the height to the area, or the height first and fit the width, and keep the closer ratio."""
+    ratio = image_width / image_height
+    exact_width = math.sqrt(area * ratio)
+
+    def fit(first: float) -> tuple[int, int]:
+        side = max(multiple, int(first // multiple) * multiple)
+        return side, max(multiple, int(area / side // multiple) * multiple)
+
+    width_first = fit(exact_width)
+    height, width = fit(area / exact_width)
+    # On a tie the height-first size wins, as official.
+    candidates = [(width, height), width_first]
+    return min(candidates, key=lambda size: max(ratio * size[1] / size[0], size[0] / (ratio * size[1])))
 
 
 def image_to_tensor(image, width: int, height: int) -> torch.Tensor:

@@ -108,8 +108,8 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
             except ValueError as exc:
                 errors["image"] = str(exc)
             else:
-                if request.width is None and request.height is None:
-                    width, height, problem = video_size_for_image(image, variant)
+                if request.width is None or request.height is None:
+                    width, height, problem = video_size_for_image(image, variant, request.width, request.height)
                     if problem:
                         errors["image"] = problem
 
@@ -130,13 +130,28 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
     )
 
 
-def video_size_for_image(image, variant: VariantSpec) -> tuple[int, int, Optional[str]]:
-    """No size asked for: (width, height) of the variant's default area in the image's aspect ratio
-    (official Wan2.1 I2V), and why that video cannot be made, or None."""
-    from .conditioning import size_for_image
+def video_size_for_image(image, variant: VariantSpec, width: Optional[int] = None,
+                         height: Optional[int] = None) -> tuple[int, int, Optional[str]]:
+    """The video size for an input image when the request gives at most one side, and why that video
+    cannot be made (or None).
 
-    width, height = size_for_image(image.width, image.height, variant.default_size[0] * variant.default_size[1],
-                                   variant.size_multiple)
+    No side given: the variant's default area in the image's aspect ratio, rounded as the official
+    pipeline rounds it (Wan2.1/Wan2.2 I2V round each side down; Wan2.2 TI2V keeps the closest ratio).
+    One side given: the other follows the image's aspect ratio, to the nearest multiple, so that the
+    image is not cropped to the variant's default for the missing side."""
+    from .conditioning import closest_ratio_size, size_for_image
+
+    multiple = variant.size_multiple
+    if width is None and height is None:
+        area = variant.default_size[0] * variant.default_size[1]
+        sizing = closest_ratio_size if variant.task == "ti2v" else size_for_image
+        width, height = sizing(image.width, image.height, area, multiple)
+    elif height is None and _is_int(width):
+        height = max(multiple, round(width * image.height / image.width / multiple) * multiple)
+    elif width is None and _is_int(height):
+        width = max(multiple, round(height * image.width / image.height / multiple) * multiple)
+    else:
+        return width, height, None  # both given, or a bad side (reported with its field)
     problem = None
     if max(width, height) > MAX_SIDE:
         problem = (f"a {image.width}x{image.height} image gives a {width}x{height} video, over {MAX_SIDE} pixels "
