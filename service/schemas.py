@@ -13,6 +13,7 @@ from service.config import ServiceSettings
 from service.lora import resolve_lora
 from service.webhooks import url_problem
 from wan_model.config import VariantSpec
+from wan_model.lora import expert_lora_files
 from wan_model.pipeline.conditioning import decode_image
 from wan_model.pipeline.validation import MAX_FRAMES, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE, video_size_for_image
 
@@ -132,8 +133,10 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
         errors["image"] = f"{spec.name} is image-to-video: an image is required"
     if req.lora is not None:
         try:
-            resolve_lora(settings.lora_dir, req.lora.name)
-        except ValueError as exc:
+            # The layout the workers will read (one .safetensors file, a PEFT folder, or one file per
+            # A14B expert), checked now rather than after the job has waited for its GPUs.
+            expert_lora_files(str(resolve_lora(settings.lora_dir, req.lora.name)), spec)
+        except (ValueError, OSError) as exc:
             errors["lora"] = str(exc)
     if req.metadata is not None:
         problem = metadata_problem(req.metadata)

@@ -108,6 +108,24 @@ def test_a_long_lora_name_and_deep_nesting_are_422_not_500(app):
     assert response.status_code == 422 and "nested too deep" in response.text
 
 
+def test_a_lora_the_workers_cannot_read_is_refused_at_submission(app):
+    loras = app.settings.lora_dir
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"blocks.0.self_attn.q.diff_b": torch.zeros(4)}, f"{loras}/good.safetensors")
+    open(f"{loras}/old.pt", "wb").close()  # pickled weights are not read
+    os.makedirs(f"{loras}/two")
+    for name in ("a.safetensors", "b.safetensors"):
+        save_file({"x": torch.zeros(1)}, f"{loras}/two/{name}")
+    assert post(app, {"prompt": "x", "lora": {"name": "good"}}).status_code == 202
+    response = post(app, {"prompt": "x", "lora": {"name": "old.pt"}})
+    assert response.status_code == 422 and "not a .safetensors file" in response.text
+    response = post(app, {"prompt": "x", "lora": {"name": "two"}})
+    assert response.status_code == 422 and "exactly one weights file" in response.text
+    assert app.queue.counts().get("queued", 0) == 1
+
+
 @pytest.mark.parametrize("seconds", ["inf", 1e308, "nan", -1, 0])
 def test_openai_seconds_must_be_a_positive_finite_number(app, seconds):
     response = post(app, {"prompt": "x", "seconds": seconds}, path="/v1/videos")

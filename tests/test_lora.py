@@ -309,3 +309,16 @@ def test_fp8_layers_of_a_model_without_checkpoint_refuse_a_lora() -> None:
         merge_lora(model, lora)
     for key, value in model.state_dict().items():
         assert torch.equal(value.float(), before[key].float()), key
+
+
+def test_a_lora_in_a_format_that_is_not_read_is_refused_before_the_job_runs(tmp_path):
+    from wan_model.config import get_variant
+    from wan_model.pipeline.request import GenerationRequest, InvalidRequest
+    from wan_model.pipeline.validation import resolve_request
+
+    pickled = tmp_path / "style.pth"
+    pickled.write_bytes(b"not read")
+    with pytest.raises(InvalidRequest) as info:
+        resolve_request(GenerationRequest(prompt="a", output_dir=str(tmp_path), lora=str(pickled)),
+                        get_variant("tiny-t2v"))
+    assert "not a .safetensors file" in info.value.errors["lora"]

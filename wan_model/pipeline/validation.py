@@ -116,8 +116,16 @@ def resolve_request(request: GenerationRequest, variant: VariantSpec) -> Resolve
     if request.shift is None and not errors.keys() & {"width", "height", "image"}:
         shift = default_shift(variant, width, height)
 
-    if request.lora is not None and not os.path.exists(request.lora):
-        errors["lora"] = f"no such file or folder: {request.lora}"
+    if request.lora is not None:
+        if not os.path.exists(request.lora):
+            errors["lora"] = f"no such file or folder: {request.lora}"
+        else:
+            from wan_model.lora import expert_lora_files
+
+            try:
+                expert_lora_files(request.lora, variant)
+            except (ValueError, OSError) as exc:
+                errors["lora"] = str(exc)
     if not _is_number(request.lora_scale):
         errors["lora_scale"] = f"must be a number, got {request.lora_scale!r}"
 
