@@ -27,6 +27,26 @@ def test_encoder_writes_h264_yuv420p(tmp_path, encode):
     assert "crf=18.0" in settings and "subme=2" in settings and "me=hex" in settings, settings
 
 
+@pytest.mark.parametrize("encode", [video._encode_imageio, video._encode_pyav], ids=["imageio-ffmpeg", "pyav"])
+def test_encoder_converts_with_bt709_and_tags_the_stream(tmp_path, encode):
+    """Players take untagged HD as BT.709: the pixels must be BT.709 and say so, or colours shift."""
+    frames = np.zeros((9, 96, 128, 3), np.uint8)
+    frames[:, :48] = (220, 40, 40)
+    frames[:, 48:] = (60, 170, 80)
+    path = str(tmp_path / "v.mp4")
+    encode(frames, path, 16)
+    with av.open(path) as container:
+        context = container.streams.video[0].codec_context
+        assert (int(context.colorspace), int(context.color_range)) == (1, 1)  # BT.709, limited ("tv")
+        assert (int(context.color_primaries), int(context.color_trc)) == (1, 1)  # BT.709
+        frame = next(container.decode(video=0))
+        # Decoded with the BT.709 matrix, as a player reading the tags does (a BT.601 encode, ffmpeg's
+        # default, comes back about 15 levels off in red and green here).
+        rgb = frame.reformat(format="rgb24", src_colorspace="ITU709", src_color_range="MPEG").to_ndarray()
+    for row, colour in ((20, (220, 40, 40)), (70, (60, 170, 80))):
+        assert np.abs(rgb[row, 60].astype(int) - colour).max() <= 4, (rgb[row, 60], colour)
+
+
 def test_write_mp4_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
     def broken(frames, path, fps):
         open(path, "wb").write(b"partial")

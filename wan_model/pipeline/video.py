@@ -45,7 +45,8 @@ def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> s
 def mp4_encoder() -> str:
     """Which H.264 encoder ``write_mp4`` uses here: ``"imageio-ffmpeg"`` (preferred) or ``"pyav"``.
 
-    Both write the same format (H.264, yuv420p, crf 18, x264 preset ``veryfast``); the name is
+    Both write the same format (H.264, yuv420p BT.709 limited range, tagged so, crf 18, x264 preset
+    ``veryfast``); the name is
     reported with each result so a run says which one ran. Raises when neither is installed.
     """
     import importlib.util
@@ -61,6 +62,11 @@ def mp4_encoder() -> str:
 # PSNR (33.3 dB) and a similar size: the encode is on the job's critical path, the bytes are not.
 X264_PARAMS = {"crf": "18", "preset": "veryfast"}
 
+# RGB -> YUV with the BT.709 matrix, limited ("tv") range, and the stream tagged so. Untagged video
+# is read as BT.601 or BT.709 depending on the player (most take BT.709 for HD), so an untagged
+# BT.601 encode, which is what ffmpeg does by default, shifts colours in many players.
+BT709_TAGS = {"colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
+
 
 def _encode_imageio(frames: np.ndarray, path: str, fps: int) -> None:
     import imageio.v2 as imageio
@@ -68,7 +74,14 @@ def _encode_imageio(frames: np.ndarray, path: str, fps: int) -> None:
     # macro_block_size=1: never let imageio resize the frames behind our back.
     writer = imageio.get_writer(
         path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-        macro_block_size=1, output_params=[arg for key, value in X264_PARAMS.items() for arg in (f"-{key}", value)],
+        macro_block_size=1,
+        output_params=[
+            *(arg for key, value in X264_PARAMS.items() for arg in (f"-{key}", value)),
+            "-vf", "scale=out_color_matrix=bt709:out_range=tv",
+            *(arg for key, value in BT709_TAGS.items() for arg in (f"-{key}", value)),
+            # ffmpeg passes the matrix and range on to x264 but not the primaries and transfer.
+            "-x264-params", "colorprim=bt709:transfer=bt709:colormatrix=bt709",
+        ],
         ffmpeg_log_level="error",
     )
     try:
@@ -86,8 +99,15 @@ def _encode_pyav(frames: np.ndarray, path: str, fps: int) -> None:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = dict(X264_PARAMS)
+        context = stream.codec_context
+        context.colorspace = av.video.reformatter.Colorspace.ITU709
+        context.color_range = av.video.reformatter.ColorRange.MPEG
+        context.color_primaries = 1  # BT.709, as numbered in H.264's VUI
+        context.color_trc = 1
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            rgb = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            yuv = rgb.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
