@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from service.config import ServiceSettings
+from service.data_dir import ensure_store_id
 from service.logs import job_log
 from service.lora import resolve_lora
 from service.outcomes import record_outcome
@@ -75,6 +76,7 @@ class JobQueueService:
         logger.info("job store %s: journal %s (%s)", self.settings.db_path, self.queue.journal_mode, why)
         self.queue.claim_for_app(_serve_app_name() or self.settings.app_name)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
+        self.store_id = ensure_store_id(self.settings.data_dir)  # checked by the engines and the Ingress
         self.retention = ResultRetention(self.queue, self.settings)
         self.webhooks = WebhookSender(self.queue, self.settings)
         self.engines: dict[str, dict[str, Any]] = {}
@@ -474,6 +476,10 @@ class JobQueueService:
         self._poke()
         return True
 
+    async def data_dir_id(self) -> str:
+        """The id this replica's ``data_dir`` holds (``service.data_dir``)."""
+        return self.store_id
+
     async def state(self) -> dict[str, Any]:
         """Engines, counts and counters for /models, /readyz and /metrics."""
         self._ensure_dispatcher()
@@ -483,7 +489,7 @@ class JobQueueService:
         self.engines = fresh
         return {"engines": list(fresh.values()), "counts": self.queue.counts(), "counters": self.queue.counters(),
                 "results_bytes": self.queue.results_bytes(), "webhooks_pending": self.queue.webhooks_pending(),
-                "store_journal": self.queue.journal_mode,
+                "store_journal": self.queue.journal_mode, "store_id": self.store_id,
                 "dispatcher_alive": self._loop_task is not None and not self._loop_task.done(),
                 "dispatching": self._leading, "standing_by_for": self._standing_by_for,
                 "running": [*self.inflight, *self.adopted], "orphaned": list(self.orphans)}

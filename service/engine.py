@@ -19,6 +19,7 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from service.config import ServiceSettings
+from service.data_dir import data_dir_problem
 from service.logs import job_log
 from service.worker import GenerationWorker
 
@@ -67,6 +68,7 @@ class EngineReplica:
         # that restarted meanwhile learns them from the report that tells it this replica is idle,
         # instead of re-queueing the job as if no engine had run it.
         self.unpushed: dict[str, dict[str, Any]] = {}
+        self.data_dir_ok = False  # data_dir checked against the JobQueue's (_check_data_dir)
         started = time.monotonic()
         context = serve.get_replica_context()
         self.app_name = context.app_name
@@ -160,7 +162,24 @@ class EngineReplica:
 
     # ---------------------------------------------------------------- Serve hooks
 
+    async def _check_data_dir(self) -> None:
+        """Mark this replica broken if its node's ``data_dir`` is not the JobQueue's: every job would run
+        to its end and then fail for a video the JobQueue cannot see. Checked once it can be."""
+        if self.data_dir_ok or self.broken:
+            return
+        try:
+            expected = await asyncio.wait_for(_await_ref(self.queue.data_dir_id.remote()), timeout=10.0)
+        except Exception:  # noqa: BLE001 - the JobQueue is not up yet: checked at the next health check or job
+            return
+        problem = data_dir_problem(self.settings.data_dir, expected, f"engine replica {self.replica_id}")
+        if problem:
+            logger.error("%s", problem)
+            self.broken = problem
+        else:
+            self.data_dir_ok = True
+
     async def check_health(self) -> None:
+        await self._check_data_dir()
         if self.broken:
             # Tell the queue now: otherwise /readyz and /models count this replica until its report is stale.
             self._report({"ready": False})
@@ -186,6 +205,7 @@ class EngineReplica:
         if job["id"] in self.recent:
             log.warning("dispatched again after it ran here: returning that run's outcome, not running it twice")
             return {**self.recent[job["id"]], "repeated": True}
+        await self._check_data_dir()
         if self.broken:
             log.warning("refused: this replica is broken (%s)", self.broken)
             return {"status": "unavailable", "error": self.broken}

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from service.config import ServiceSettings
+from service.data_dir import data_dir_problem
 from service.logs import job_log
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL, request_fingerprint
@@ -334,9 +335,14 @@ class Ingress:
             state = await asyncio.wait_for(self._queue_state(), timeout=5)
         except Exception as exc:  # noqa: BLE001
             return _error(503, f"job queue not answering: {type(exc).__name__}: {exc}")
+        if state.get("store_id"):
+            problem = data_dir_problem(self.settings.data_dir, state["store_id"], "this Ingress replica")
+            if problem:
+                return _error(503, problem)
         ready = [e for e in state["engines"] if e.get("ready") and not e.get("broken")]
         if not ready:
-            return _error(503, "no engine replica is ready yet")
+            broken = [e["broken"] for e in state["engines"] if e.get("broken")]
+            return _error(503, "no engine replica is ready yet" + (f" (one is broken: {broken[0]})" if broken else ""))
         # dispatching false: another JobQueue on the same store holds the dispatch lease (an upgrade
         # under way); jobs are accepted and wait for it to end.
         return {"status": "ready", "engines": len(ready), "dispatching": state.get("dispatching")}

@@ -211,10 +211,17 @@ class FakeQueueHandle:
     """The JobQueue handle an engine replica holds: ``claim`` answers from a script, the first
     ``unreachable`` calls fail as while the JobQueue replica restarts."""
 
-    def __init__(self, grant: bool, unreachable: int = 0) -> None:
+    def __init__(self, grant: bool, unreachable: int = 0, store_id: str | None = None) -> None:
         self.grant, self.unreachable, self.claims, self.outcomes = grant, unreachable, [], []
+        self.store_id = store_id  # None: the id of the engine's own data_dir (one shared volume)
         self.claim = _Remote(self._claim)
         self.report_outcome = _Remote(self._report_outcome)
+        self.data_dir_id = _Remote(self._data_dir_id)
+        self.reports = []
+        self.report_engine = _Remote(lambda replica_id, info: self.reports.append(info))
+
+    async def _data_dir_id(self):
+        return self.store_id
 
     async def _claim(self, job_id, attempt, replica_id, claimed_at):
         self.claims.append((job_id, attempt, replica_id))
@@ -242,8 +249,13 @@ def engine_replica(tmp_path, queue: FakeQueueHandle):
 
     from service.engine import EngineReplica
 
+    from service.data_dir import ensure_store_id
+
     replica = object.__new__(EngineReplica)
     replica.settings, replica.queue, replica.replica_id = make_settings(tmp_path), queue, "A"
+    if queue.store_id is None:
+        queue.store_id = ensure_store_id(replica.settings.data_dir)
+    replica.data_dir_ok = False
     replica.broken, replica.busy_job, replica.jobs_done = None, None, 0
     replica.recent, replica._pushes, replica.unpushed, replica.ran = OrderedDict(), set(), {}, []
 
@@ -382,3 +394,31 @@ def test_a_rank_that_dies_after_another_failed_does_not_make_the_job_run_again(t
     assert outcome["status"] == status and replica.broken
     if status == "failed":
         assert outcome["error"] == first["error"] and "then worker rank 1 died" in replica.broken
+
+
+def test_an_engine_that_does_not_see_the_jobqueues_data_dir_refuses_jobs(tmp_path):
+    """On several nodes data_dir must be one shared volume. A node-local path let every job run to its
+    end and then fail for "no video"; the engine now compares store ids first and takes no job."""
+    queue = FakeQueueHandle(grant=True, store_id="the JobQueue's store on another node")
+    replica = engine_replica(tmp_path, queue)
+    outcome = asyncio.run(replica.run({"id": "j1", "attempt": 1, "request": {}}))
+    assert outcome["status"] == "unavailable" and "is not the JobQueue's" in outcome["error"]
+    assert "every node mounts at the same path" in replica.broken
+    assert replica.ran == [] and queue.claims == []  # not even claimed: the job waits for a usable replica
+    with pytest.raises(RuntimeError, match="is not the JobQueue's"):
+        asyncio.run(replica.check_health())  # so Serve replaces it, and /readyz says why
+
+
+def test_data_dir_ids_agree_between_processes_racing_to_make_one(tmp_path):
+    import multiprocessing
+
+    from service.data_dir import data_dir_problem, ensure_store_id, read_store_id
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        ids = pool.map(ensure_store_id, [str(tmp_path)] * 8)
+    assert len(set(ids)) == 1 and read_store_id(tmp_path) == ids[0] == ensure_store_id(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store-id"]  # no temp file left
+    assert data_dir_problem(tmp_path, ids[0], "x") is None
+    assert "(it holds another job store)" in data_dir_problem(tmp_path, "some other id", "x")
+    assert "(it holds no job store)" in data_dir_problem(tmp_path / "elsewhere", ids[0], "x")

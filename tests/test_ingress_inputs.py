@@ -231,3 +231,13 @@ def test_an_image_the_workers_could_not_use_is_refused_at_submission(i2v_app, im
     else:
         assert response.status_code == 422 and "image" in field_of(response)
         assert problem in response.text
+
+
+def test_readyz_says_when_the_ingress_does_not_see_the_jobqueues_data_dir(app, tmp_path):
+    ingress = serve.get_replica_context().servable_object
+    response = app.client.get("/readyz")
+    assert response.status_code == 503 and "no engine replica is ready yet" in response.text  # none reported
+    ingress.settings = ingress.settings.model_copy(update={"data_dir": str(tmp_path / "node-local")})
+    response = app.client.get("/readyz")
+    assert response.status_code == 503
+    assert "this Ingress replica: data_dir" in response.text and "every node mounts" in response.text
