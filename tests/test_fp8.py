@@ -50,6 +50,28 @@ def test_fp8_linear_is_the_scaled_e4m3_product():
     assert 1e-4 < error < 0.06, error  # really quantized, and only by e4m3 rounding
 
 
+def test_a_float32_fp8_layer_adds_its_bias_itself(monkeypatch):
+    """CUDA's _scaled_mm refuses a bias with a float32 output ("Bias is not supported when out_dtype is
+    set to Float32"); the CPU one takes it, so the rule is enforced here as the GPU enforces it."""
+    real = torch._scaled_mm
+
+    def as_on_cuda(*args, bias=None, out_dtype=None, **kwargs):
+        if bias is not None and out_dtype == torch.float32:
+            raise RuntimeError("Bias is not supported when out_dtype is set to Float32")
+        return real(*args, bias=bias, out_dtype=out_dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", as_on_cuda)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16)
+    x = torch.randn(5, 32)
+    got = Fp8Linear(linear)(x)
+    assert got.dtype == torch.float32
+    assert rel(got, linear(x).detach()) < 0.06
+    torch.testing.assert_close(Fp8Linear(linear)(torch.zeros(1, 32))[0], linear.bias.detach(), rtol=0, atol=1e-6)
+    bf16 = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    assert Fp8Linear(bf16)(x.to(torch.bfloat16)).dtype == torch.bfloat16  # 16-bit keeps the fused bias
+
+
 def test_fp8_blocks_stay_close_to_exact_and_compile_the_same():
     model, inputs = tiny_model()
     torch.nn.init.normal_(model.head.head.weight, std=0.1)  # the head starts at zero: make the output non-trivial

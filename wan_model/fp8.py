@@ -60,8 +60,12 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x_q, x_scale = quantize_fp8(x.reshape(-1, self.in_features))
+        # On CUDA, _scaled_mm takes a bias only for a 16-bit output: a float32 model adds it afterwards.
+        fused_bias = self.bias if self.out_dtype != torch.float32 else None
         out = torch._scaled_mm(x_q, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.out_dtype)
+                               bias=fused_bias, out_dtype=self.out_dtype)
+        if self.bias is not None and fused_bias is None:
+            out = out + self.bias
         return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
