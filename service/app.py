@@ -16,7 +16,7 @@ from ray import serve
 from service.config import ServiceSettings
 from service.dispatcher import DRAIN_MARGIN_S, JobQueueService
 from service.engine import QUEUE_DEPLOYMENT, EngineReplica, engine_options
-from service.ingress import Ingress
+from service.ingress import INGRESS_OTHER_REQUESTS, Ingress
 from service.logs import serve_logging_config
 from service.webhooks import signing_key
 
@@ -41,7 +41,10 @@ def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.A
         graceful_shutdown_timeout_s=settings.drain_timeout_s + DRAIN_MARGIN_S,
     ).bind(plain, engine)
     ingress = serve.deployment(Ingress).options(
-        name="Ingress", max_ongoing_requests=200, ray_actor_options={"num_cpus": 0},
+        # Event streams stay open for a job's whole life: room for max_event_streams of them, and as
+        # many other requests beside.
+        name="Ingress", max_ongoing_requests=INGRESS_OTHER_REQUESTS + settings.max_event_streams,
+        ray_actor_options={"num_cpus": 0},
         logging_config=logging_config,
     ).bind(plain, queue)
     return ingress

@@ -85,6 +85,9 @@ def follow_job(client, job_id: str, *, quiet: bool = False, max_reconnects: int 
         for _ in range(max_reconnects + 1):
             try:
                 with client.stream("GET", f"/jobs/{job_id}/events", timeout=httpx.Timeout(30.0, read=60.0)) as r:
+                    if r.status_code == 429:  # the replica has as many streams open as it keeps: poll instead
+                        r.read()
+                        return _poll_job(client, job_id, bar, retry_s)
                     if r.status_code >= 400:  # 5xx: restarting, and waited out below
                         r.read()
                         if r.status_code < 500:
@@ -110,6 +113,17 @@ def follow_job(client, job_id: str, *, quiet: bool = False, max_reconnects: int 
                        f"{(last or {}).get('status')}")
     finally:
         bar.close()
+
+
+def _poll_job(client, job_id: str, bar, retry_s: float) -> dict:
+    """Follow a job by ``GET /jobs/{id}`` every ``retry_s`` until it ends (when no event stream is to be had)."""
+    while True:
+        view = _job_while_restarting(client, job_id, retry_s)
+        if view is not None:
+            _update_bar(bar, view)
+            if view["status"] in FINISHED:
+                return view
+            time.sleep(retry_s)
 
 
 def _job_while_restarting(client, job_id: str, retry_s: float) -> Optional[dict]:

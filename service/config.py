@@ -96,6 +96,10 @@ class ServiceSettings(BaseSettings):
     max_steps: int = Field(100, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Open GET /jobs/{id}/events streams per Ingress replica. Each lasts as long as its job (queue time
+    # included) and holds one of the replica's requests; past this, 429 (poll GET /jobs/{id} instead),
+    # so that submissions and status calls always find a free slot.
+    max_event_streams: int = Field(200, ge=1)
     max_attempts: int = Field(2, ge=1)  # a job that was running on a replica that died runs again once
     # Jobs each engine replica runs before it reports ready (the shapes users will ask for).
     warmup: list[WarmupShape] = Field(default_factory=list)

@@ -32,6 +32,7 @@ OPEN_ROUTES = {"/healthz", "/readyz"}
 SSE_POLL_S = 0.2
 MAX_OFFSET = 2**63 - 1
 SSE_KEEPALIVE_S = 15.0
+INGRESS_OTHER_REQUESTS = 200  # an Ingress replica's concurrent requests besides its event streams
 
 logger = logging.getLogger("ray.serve")
 
@@ -66,6 +67,7 @@ def _maybe_json(value: str) -> Any:
 class Ingress:
     def __init__(self, args: dict[str, Any], queue: Any):
         self.settings = ServiceSettings.coerce(args)
+        self.event_streams = 0  # GET /jobs/{id}/events streams open now
         self.queue = queue
         self.token = self.settings.resolved_auth_token()
         self.client_tokens = dict(self.settings.client_tokens)
@@ -248,10 +250,22 @@ class Ingress:
     async def events(self, job_id: str, request: Request):
         self._authorize(request)
         await self._job(job_id, request)
+        if self.event_streams >= self.settings.max_event_streams:
+            return _error(429, f"this replica already has {self.event_streams} event streams open "
+                               f"(max_event_streams); poll GET /jobs/{job_id} instead, or retry later",
+                          headers={"Retry-After": "10"})
         return StreamingResponse(self._event_stream(job_id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _event_stream(self, job_id: str, request: Request):
+        self.event_streams += 1  # counted once it runs: a stream never started is never ended either
+        try:
+            async for chunk in self._job_events(job_id, request):
+                yield chunk
+        finally:
+            self.event_streams -= 1
+
+    async def _job_events(self, job_id: str, request: Request):
         last: Optional[tuple] = None
         last_sent = time.monotonic()
         prefix = _prefix(request)

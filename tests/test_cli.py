@@ -227,6 +227,8 @@ class StubService:
         self.deletes = 0
         self.cancels = 0
         self.unavailable = 0  # GETs answered 503 (a restart) before the service is back
+        self.streams_full = False  # the events route answers 429 (max_event_streams reached)
+        self.polls = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -279,7 +281,13 @@ class StubService:
                     stub.unavailable -= 1
                     self._send(503, {"detail": "service unavailable"})
                     return
-                if self.path == "/jobs/job-1":
+                if self.path == "/jobs/job-1" and stub.streams_full:
+                    stub.polls += 1
+                    self._send(200, stub.view("running", stub.polls) if stub.polls < 3 else stub.view("succeeded", 4))
+                elif self.path == "/jobs/job-1/events" and stub.streams_full:
+                    stub.streams += 1
+                    self._send(429, {"detail": "this replica already has 200 event streams open"})
+                elif self.path == "/jobs/job-1":
                     still_running = stub.cut_first_stream and stub.streams == 1
                     self._send(200, stub.view("running", 1) if still_running else stub.view(stub.final_status, 4))
                 elif self.path == "/jobs/job-1/events":
@@ -381,6 +389,18 @@ def test_submit_wait_outlasts_a_service_restart(stub, tmp_path, monkeypatch, cap
                                "-q", "-o", str(out_file)], capsys)
     assert code == 0, err
     assert stub.restarted and stub.unavailable == 0 and out_file.read_bytes() == stub.VIDEO
+
+
+def test_submit_wait_polls_when_the_service_has_no_stream_to_spare(stub, tmp_path, monkeypatch, capsys):
+    from service import client as client_module
+
+    monkeypatch.setattr(client_module, "follow_job", functools.partial(client_module.follow_job, retry_s=0.05))
+    stub.streams_full = True
+    out_file = tmp_path / "out.mp4"
+    code, out, err = run_main(["submit", "--url", stub.url, "--token", stub.TOKEN, "--prompt", "a fox", "--wait",
+                               "-q", "-o", str(out_file)], capsys)
+    assert code == 0, err
+    assert stub.streams == 1 and stub.polls == 3 and out_file.read_bytes() == stub.VIDEO
 
 
 def test_submit_wait_on_a_failed_job_exits_1(stub, tmp_path, capsys):

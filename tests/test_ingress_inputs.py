@@ -241,3 +241,35 @@ def test_readyz_says_when_the_ingress_does_not_see_the_jobqueues_data_dir(app, t
     response = app.client.get("/readyz")
     assert response.status_code == 503
     assert "this Ingress replica: data_dir" in response.text and "every node mounts" in response.text
+
+
+def test_event_streams_past_the_cap_get_429_and_other_calls_still_answer(tmp_path, monkeypatch):
+    for app in serve_app(tmp_path, monkeypatch, max_event_streams=1):
+        ingress = serve.get_replica_context().servable_object
+        job_id = post(app, {"prompt": "x"}).json()["id"]  # stays queued: this JobQueue dispatches nothing
+        ingress.event_streams = 1  # one stream open (the test client cannot hold one open beside another call)
+        response = app.client.get(f"/jobs/{job_id}/events", headers=AUTH)
+        assert response.status_code == 429 and response.headers["retry-after"] == "10"
+        assert f"poll GET /jobs/{job_id}" in response.json()["detail"]
+        assert app.client.get(f"/jobs/{job_id}", headers=AUTH).status_code == 200
+        ingress.event_streams = 0
+        app.queue.cancel(job_id)
+        response = app.client.get(f"/jobs/{job_id}/events", headers=AUTH)
+        assert response.status_code == 200 and "event: end" in response.text
+        assert ingress.event_streams == 0  # the stream gave its place back
+
+        class Client:  # a request whose client stays
+            scope = {"root_path": ""}
+
+            async def is_disconnected(self):
+                return False
+
+        async def one_event_then_leave():
+            stream = ingress._event_stream(job_id, Client())
+            first = await stream.__anext__()
+            open_now = ingress.event_streams
+            await stream.aclose()
+            return first, open_now
+
+        first, open_now = asyncio.run(one_event_then_leave())
+        assert first.startswith("event: progress") and open_now == 1 and ingress.event_streams == 0
