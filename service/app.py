@@ -32,10 +32,13 @@ def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.A
     settings.warmup_requests("/")  # and on warm-up shapes the variant cannot make
     plain = settings.to_args()
     logging_config = serve_logging_config(settings.log_format)
+    control_plane = {"num_cpus": 0}
+    if settings.control_plane_resource:
+        control_plane["resources"] = {settings.control_plane_resource: 0.001}
     engine = serve.deployment(EngineReplica).options(
         **engine_options(settings), logging_config=logging_config).bind(plain)
     queue = serve.deployment(JobQueueService).options(
-        name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
+        name=QUEUE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000, ray_actor_options=control_plane,
         health_check_period_s=settings.health_check_period_s, logging_config=logging_config,
         # It outlives the engines' drain, to record the outcomes of the jobs they finish meanwhile.
         graceful_shutdown_timeout_s=settings.drain_timeout_s + DRAIN_MARGIN_S,
@@ -44,7 +47,6 @@ def build_app(args: "dict[str, Any] | ServiceSettings | None" = None) -> serve.A
         # Event streams stay open for a job's whole life: room for max_event_streams of them, and as
         # many other requests beside.
         name="Ingress", max_ongoing_requests=INGRESS_OTHER_REQUESTS + settings.max_event_streams,
-        ray_actor_options={"num_cpus": 0},
-        logging_config=logging_config,
+        ray_actor_options=control_plane, logging_config=logging_config,
     ).bind(plain, queue)
     return ingress

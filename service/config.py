@@ -126,6 +126,10 @@ class ServiceSettings(BaseSettings):
     # "json": every deployment and worker logs one JSON object per line, job lines with a
     # wanserve_job_id field (service/logs.py); "text" for people reading a terminal.
     log_format: Literal["text", "json"] = "text"
+    # A custom Ray resource only the head node has (KubeRay: rayStartParams resources on the head
+    # group): the Ingress and JobQueue replicas are placed where it is, not on GPU pods that the
+    # autoscaler removes. None: Serve places them anywhere.
+    control_plane_resource: Optional[str] = Field(None, min_length=1)
 
     @field_validator("variant")
     @classmethod

@@ -155,3 +155,17 @@ def test_readme_documents_every_setting():
     readme = (REPO_DIR / "README.md").read_text()
     missing = [name for name in ServiceSettings.model_fields if f"`{name}`" not in readme]
     assert missing == [], f"README.md's configuration reference lacks {missing}"
+
+
+def test_control_plane_resource_pins_the_ingress_and_jobqueue():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from service.app import build_app
+
+    built = serve_build(build_app({"control_plane_resource": "wanserve-head"}), name="wanserve")
+    options = {d.name: d.ray_actor_options for d in built.deployments}
+    for name in ("Ingress", "JobQueue"):
+        assert options[name]["resources"] == {"wanserve-head": 0.001} and options[name]["num_cpus"] == 0
+    assert "wanserve-head" not in (options["EngineReplica"] or {}).get("resources", {})
+    plain = {d.name: d.ray_actor_options for d in serve_build(build_app({}), name="wanserve").deployments}
+    assert "resources" not in plain["JobQueue"] or not plain["JobQueue"]["resources"]

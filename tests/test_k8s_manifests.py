@@ -4,6 +4,7 @@ deploy/serve_config.gpu.yaml's application."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def test_serve_config_v2_is_the_gpu_deploy_config(docs):
     embedded = yaml.safe_load(rayservice(docs)["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
     gpu = yaml.safe_load((REPO_DIR / "deploy" / "serve_config.gpu.yaml").read_text())
+    # The one difference: on KubeRay the Ingress and JobQueue are pinned to the head pod.
+    assert embedded["applications"][0]["args"].pop("control_plane_resource") == "wanserve-head"
     assert embedded == gpu
 
 
@@ -144,6 +147,10 @@ def test_cluster_layout(docs):
     assert cluster["authOptions"]["mode"] == "token"  # the Ray dashboard runs code: not open in the cluster
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
+    # The resource the Ingress and JobQueue ask for is on the head, and on no worker group.
+    head_resources = json.loads(json.loads(head["rayStartParams"]["resources"]))
+    assert head_resources.get(settings.control_plane_resource) == 1
+    assert all("resources" not in g["rayStartParams"] for g in cluster["workerGroupSpecs"])
     head_container = head["template"]["spec"]["containers"][0]
     assert 8000 in [p["containerPort"] for p in head_container["ports"]]
 
