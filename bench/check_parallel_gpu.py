@@ -157,7 +157,7 @@ def attention_checks(world, device, emit):
 
                 attention = state.attention(kernel=kernel)
                 local = [sharding.shard(x, 1) for x in (q, k, v)]
-                out, ms = timed(lambda: attention(*local, valid_len=length), device)
+                out, ms = timed(lambda parts=local: attention(*parts, valid_len=length), device)
                 full = sharding.gather(out, length, 1)
                 max_abs, rel = errors(full, ref)
                 flops = 4 * BATCH * HEADS * length * length * HEAD_DIM
