@@ -30,6 +30,9 @@ class WarmupShape(BaseModel):
     height: Optional[int] = None
     num_frames: Optional[int] = None
     steps: int = Field(2, ge=1)  # compiled code is the same for every step; two also run the sampler's second order
+    # 1: warm up the steps that run the conditional branch alone over every GPU (under CFG-parallel
+    # they have a layout, and so compiled graphs, of their own).
+    guidance: Optional[float] = Field(None, ge=0, le=100)
 
 
 class ServiceSettings(BaseSettings):

@@ -61,8 +61,9 @@ def test_cli_image_to_video(tmp_path_factory, tmp_path, capsys):
                  "tiny-ti2v", "--cache-dir", tiny_cache(tmp_path_factory), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     frames, *_ = read_video_pyav(str(out))
-    # No size given: the default area (64x64) in the 80x60 image's aspect ratio, sides multiples of 32.
-    assert frames.shape == (5, 32, 64, 3)
+    # No size given: TI2V takes the size within the default area (64x64), sides multiples of 32, whose
+    # ratio is the closest to the 80x60 image's (official best_output_size): 64x64, not 64x32.
+    assert frames.shape == (5, 64, 64, 3)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -42,6 +42,18 @@ IMAGE_CASES = {
 }
 
 
+# (model, layout, request): tiny-a14b with guidance (low 1, high 4): the high-noise steps run CFG-parallel,
+# the low-noise steps (guidance 1) the conditional branch alone over both ranks.
+GUIDANCE_CASES = {
+    "cfg2_guidance1": ("tiny-a14b", dict(parallel="manual", cfg_parallel=True), "guidance1_request"),
+}
+
+
+def guidance1_request(output_dir: str) -> GenerationRequest:
+    return GenerationRequest(prompt="a cat surfing a wave", output_dir=output_dir, steps=3, seed=11, width=48,
+                             height=48, num_frames=9, guidance=(1.0, 4.0))
+
+
 def image_request(output_dir: str) -> GenerationRequest:
     return GenerationRequest(prompt="a cat", output_dir=output_dir, image=png_bytes(), steps=2, seed=2, num_frames=5,
                              width=32, height=32)
@@ -54,12 +66,18 @@ def request(output_dir: str) -> GenerationRequest:
                              height=48, num_frames=9)
 
 
-def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict, image_cases: dict = {}) -> dict:
+def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict, image_cases: dict = {},
+                other_cases: dict = {}) -> dict:
     cases = {name: ("tiny-a14b", settings, request) for name, settings in layouts.items()}
     cases.update({name: (model, settings, image_request) for name, (model, settings) in image_cases.items()})
+    cases.update({name: (model, settings, globals()[make]) for name, (model, settings, make) in other_cases.items()})
     results = {}
     for name, (model, settings, make_request) in cases.items():
         generator = Generator(GeneratorConfig(model=model, cache_dir=cache, **settings))
+        ranks_per_call = []  # how many ranks split the sequence in each transformer call
+        for expert in generator.parts.experts.values():
+            expert.register_forward_pre_hook(lambda module, args: ranks_per_call.append(
+                (getattr(getattr(module.attention, "state", None), "sp_world", 1))))
         encoder, encodes = generator.parts.text_encoder, []
         if encoder is not None:  # a CPU text encoder is loaded on rank 0 only
             encode = encoder.encode_with_lengths
@@ -76,6 +94,7 @@ def run_layouts(rank: int, world_size: int, cache: str, out: str, layouts: dict,
             holds_vae=generator.parts.vae is not None,
             text_encodes=len(encodes),
             holds_text_encoder=encoder is not None,
+            ranks_per_call=ranks_per_call,
         )
     return results
 
@@ -94,7 +113,23 @@ def test_two_ranks_equal_one_rank_in_every_layout(tmp_path_factory, tmp_path):
         generator.generate(image_request(str(tmp_path / f"ref-{name}")))
         image_refs[name] = (generator.last_latents.numpy(), generator.last_frames)
 
-    ranks = run_ranks(run_layouts, 2, cache, str(tmp_path), LAYOUTS, IMAGE_CASES, timeout=400)
+    guidance_refs = {}
+    for name, (model, _, make) in GUIDANCE_CASES.items():
+        generator = Generator(GeneratorConfig(model=model, cache_dir=cache))
+        result = generator.generate(globals()[make](str(tmp_path / f"ref-{name}")))
+        guidance_refs[name] = (generator.last_latents.numpy(), result.experts_per_step)
+
+    ranks = run_ranks(run_layouts, 2, cache, str(tmp_path), LAYOUTS, IMAGE_CASES, GUIDANCE_CASES, timeout=400)
+    for name, (ref_lat, experts) in guidance_refs.items():
+        for rank in ranks:
+            np.testing.assert_allclose(rank[name]["latents"], ref_lat, rtol=0, atol=LATENT_ATOL, err_msg=name)
+        assert "cfg=2 ulysses=1 ring=1" in ranks[0][name]["layout"]
+        assert "guidance1=ulysses2xring1" in ranks[0][name]["layout"]
+        # Guidance 4 (high noise): one call per rank on its own CFG half (1 rank per sequence);
+        # guidance 1 (low noise): the conditional branch over both ranks (2 per sequence).
+        expected = [1 if expert == "high_noise" else 2 for expert in experts]
+        assert sorted(set(expected)) == [1, 2], experts  # the case exercises both
+        assert ranks[0][name]["ranks_per_call"] == expected and ranks[1][name]["ranks_per_call"] == expected
     for name, (ref_lat, ref_fr) in image_refs.items():
         for rank in ranks:
             np.testing.assert_allclose(rank[name]["latents"], ref_lat, rtol=0, atol=LATENT_ATOL, err_msg=name)

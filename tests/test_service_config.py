@@ -93,7 +93,9 @@ def test_warmup_shapes_are_checked_like_a_request_before_anything_starts(tmp_pat
 
     good = ServiceSettings(data_dir=str(tmp_path), warmup=[{"width": 16, "height": 16, "num_frames": 1}])
     (fields,) = good.warmup_requests(str(tmp_path))
-    assert fields["width"] == 16 and fields["steps"] == 2 and fields["prompt"]
+    assert fields["width"] == 16 and fields["steps"] == 2 and fields["prompt"] and "guidance" not in fields
+    distilled = ServiceSettings(data_dir=str(tmp_path), warmup=[{"guidance": 1}])
+    assert distilled.warmup_requests(str(tmp_path))[0]["guidance"] == 1.0  # the guidance-1 layout's graphs
     bad = ServiceSettings(data_dir=str(tmp_path), warmup=[{"width": 16}, {"width": 16, "num_frames": 6}])
     with pytest.raises(ValueError, match=r"warmup\[1\].*num_frames"):
         build_app(bad)

@@ -6,6 +6,7 @@ step, and the same collectives, so sequence parallelism and FSDP inside the mode
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -63,6 +64,23 @@ class CfgSplit:
 
     group: Optional[dist.ProcessGroup] = None
     half: int = 0  # 0: cond, 1: uncond
+    # A step with guidance 1 runs the conditional branch alone, and both halves would run the same
+    # pass on half the GPUs each. ``whole_world`` is a (sharding, attention) pair over every rank
+    # that such a step switches the model to; ``split`` is the pair to switch back to.
+    whole_world: Optional[tuple] = None
+    split: Optional[tuple] = None
+
+    @contextmanager
+    def conditional_alone(self, model):
+        """Run the conditional branch alone over every rank (when CFG-parallel has a whole-world layout)."""
+        if self.whole_world is None:
+            yield
+            return
+        model.set_parallel(*self.whole_world)
+        try:
+            yield
+        finally:
+            model.set_parallel(*self.split)
 
 
 @dataclass
@@ -151,8 +169,10 @@ def denoise(
 
         with torch.no_grad():
             if scale == 1.0:
-                # Guidance 1 is the conditional prediction alone: skip the unconditional pass.
-                velocity = run(cond)
+                # Guidance 1 is the conditional prediction alone: skip the unconditional pass, and
+                # under CFG-parallel split the one pass over every rank.
+                with cfg.conditional_alone(model):
+                    velocity = run(cond)
             elif cfg.group is None:
                 if uncond is None:
                     raise ValueError(f"guidance {scale} != 1 needs the unconditional branch")

@@ -199,7 +199,8 @@ class Generator:
                 f"device={self.device.type} compile={'on' if self.config.compile else 'off'} "
                 f"step_cache={'off' if self.config.step_cache is None else self.config.step_cache} "
                 f"fp8={'on' if self.config.fp8 else 'off'} head_chunks={lay.head_chunks} "
-                f"vae={'rows' if self.split_vae else 'rank0'}")
+                f"vae={'rows' if self.split_vae else 'rank0'}"
+                + (f" guidance1=ulysses{lay.whole_world.ulysses}xring{lay.whole_world.ring}" if lay.whole_world else ""))
 
     def validate(self, request: GenerationRequest) -> ResolvedJob:
         """Check ``request`` against this model; raises ``InvalidRequest`` (no compute done)."""

@@ -19,6 +19,7 @@ class Layout:
     attention: AttentionBackend
     cfg_split: CfgSplit
     state: object = None  # wan_model.parallel.ParallelState, when distributed
+    whole_world: object = None  # the ParallelConfig of steps with guidance 1 under CFG-parallel (CfgSplit)
 
     @property
     def head_chunks(self) -> int:
@@ -27,6 +28,8 @@ class Layout:
 
     def attention_name(self) -> str:
         ran = getattr(self.attention, "kernel_name", None)  # the kernel that ran last, once known
+        if not ran and self.cfg_split.whole_world is not None:  # every step so far had guidance 1
+            ran = getattr(self.cfg_split.whole_world[1], "kernel_name", None)
         if ran:
             return ran
         kernel = getattr(self.attention, "kernel", None)
@@ -84,17 +87,28 @@ def setup_layout(config, variant: VariantSpec, world_size: int, distributed: boo
         return Layout(1, 1, 1, SequenceSharding(), LocalAttention(kernel=config.attention), CfgSplit())
     if not distributed:
         raise RuntimeError(f"world size {world_size} needs an initialized process group")
-    from wan_model.parallel import setup_sequence_parallel
+    from wan_model.parallel import pick_parallel_degrees, setup_sequence_parallel
 
     degrees = choose_degrees(config, variant, world_size)
-    state = setup_sequence_parallel(degrees)
-    cfg_split = CfgSplit(group=state.cfg_group, half=state.cfg_rank) if degrees.cfg_parallel > 1 else CfgSplit()
     kernel = "auto" if config.attention == "sdpa" else config.attention
+    whole = None
+    if degrees.cfg_parallel > 1:
+        # Steps with guidance 1 (distilled models and LoRAs, an A14B expert without guidance) have one
+        # branch to run: over every rank, not twice on half of them. Made first, so that yunchang's
+        # global groups end up those of the main layout.
+        whole_degrees = pick_parallel_degrees(world_size, variant.transformer.num_heads, cfg_parallel=False)
+        whole = setup_sequence_parallel(whole_degrees)
+    state = setup_sequence_parallel(degrees)
+    cfg_split = CfgSplit()
     # Head groups overlap the all-to-alls only in Ulysses-only layouts; elsewhere there is nothing to overlap.
     head_chunks = config.head_chunks if degrees.ulysses > 1 and degrees.ring == 1 else 1
     if head_chunks > 1:
         from wan_model.parallel.ulysses_overlap import check_head_chunks
 
         check_head_chunks(variant.transformer.num_heads, degrees.ulysses, head_chunks)
-    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, state.sharding(),
-                  state.attention(kernel=kernel, head_chunks=head_chunks), cfg_split, state)
+    sharding, attention = state.sharding(), state.attention(kernel=kernel, head_chunks=head_chunks)
+    if whole is not None:
+        cfg_split = CfgSplit(group=state.cfg_group, half=state.cfg_rank, split=(sharding, attention),
+                             whole_world=(whole.sharding(), whole.attention(kernel=kernel)))
+    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, sharding, attention, cfg_split, state,
+                  whole_world=whole.config if whole is not None else None)
