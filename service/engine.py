@@ -69,6 +69,7 @@ class EngineReplica:
         # instead of re-queueing the job as if no engine had run it.
         self.unpushed: dict[str, dict[str, Any]] = {}
         self.data_dir_ok = False  # data_dir checked against the JobQueue's (_check_data_dir)
+        self._data_dir_check: Optional[asyncio.Task] = None  # the check under way from a health check
         started = time.monotonic()
         context = serve.get_replica_context()
         self.app_name = context.app_name
@@ -179,7 +180,10 @@ class EngineReplica:
             self.data_dir_ok = True
 
     async def check_health(self) -> None:
-        await self._check_data_dir()
+        # The data_dir check asks the JobQueue, which may be slow or restarting: never inside the
+        # health check's time limit. A broken verdict shows at the next check.
+        if not self.data_dir_ok and (self._data_dir_check is None or self._data_dir_check.done()):
+            self._data_dir_check = asyncio.get_running_loop().create_task(self._check_data_dir())
         if self.broken:
             # Tell the queue now: otherwise /readyz and /models count this replica until its report is stale.
             self._report({"ready": False})

@@ -255,7 +255,7 @@ def engine_replica(tmp_path, queue: FakeQueueHandle):
     replica.settings, replica.queue, replica.replica_id = make_settings(tmp_path), queue, "A"
     if queue.store_id is None:
         queue.store_id = ensure_store_id(replica.settings.data_dir)
-    replica.data_dir_ok = False
+    replica.data_dir_ok, replica._data_dir_check = False, None
     replica.broken, replica.busy_job, replica.jobs_done = None, None, 0
     replica.recent, replica._pushes, replica.unpushed, replica.ran = OrderedDict(), set(), {}, []
 
@@ -407,6 +407,34 @@ def test_an_engine_that_does_not_see_the_jobqueues_data_dir_refuses_jobs(tmp_pat
     assert replica.ran == [] and queue.claims == []  # not even claimed: the job waits for a usable replica
     with pytest.raises(RuntimeError, match="is not the JobQueue's"):
         asyncio.run(replica.check_health())  # so Serve replaces it, and /readyz says why
+
+
+def test_the_data_dir_check_never_holds_up_a_health_check(tmp_path):
+    """The JobQueue may be slow to answer (starting, draining): the health check must not wait for it,
+    or Serve kills a healthy replica whose check ran past health_check_timeout_s."""
+    queue = FakeQueueHandle(grant=True, store_id="another node's store")
+    answered = asyncio.Event()
+
+    async def slow_id():
+        await answered.wait()
+        return queue.store_id
+
+    queue.data_dir_id = _Remote(slow_id)
+    replica = engine_replica(tmp_path, queue)
+    replica.workers = []
+
+    async def scenario():
+        await asyncio.wait_for(replica.check_health(), 1.0)  # returns although the JobQueue has not answered
+        assert replica.broken is None
+        answered.set()
+        await asyncio.wait_for(replica._data_dir_check, 1.0)
+        with pytest.raises(RuntimeError, match="is not the JobQueue's"):
+            await replica.check_health()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        replica.workers = []
 
 
 def test_data_dir_ids_agree_between_processes_racing_to_make_one(tmp_path):
