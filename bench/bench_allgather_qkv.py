@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ranks import enable_symmetric_memory, finish_ranks, join_group, spawn_ranks
+from ranks import enable_symmetric_memory, finish_ranks, join_group, spawn_ranks, time_blocks
 
 DIM, TOKENS = 5120, 75600  # 14B 720p
 
@@ -124,18 +122,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
 
     order = ("gemms", "ulysses", "gathered_gemms", "ag_nccl", "ag_fused", "ulysses", "ag_fused")
     for how in order:
-        times = []
-        for i in range(args.warmup + args.iters):
-            dist.barrier()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.blocks):
-                block(how)
-            torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append((time.perf_counter() - start) / args.blocks)
-        emit(kind="per_block", how=how, median_ms=round(statistics.median(times) * 1e3, 3),
-             spread_ms=round((max(times) - min(times)) * 1e3, 3))
+        emit(kind="per_block", how=how,
+             **time_blocks(lambda: block(how), args.blocks, args.warmup, args.iters))
     finish_ranks(rank, rows, out_file)
 
 

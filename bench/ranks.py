@@ -3,7 +3,9 @@ symmetric memory."""
 from __future__ import annotations
 
 import socket
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -65,3 +67,20 @@ def finish_ranks(rank: int, rows: list[dict], out_file: str) -> None:
                 f.write(json.dumps(row) + "\n")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def time_blocks(step: Callable[[], None], blocks: int, warmup: int, iters: int) -> dict:
+    """Median and spread (ms) of one ``step``, timed ``blocks`` in a row after every rank has lined up
+    (barrier + synchronize), ``warmup`` timings dropped, ``iters`` kept."""
+    times = []
+    for i in range(warmup + iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(blocks):
+            step()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) / blocks)
+    return {"median_ms": round(statistics.median(times) * 1e3, 3),
+            "spread_ms": round((max(times) - min(times)) * 1e3, 3)}
