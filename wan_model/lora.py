@@ -373,13 +373,12 @@ def _is_peft_folder(path: str) -> bool:
 
 def expert_lora_files(path: str, variant: VariantSpec) -> dict[str, str]:
     """expert -> LoRA file or PEFT folder (``adapter_config.json`` + weights: its ``lora_alpha`` is
-    read there); raises ``ValueError`` naming the problem. Only safetensors files are read. A file or PEFT folder applies to every expert; any other folder holds one per A14B
-    expert (its name contains the expert name, e.g. ``high_noise_model.safetensors``)."""
-    if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            raise ValueError(f"LoRA file {os.path.basename(path)} is not a .safetensors file (the only format read)")
-        return {name: path for name in variant.experts}
-    if _is_peft_folder(path):
+    read there); raises ``ValueError`` naming the problem. Only safetensors files are read. A file or
+    PEFT folder applies to every expert; any other folder holds one per A14B expert (its name contains
+    the expert name, e.g. ``high_noise_model.safetensors``)."""
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        raise ValueError(f"LoRA file {os.path.basename(path)} is not a .safetensors file (the only format read)")
+    if os.path.isfile(path) or _is_peft_folder(path):
         return {name: path for name in variant.experts}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") or _is_peft_folder(os.path.join(path, f)))
     if not variant.is_moe:

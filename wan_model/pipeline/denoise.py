@@ -66,9 +66,8 @@ class CfgSplit:
     half: int = 0  # 0: cond, 1: uncond
     # A step with guidance 1 runs the conditional branch alone, and both halves would run the same
     # pass on half the GPUs each. ``whole_world`` is a (sharding, attention) pair over every rank
-    # that such a step switches the model to; ``split`` is the pair to switch back to.
+    # that such a step switches the model to.
     whole_world: Optional[tuple] = None
-    split: Optional[tuple] = None
 
     @contextmanager
     def conditional_alone(self, model):
@@ -76,11 +75,12 @@ class CfgSplit:
         if self.whole_world is None:
             yield
             return
+        split = (model.sharding, model.attention)
         model.set_parallel(*self.whole_world)
         try:
             yield
         finally:
-            model.set_parallel(*self.split)
+            model.set_parallel(*split)
 
 
 @dataclass

@@ -19,7 +19,13 @@ class Layout:
     attention: AttentionBackend
     cfg_split: CfgSplit
     state: object = None  # wan_model.parallel.ParallelState, when distributed
-    whole_world: object = None  # the ParallelConfig of steps with guidance 1 under CFG-parallel (CfgSplit)
+
+    @property
+    def whole_world(self):
+        """The ``ParallelConfig`` that steps with guidance 1 run under CFG-parallel, or None."""
+        if self.cfg_split.whole_world is None:
+            return None
+        return self.cfg_split.whole_world[1].state.config
 
     @property
     def head_chunks(self) -> int:
@@ -99,16 +105,15 @@ def setup_layout(config, variant: VariantSpec, world_size: int, distributed: boo
         whole_degrees = pick_parallel_degrees(world_size, variant.transformer.num_heads, cfg_parallel=False)
         whole = setup_sequence_parallel(whole_degrees)
     state = setup_sequence_parallel(degrees)
-    cfg_split = CfgSplit()
     # Head groups overlap the all-to-alls only in Ulysses-only layouts; elsewhere there is nothing to overlap.
     head_chunks = config.head_chunks if degrees.ulysses > 1 and degrees.ring == 1 else 1
     if head_chunks > 1:
         from wan_model.parallel.ulysses_overlap import check_head_chunks
 
         check_head_chunks(variant.transformer.num_heads, degrees.ulysses, head_chunks)
-    sharding, attention = state.sharding(), state.attention(kernel=kernel, head_chunks=head_chunks)
+    cfg_split = CfgSplit()
     if whole is not None:
-        cfg_split = CfgSplit(group=state.cfg_group, half=state.cfg_rank, split=(sharding, attention),
+        cfg_split = CfgSplit(group=state.cfg_group, half=state.cfg_rank,
                              whole_world=(whole.sharding(), whole.attention(kernel=kernel)))
-    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, sharding, attention, cfg_split, state,
-                  whole_world=whole.config if whole is not None else None)
+    return Layout(degrees.ulysses, degrees.ring, degrees.cfg_parallel, state.sharding(),
+                  state.attention(kernel=kernel, head_chunks=head_chunks), cfg_split, state)

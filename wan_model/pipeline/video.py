@@ -46,8 +46,8 @@ def mp4_encoder() -> str:
     """Which H.264 encoder ``write_mp4`` uses here: ``"imageio-ffmpeg"`` (preferred) or ``"pyav"``.
 
     Both write the same format (H.264, yuv420p BT.709 limited range, tagged so, crf 18, x264 preset
-    ``veryfast``); the name is
-    reported with each result so a run says which one ran. Raises when neither is installed.
+    ``veryfast``); the name is reported with each result so a run says which one ran. Raises when
+    neither is installed.
     """
     import importlib.util
 
