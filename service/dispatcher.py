@@ -304,7 +304,7 @@ class JobQueueService:
                 # The replica waits for Serve to replace it. Wait before re-queueing (the job still
                 # running and in flight), or the loop would send it straight back to the same replica.
                 await asyncio.sleep(1.0)
-            self._apply_outcome(job_id, outcome)
+            self._apply_outcome(job_id, outcome, engine_job["attempt"])
         except Exception:  # noqa: BLE001
             log.exception("dispatch error")
             self.queue.requeue(job_id, "dispatch error")
@@ -341,11 +341,21 @@ class JobQueueService:
     async def _call_engine(self, engine_job: dict[str, Any]) -> dict[str, Any]:
         return await self.engine.run.remote(engine_job)
 
-    def _apply_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:
-        """Record the engine's outcome, then log what the job became (from the record: it is the truth)."""
+    def _apply_outcome(self, job_id: str, outcome: dict[str, Any], attempt: Optional[int] = None) -> None:
+        """Record the engine's outcome, then log what the job became (from the record: it is the truth).
+        ``attempt``: the dispatch the outcome answers, when this replica sent it."""
         status = outcome["status"]
-        if status == "superseded":  # the engine did not run this dispatch: the job's record is not its to touch
-            job_log(logger, job_id).info("engine did not run this dispatch: %s", outcome.get("error"))
+        if status == "superseded" and attempt is None:
+            job_log(logger, job_id).info("engine did not run a dispatch: %s", outcome.get("error"))
+            return
+        if status == "superseded":
+            # The engine did not run this dispatch. If the dispatch is still the job's current one (the
+            # engine could not reach this JobQueue to claim it), nobody runs the job: queue it again,
+            # without counting the attempt. Otherwise the record belongs to a later dispatch.
+            job = self.queue.requeue(job_id, f"engine did not start it: {outcome.get('error')}",
+                                     count_attempt=False, attempt=attempt)
+            job_log(logger, job_id).warning("engine did not run this dispatch (%s); job is %s",
+                                            outcome.get("error"), job["status"], extra={"status": job["status"]})
             return
         record_outcome(self.queue, self.retention, job_id, outcome)
         job = self.queue.get(job_id) or {}

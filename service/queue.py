@@ -327,14 +327,16 @@ class JobQueue:
                 self._db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
             return self._to_dict(self._require(job_id))
 
-    def requeue(self, job_id: str, reason: str, *, count_attempt: bool = True) -> dict[str, Any]:
+    def requeue(self, job_id: str, reason: str, *, count_attempt: bool = True,
+                attempt: Optional[int] = None) -> dict[str, Any]:
         """A running job whose replica failed goes back to the queue, or fails once out of attempts.
 
         ``count_attempt=False`` when the job never started (the replica was unavailable).
+        ``attempt``: only if that dispatch is still the job's current one (else nothing changes).
         """
         with self._tx():
             row = self._require(job_id)
-            if row["status"] != RUNNING:
+            if row["status"] != RUNNING or (attempt is not None and row["attempts"] != attempt):
                 return self._to_dict(row)
             now = time.time()
             attempts = row["attempts"] if count_attempt else max(0, row["attempts"] - 1)

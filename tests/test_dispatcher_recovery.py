@@ -198,13 +198,40 @@ def test_an_orphan_requeued_before_its_claim_is_refused_there(tmp_path):
     assert asyncio.run(scenario()) is False
 
 
-def test_a_superseded_outcome_leaves_the_job_as_it_is(tmp_path):
+def test_a_superseded_outcome_of_an_old_dispatch_leaves_the_job_as_it_is(tmp_path):
     svc, _, _ = service(tmp_path)
     job_id = svc.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
-    before = svc.queue.mark_running(job_id)
-    svc._apply_outcome(job_id, {"status": "superseded", "error": "attempt 1 is no longer current"})
+    svc.queue.mark_running(job_id)
+    svc.queue.requeue(job_id, "replica died")
+    before = svc.queue.mark_running(job_id)  # attempt 2 now runs elsewhere
+    svc._apply_outcome(job_id, {"status": "superseded", "error": "attempt 1 is no longer current"}, 1)
+    svc._apply_outcome(job_id, {"status": "superseded", "error": "pushed, of no dispatch of ours"})
     after = svc.queue.get(job_id)
-    assert (after["status"], after["attempts"], after["error"]) == ("running", 1, before["error"])
+    assert (after["status"], after["attempts"], after["error"]) == ("running", 2, before["error"])
+
+
+def test_a_dispatch_whose_engine_could_not_claim_it_is_queued_again(tmp_path):
+    """The engine could not reach this JobQueue to claim the dispatch and did not run it, while the
+    dispatch is still the job's current one: no one runs the job, so it must not stay running."""
+    svc, engine, _ = service(tmp_path)
+    job_id = svc.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+    job = svc.queue.mark_running(job_id)
+
+    async def unclaimed(engine_job: dict) -> dict:
+        engine.sent.append(engine_job["id"])
+        return {"status": "superseded", "error": "the JobQueue could not be reached for 120 s to claim the job"}
+
+    svc._call_engine = unclaimed
+
+    async def scenario():
+        svc.inflight[job_id] = asyncio.current_task()
+        await svc._run(job)
+        return svc.queue.get(job_id)  # before the dispatcher, woken, sends it out again
+
+    after = asyncio.run(scenario())
+    assert engine.sent == [job_id]
+    # queued again, and the attempt the engine never started is not counted
+    assert (after["status"], after["attempts"]) == ("queued", 0) and "could not be reached" in after["error"]
 
 
 class FakeQueueHandle:
