@@ -206,6 +206,8 @@ def _print_outcome(view: dict) -> None:
         took = f" in {total:.1f} s" if isinstance(total, (int, float)) else ""
         print(f"job {view['id']} succeeded{took}: {result.get('width')}x{result.get('height')}, "
               f"{result.get('num_frames')} frames; video at {result.get('video_url')}", file=sys.stderr)
+        for notice in result.get("warnings") or []:
+            print(f"warning: {notice}", file=sys.stderr)
     else:
         print(f"job {view['id']} {view['status']}: {view.get('error') or ''}".rstrip(": "), file=sys.stderr)
 

@@ -27,6 +27,7 @@ def job_view(job: dict[str, Any], result_ttl_s: float, base: str = "") -> dict[s
             "size_bytes": job["result_bytes"],
             "expires_at": expires_at(job, result_ttl_s),
             **{k: result.get(k) for k in ("width", "height", "num_frames", "fps", "seed", "layout", "encoder")},
+            "warnings": result.get("warnings") or [],
         }
         if deleted:
             view["result"].update(deleted_at=job["files_deleted_at"], deleted_reason=job["files_deleted_reason"])

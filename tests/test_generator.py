@@ -276,6 +276,21 @@ def test_guidance_one_skips_the_unconditional_pass(t2v, tmp_path):
         recorder.close()
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_reported(t2v, tmp_path):
+    limit = t2v.parts.text_encoder.text_len
+    long = "a red fox runs through deep snow under a pale sky " * (limit // 4)
+    result = t2v.generate(GenerationRequest(prompt=long, negative_prompt=long, output_dir=str(tmp_path / "long"),
+                                            steps=1, **SMALL))
+    fields = [w.split(" ")[0] for w in result.warnings]
+    assert fields == ["prompt", "negative_prompt"] and f"only the first {limit}" in result.warnings[0]
+    # a negative prompt that guidance 1 never encodes is not reported; a short prompt gets no warning
+    result = t2v.generate(GenerationRequest(prompt=long, negative_prompt=long, guidance=1.0,
+                                            output_dir=str(tmp_path / "g1"), steps=1, **SMALL))
+    assert [w.split(" ")[0] for w in result.warnings] == ["prompt"]
+    result = t2v.generate(GenerationRequest(prompt="a fox", output_dir=str(tmp_path / "short"), steps=1, **SMALL))
+    assert result.warnings == []
+
+
 def test_lightning_preset_fields_run_euler_without_cfg(t2v, tmp_path):
     from wan_model.pipeline.schedulers import LIGHTNING_PRESET
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 import zlib
 
@@ -64,6 +65,7 @@ def test_submit_poll_and_download_playable_mp4(service, finished_job):
     assert len(job["timings"]["step_s"]) == 3 and job["timings"]["total"] > 0
     assert job["result"]["layout"].startswith("world=2")
     assert job["result"]["encoder"] in ("imageio-ffmpeg", "pyav")
+    assert job["result"]["warnings"] == []
 
     video = service.get(job["result"]["video_url"])
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
@@ -79,6 +81,17 @@ def test_submit_poll_and_download_playable_mp4(service, finished_job):
 
     preview = service.get(job["result"]["preview_url"])
     assert preview.status_code == 200 and preview.content.startswith(b"\x89PNG")
+
+
+def test_a_prompt_cut_by_the_text_encoder_is_reported_in_the_result(service):
+    prompt = "a red fox runs through deep snow under a pale sky " * 60  # 3,000 characters, > 512 tokens
+    r = service.post("/generate", json={"prompt": prompt, "steps": 1, "guidance": 1.0, "seed": 1})
+    assert r.status_code == 202, r.text
+    job = wait_status(service, r.json()["id"], ("succeeded", "failed", "cancelled"), timeout_s=60)
+    assert job["status"] == "succeeded", job
+    (warning,) = job["result"]["warnings"]
+    tokens = re.fullmatch(r"prompt is (\d+) tokens; the text encoder reads only the first 512, .*", warning)
+    assert tokens and int(tokens.group(1)) > 512, warning
 
 
 def test_events_stream_ends_with_the_final_state(service, finished_job):

@@ -66,6 +66,15 @@ def test_long_prompt_is_truncated_to_text_len(tiny_dirs):
     assert out.shape == (1, 16, 32) and lengths.tolist() == [16]
 
 
+def test_token_counts_are_taken_before_truncation(tiny_dirs):
+    enc = _load(tiny_dirs["diffusers"], text_len=16)
+    long, short = "the quick brown fox jumps over the lazy dog " * 20, "a fox"
+    counts = enc.token_counts([long, short])
+    assert counts[0] > 16
+    # the short prompt: as many tokens as encode keeps (nothing is cut from it)
+    assert counts[1] == enc.encode_with_lengths([short])[1].item() < 16
+
+
 def test_key_mapping_round_trip_and_official_names(tiny_dirs):
     state = torch.load(tiny_dirs["official"].text_encoder, weights_only=True)
     # Names of official wan/modules/t5.py (T5Encoder with shared_pos=False).

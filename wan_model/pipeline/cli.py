@@ -272,6 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"preview {result.preview_path}")
         print(f"layout: {result.layout}")
         print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if isinstance(v, float)))
+        for notice in result.warnings:
+            print(f"warning: {notice}", file=sys.stderr)
     return 0
 
 

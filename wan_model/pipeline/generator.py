@@ -7,6 +7,7 @@ See ``docs/DESIGN.md``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -24,6 +25,8 @@ from .request import GenerationRequest, GenerationResult, InvalidRequest, JobCan
 from .schedulers import make_sampler
 from .validation import ResolvedJob, resolve_request
 from .video import frames_to_uint8, mp4_encoder, write_mp4, write_png
+
+logger = logging.getLogger(__name__)
 
 # Official ``sample_neg_prompt`` (wan/configs/shared_config.py), used when the request gives none.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -226,6 +229,7 @@ class Generator:
             stage("text_encode")
             start = time.perf_counter()
             cond, uncond = self._encode_text(job)
+            notices = self._prompt_notices(job) if self.rank == 0 else []
             self._sync()
             timings["text_encode"] = time.perf_counter() - start
 
@@ -284,6 +288,7 @@ class Generator:
         result.timings = timings
         result.experts_per_step = list(outcome.experts_per_step) if self.variant.is_moe else []
         result.layout = self.layout_string()
+        result.warnings = notices
         return result
 
     # --- stages --------------------------------------------------------------------------------
@@ -304,6 +309,23 @@ class Generator:
         cond = Branch(context=context[:1])
         uncond = Branch(context=context[1:2]) if needs_uncond else None
         return cond, uncond
+
+    def _prompt_notices(self, job: ResolvedJob) -> list[str]:
+        """Say when a prompt is longer than the text encoder reads: official Wan cuts it to 512 tokens
+        without a word, and the end of a long prompt then has no effect on the video."""
+        encoder = self.parts.text_encoder
+        if encoder is None:
+            return []
+        named = [("prompt", job.prompt)]
+        if job.negative_prompt.strip() and any(scale != 1.0 for scale in job.guidance.values()):
+            named.append(("negative_prompt", job.negative_prompt))
+        notices = []
+        for (field_name, text), count in zip(named, encoder.token_counts([text for _, text in named])):
+            if count > encoder.text_len:
+                notices.append(f"{field_name} is {count} tokens; the text encoder reads only the first "
+                               f"{encoder.text_len}, so the rest does not shape the video")
+                logger.warning("%s", notices[-1])
+        return notices
 
     def _encode_here(self, prompts: list[str]) -> torch.Tensor:
         encoder = self.parts.text_encoder

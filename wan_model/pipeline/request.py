@@ -57,6 +57,8 @@ class GenerationResult:
     experts_per_step: list = field(default_factory=list)  # which expert ran each step (A14B)
     layout: str = ""  # e.g. "world=4 cfg=2 ulysses=2 ring=1 fsdp=off attention=cudnn"
     encoder: str = ""  # which H.264 encoder wrote the MP4 ("imageio-ffmpeg" or "pyav")
+    # What the user should know about how the request was run, e.g. a prompt cut to the encoder's length.
+    warnings: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -226,6 +226,13 @@ class TextEncoder:
                                truncation=True, add_special_tokens=True, return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Each prompt's token count before truncation (with the end token), as ``tokenize`` cleans it.
+        ``encode`` reads at most ``text_len`` of them, as official Wan does."""
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], add_special_tokens=True, truncation=False,
+                               verbose=False)  # no "longer than the maximum" warning: the caller says it
+        return [len(ids) for ids in batch["input_ids"]]
+
     @torch.no_grad()
     def encode_with_lengths(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(context [B, text_len, dim], lengths [B])``: zeros from position ``lengths[b]`` on."""
