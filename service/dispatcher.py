@@ -270,8 +270,11 @@ class JobQueueService:
         if req.get("guidance") is not None:
             g = req["guidance"]
             fields["guidance"] = tuple(g) if isinstance(g, list) else g
-        if req.get("image"):
-            fields["image"] = base64.b64decode(req["image"])
+        if req.get("image_info") or req.get("image") or req.get("image_deleted"):
+            image = self.queue.image(job["id"])
+            if image is None:
+                raise ValueError("its input image is no longer stored")
+            fields["image"] = base64.b64decode(image)
         if req.get("lora"):
             fields["lora"] = str(resolve_lora(self.settings.lora_dir, req["lora"]["name"]))
             fields["lora_scale"] = float(req["lora"].get("scale", 1.0))

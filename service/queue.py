@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from service.queue_schema import create_or_migrate
+from service.queue_schema import create_or_migrate, image_info
 from service.store_journal import set_journal
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -112,6 +112,9 @@ class JobQueue:
         # are written a few times a second at most, so the fsyncs cost nothing that matters.
         self._db.execute("PRAGMA synchronous=FULL")
         create_or_migrate(self._db)
+        # Every column but the input image: a job is read many times a second (views, event streams,
+        # lists), its image only when it is dispatched (``image``).
+        self._columns = ", ".join(r[1] for r in self._db.execute("PRAGMA table_info(jobs)") if r[1] != "image")
 
     def close(self) -> None:
         with self._lock:
@@ -123,7 +126,7 @@ class JobQueue:
         return _Transaction(self)
 
     def _row(self, job_id: str) -> Optional[sqlite3.Row]:
-        return self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._db.execute(f"SELECT {self._columns} FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
     def _require(self, job_id: str) -> sqlite3.Row:
         row = self._row(job_id)
@@ -170,12 +173,17 @@ class JobQueue:
         given_key = idempotency_key
         if idempotency_key and owner is not None:
             idempotency_key = f"{owner}\x1f{idempotency_key}"
-        payload = json.dumps(request)
+        stored = dict(request)
+        image = stored.pop("image", None) or None
+        if image is not None:
+            stored["image_info"] = image_info(image)
+        payload = json.dumps(stored)
         if idempotency_key and fingerprint is None:
             fingerprint = request_fingerprint(request)
         with self._tx():
             if idempotency_key:
-                row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                row = self._db.execute(f"SELECT {self._columns} FROM jobs WHERE idempotency_key = ?",
+                                       (idempotency_key,)).fetchone()
                 if row is not None:
                     if row["request_fingerprint"] is not None and row["request_fingerprint"] != fingerprint:
                         raise IdempotencyKeyReused(given_key, row["id"])
@@ -193,9 +201,10 @@ class JobQueue:
             job_id = new_job_id()
             self._db.execute(
                 "INSERT INTO jobs (id, status, priority, request, idempotency_key, created_at, updated_at, owner, "
-                "request_fingerprint, webhook_url, webhook_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "request_fingerprint, webhook_url, webhook_status, image) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, QUEUED, priority, payload, idempotency_key, now, now, owner,
-                 fingerprint if idempotency_key else None, webhook_url, WEBHOOK_PENDING if webhook_url else None),
+                 fingerprint if idempotency_key else None, webhook_url, WEBHOOK_PENDING if webhook_url else None,
+                 image),
             )
             return self._to_dict(self._require(job_id)), True
 
@@ -211,6 +220,17 @@ class JobQueue:
             row = self._row(job_id)
             return None if row is None else self._to_dict(row)
 
+    def image(self, job_id: str) -> Optional[str]:
+        """The job's input image (base64), or None: it has none, or it was deleted with the results."""
+        with self._lock:
+            row = self._db.execute("SELECT image, request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        if row["image"] is not None:
+            return row["image"]
+        legacy = json.loads(row["request"]).get("image")  # a row an older release wrote since the migration
+        return legacy if isinstance(legacy, str) and legacy else None
+
     def list(self, *, status: Optional[str] = None, limit: int = 50, offset: int = 0,
              owner: Optional[str] = None) -> tuple[list[dict], int]:
         """Jobs newest first, optionally of one status and one owner; returns ``(page, total)``."""
@@ -222,7 +242,7 @@ class JobQueue:
         with self._lock:
             (total,) = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", params).fetchone()
             rows = self._db.execute(
-                f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset)
+                f"SELECT {self._columns} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset)
             ).fetchall()
             return [self._to_dict(r) for r in rows], total
 
@@ -249,7 +269,7 @@ class JobQueue:
     def next_queued(self) -> Optional[dict[str, Any]]:
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE status = ? ORDER BY priority DESC, seq ASC LIMIT 1", (QUEUED,)
+                f"SELECT {self._columns} FROM jobs WHERE status = ? ORDER BY priority DESC, seq ASC LIMIT 1", (QUEUED,)
             ).fetchone()
             return None if row is None else self._to_dict(row)
 
@@ -360,7 +380,7 @@ class JobQueue:
         have not been deleted yet, oldest first: what the result retention deletes next."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE files_deleted_at IS NULL AND finished_at < ? "
+                f"SELECT {self._columns} FROM jobs WHERE files_deleted_at IS NULL AND finished_at < ? "
                 f"AND {_FINISHED_SQL} ORDER BY finished_at LIMIT ?",
                 (finished_before, *TERMINAL, limit)).fetchall()
             return [self._to_dict(r) for r in rows]
@@ -378,12 +398,13 @@ class JobQueue:
                 # The input image of an image-to-video job (up to max_body_bytes of base64) goes with the
                 # files: the record keeps its size and hash, which are all a finished job needs.
                 request = json.loads(row["request"])
-                if request.get("image"):
-                    image = request.pop("image")
-                    request["image_deleted"] = {"base64_chars": len(image),
-                                                "sha256": hashlib.sha256(image.encode()).hexdigest()}
+                if request.get("image"):  # a row an older release wrote
+                    request["image_info"] = image_info(request.pop("image"))
+                if "image_info" in request:
+                    request["image_deleted"] = request.pop("image_info")
                 self._db.execute("UPDATE jobs SET files_deleted_at = ?, files_deleted_reason = ?, updated_at = ?, "
-                                 "request = ? WHERE id = ?", (now, reason, now, json.dumps(request), job_id))
+                                 "request = ?, image = NULL WHERE id = ?",
+                                 (now, reason, now, json.dumps(request), job_id))
                 if row["status"] == SUCCEEDED:
                     self._add_counter("results_deleted", 1)
             return self._to_dict(self._require(job_id))
@@ -396,7 +417,7 @@ class JobQueue:
         can finish without its webhook being owed."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE webhook_status = ? AND COALESCE(webhook_next_at, 0) <= ? "
+                f"SELECT {self._columns} FROM jobs WHERE webhook_status = ? AND COALESCE(webhook_next_at, 0) <= ? "
                 f"AND {_FINISHED_SQL} ORDER BY finished_at LIMIT ?",
                 (WEBHOOK_PENDING, now, *TERMINAL, limit)).fetchall()
             return [self._to_dict(r) for r in rows]

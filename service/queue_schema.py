@@ -2,6 +2,8 @@
 up to it (columns are only ever added, so an older release's rows stay readable)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 
 _SCHEMA = """
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
     webhook_next_at REAL,
     webhook_error TEXT,
-    webhook_delivered_at REAL
+    webhook_delivered_at REAL,
+    image TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -56,7 +59,24 @@ _ADDED_COLUMNS = (
     ("files_deleted_at", ("files_deleted_at REAL", "files_deleted_reason TEXT")),  # result retention
     ("webhook_url", ("webhook_url TEXT", "webhook_status TEXT", "webhook_attempts INTEGER NOT NULL DEFAULT 0",
                      "webhook_next_at REAL", "webhook_error TEXT", "webhook_delivered_at REAL")),  # webhooks
+    ("image", ("image TEXT",)),  # the input image out of the request, so that reads of a job stay small
 )
+
+
+def image_info(image: str) -> dict:
+    """What the request keeps of an input image stored in the ``image`` column (its base64 text)."""
+    return {"base64_chars": len(image), "sha256": hashlib.sha256(image.encode()).hexdigest()}
+
+
+def _move_images_out(db: sqlite3.Connection) -> None:
+    """Rows of an older release hold the input image in their request: move it to the ``image`` column."""
+    rows = db.execute("SELECT id, request FROM jobs WHERE image IS NULL AND request LIKE '%\"image\": \"%'").fetchall()
+    for job_id, payload in rows:
+        request = json.loads(payload)
+        image = request.pop("image", None)
+        if isinstance(image, str) and image:
+            request["image_info"] = image_info(image)
+            db.execute("UPDATE jobs SET image = ?, request = ? WHERE id = ?", (image, json.dumps(request), job_id))
 
 
 def create_or_migrate(db: sqlite3.Connection) -> None:
@@ -67,6 +87,8 @@ def create_or_migrate(db: sqlite3.Connection) -> None:
         if marker not in columns:
             for column in added:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+            if marker == "image":
+                _move_images_out(db)
     # After the migration: the indexes name columns an older table gains only above.
     db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
     db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")

@@ -69,7 +69,10 @@ def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any
 
 def _public_request(req: dict[str, Any]) -> dict[str, Any]:
     out = dict(req)
-    if out.get("image"):
+    info = out.pop("image_info", None)
+    if info:
+        out["image"] = f"<{info['base64_chars']} base64 characters>"
+    elif out.get("image"):  # a job an older release stored, its image in the request
         out["image"] = f"<{len(out['image'])} base64 characters>"
     deleted = out.pop("image_deleted", None)
     if deleted:

@@ -477,3 +477,17 @@ def test_data_dir_ids_agree_between_processes_racing_to_make_one(tmp_path):
     assert data_dir_problem(tmp_path, ids[0], "x") is None
     assert "(it holds another job store)" in data_dir_problem(tmp_path, "some other id", "x")
     assert "(it holds no job store)" in data_dir_problem(tmp_path / "elsewhere", ids[0], "x")
+
+
+def test_the_engine_job_carries_the_input_image_read_from_its_own_column(tmp_path):
+    import base64
+
+    svc, _, _ = service(tmp_path)
+    image = bytes(range(256)) * 10
+    job = svc.queue.submit({"prompt": "p", "seed": 1, "image": base64.b64encode(image).decode()})[0]
+    assert "image" not in job["request"]
+    assert svc._engine_job(svc.queue.mark_running(job["id"]))["request"]["image"] == image
+    svc.queue.finish(job["id"], "succeeded", result={})
+    svc.queue.mark_files_deleted(job["id"], "expired")  # the image goes with the files: no run can be prepared
+    with pytest.raises(ValueError, match="no longer stored"):
+        svc._engine_job(svc.queue.get(job["id"]))

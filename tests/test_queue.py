@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 import threading
 
@@ -215,6 +216,45 @@ def test_list_filters_and_pages(queue):
     assert n == 1 and cancelled[0]["id"] == ids[1]
     with pytest.raises(ValueError):
         queue.list(status="bogus")
+
+
+def test_the_input_image_is_kept_out_of_every_read_but_its_own(queue):
+    """A job is read several times a second (views, event streams, lists): an image of megabytes in each
+    read blocked the JobQueue. Only ``image()`` (the dispatch) reads it."""
+    import hashlib
+
+    image = base64.b64encode(bytes(range(256)) * 4000).decode()  # 1.4 MB of base64
+    job, _ = queue.submit({"prompt": "from an image", "seed": 1, "image": image}, idempotency_key="k")
+    info = {"base64_chars": len(image), "sha256": hashlib.sha256(image.encode()).hexdigest()}
+    again, created = queue.submit({"prompt": "from an image", "seed": 1, "image": image}, idempotency_key="k")
+    (listed,), _ = queue.list()
+    for read in (job, queue.get(job["id"]), listed, again):
+        assert read["request"] == {"prompt": "from an image", "seed": 1, "image_info": info} and "image" not in read
+    assert not created and queue.image(job["id"]) == image
+    assert queue.image(submit(queue, "no image")["id"]) is None
+    with pytest.raises(JobNotFound):
+        queue.image("missing")
+
+
+def test_an_older_store_has_its_images_moved_out_of_the_requests(tmp_path):
+    from service_helpers import write_old_store
+
+    db = tmp_path / "jobs.sqlite3"
+    write_old_store(db, ", files_deleted_at REAL, files_deleted_reason TEXT, webhook_url TEXT, webhook_status TEXT, "
+                        "webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_next_at REAL, webhook_error TEXT, "
+                        "webhook_delivered_at REAL")  # as the fourteenth release wrote it
+    image = base64.b64encode(b"\x89PNG" + bytes(100)).decode()
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO jobs (id, status, request, created_at, updated_at) VALUES ('i1', 'queued', ?, 1, 1)",
+                     (json.dumps({"prompt": "p", "image": image}),))
+    q = JobQueue(db)
+    try:
+        assert q.get("i1")["request"]["image_info"]["base64_chars"] == len(image) and q.image("i1") == image
+        assert q.get("a1")["request"] == {} and q.image("a1") is None
+        (stored,) = q._db.execute("SELECT request FROM jobs WHERE id = 'i1'").fetchone()
+        assert image not in stored
+    finally:
+        q.close()
 
 
 def test_a_client_holds_at_most_its_share_of_active_jobs(tmp_path):
