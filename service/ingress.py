@@ -138,7 +138,9 @@ class Ingress:
         return job
 
     async def _submit(self, req: GenerateRequest, request: Request, extra: Optional[dict] = None):
-        errors = check_generate(req, self.settings)
+        # An image is decoded to check it: off the event loop, which serves every other request.
+        errors = (await asyncio.to_thread(check_generate, req, self.settings) if req.image
+                  else check_generate(req, self.settings))
         if extra:
             errors = {**extra, **errors}
         if errors:

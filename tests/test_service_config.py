@@ -63,6 +63,37 @@ def test_token_count_and_size_multiple_follow_the_variant():
     assert "image-to-video" in check_generate(GenerateRequest(prompt="a cat"), i2v)["image"]
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` and whose pixels would take seconds and gigabytes to
+    decode (a 500 KB solid PNG can claim 169 M pixels): only the header may be read."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_an_image_of_too_many_pixels_is_refused_from_its_header():
+    import base64
+    import time
+
+    from wan_model.pipeline.conditioning import decode_image
+
+    i2v = ServiceSettings(model="tiny", variant="tiny-i2v")
+    start = time.perf_counter()
+    errors = check_generate(GenerateRequest(prompt="a cat", image=base64.b64encode(_png_header_only(13000, 13000))), i2v)
+    assert list(errors) == ["image"] and "13000x13000, 169 megapixels; the most is 67" in errors["image"]
+    with pytest.raises(ValueError, match="8192x8192"):
+        decode_image(_png_header_only(8193, 8192))  # the workers refuse it the same way
+    assert time.perf_counter() - start < 1.0  # nothing was decoded
+    # at the limit the pixels are decoded (and here found broken)
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_image(_png_header_only(8192, 8192))
+
+
 def test_builder_refuses_parallel_degrees_that_do_not_fit():
     from service.app import build_app
 

@@ -21,6 +21,11 @@ import torch
 from .denoise import FirstFrameLock
 
 
+# The largest input image decoded (8192 x 8192): the video is at most 4096 a side, so more only costs
+# memory and time. PIL's own bomb check refuses only above 179 M pixels, and merely warns above 89 M.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def decode_image(data: bytes):
     """Encoded PNG/JPEG/... bytes -> RGB ``PIL.Image``; raises ``ValueError`` naming the problem."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,7 +33,10 @@ def decode_image(data: bytes):
     if not data:
         raise ValueError("the image is empty")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"the image is {image.width}x{image.height}, {image.width * image.height / 1e6:.0f} "
+                             f"megapixels; the most is {MAX_IMAGE_PIXELS / 1e6:.0f} (8192x8192): scale it down")
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode the image ({exc})") from None
