@@ -7,15 +7,19 @@ from wan_model.pipeline.schedulers import SAMPLERS, make_sampler
 
 
 def official_sigmas(steps: int, shift: float) -> np.ndarray:
-    """Written out from official ``FlowUniPCMultistepScheduler``: T=1000, sigma_max = 1 - 1/T, sigma_min = 0."""
+    """Written out from official ``FlowUniPCMultistepScheduler``: T=1000; its training sigmas are a
+    float32 tensor, whose first (1 - 1/T) and last (0) items are sigma_max and sigma_min."""
     t_train = 1000
-    sigmas = np.linspace(1 - 1 / t_train, 0.0, steps + 1)[:-1]
+    training = torch.from_numpy(1.0 - np.linspace(1, 1 / t_train, t_train)[::-1].copy()).to(torch.float32)
+    sigma_max, sigma_min = training[0].item(), training[-1].item()
+    sigmas = np.linspace(sigma_max, sigma_min, steps + 1)[:-1]
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     return np.append(sigmas, 0.0)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("steps,shift", [(4, 5.0), (40, 12.0), (50, 5.0), (1, 3.0), (7, 1.0)])
+# (30, 1.0): two timesteps one below official's with an exact 0.999 as sigma_max
+@pytest.mark.parametrize("steps,shift", [(4, 5.0), (40, 12.0), (50, 5.0), (1, 3.0), (7, 1.0), (30, 1.0)])
 def test_schedule_matches_official_shift_formula(sampler, steps, shift):
     s = make_sampler(sampler, steps, shift)
     expected = official_sigmas(steps, shift)
@@ -29,7 +33,7 @@ def test_schedule_matches_official_shift_formula(sampler, steps, shift):
         np.testing.assert_array_equal(s.timesteps.numpy(), (expected[:-1] * 1000).astype(np.int64))
     else:
         np.testing.assert_allclose(s.timesteps.numpy(), expected[:-1] * 1000, rtol=1e-6, atol=1e-3)
-    assert torch.all(s.timesteps[1:] < s.timesteps[:-1]), "timesteps must decrease"
+    assert torch.all(s.timesteps[1:] <= s.timesteps[:-1]), "timesteps must not increase"
 
 
 def test_shift_moves_steps_towards_high_noise():
@@ -61,13 +65,15 @@ def test_unipc_first_step_is_ddim_on_the_flow_path():
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_exact_velocity_lands_on_the_data(sampler):
+# 100 steps at shift 12: the first two UniPC timesteps are both 999 (the run had skipped a step and failed)
+@pytest.mark.parametrize("steps,shift", [(8, 5.0), (100, 12.0)])
+def test_exact_velocity_lands_on_the_data(sampler, steps, shift):
     # On the straight path x_sigma = (1 - sigma) x0 + sigma * noise the true velocity is noise - x0;
     # any consistent flow solver fed it must end on x0.
     gen = torch.Generator().manual_seed(2)
     x0 = torch.randn(1, 4, 2, 3, 3, generator=gen)
     noise = torch.randn(1, 4, 2, 3, 3, generator=gen)
-    s = make_sampler(sampler, 8, 5.0)
+    s = make_sampler(sampler, steps, shift)
     x = (1 - s.sigmas[0]) * x0 + s.sigmas[0] * noise
     for t in s.timesteps:
         x = s.step(noise - x0, t, x)

@@ -28,8 +28,11 @@ def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
 
 
 def base_sigmas(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
-    """The unshifted official sigmas: linspace(1 - 1/T, 0, steps + 1) without its last point."""
-    sigma_max = 1.0 - 1.0 / num_train_timesteps
+    """The unshifted official sigmas: linspace(1 - 1/T, 0, steps + 1) without its last point.
+
+    Official reads ``1 - 1/T`` out of a float32 tensor (0.9990000128746033, not 0.999); at some step
+    counts a timestep would otherwise come out one lower than official's (665 for 666)."""
+    sigma_max = float(np.float32(1.0 - 1.0 / num_train_timesteps))
     return np.linspace(sigma_max, 0.0, steps + 1)[:-1].copy()
 
 
@@ -70,6 +73,10 @@ class FlowSampler:
 
             self._scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=self.shift)
             self._scheduler.set_timesteps(sigmas=sigmas.tolist(), device="cpu")
+        # Start at the first step. Without it the scheduler finds its place by the first timestep, and
+        # with many steps the first two timesteps are both 999: it took the second, skipped a step and
+        # failed on the last one (UniPC from 92 steps at shift 12, 251 at shift 5).
+        self._scheduler.set_begin_index(0)
         # [steps] timesteps for the model (int64 for UniPC, as official; float for Euler).
         self.timesteps: torch.Tensor = self._scheduler.timesteps.clone()
         # [steps + 1] sigmas, the last one 0.
