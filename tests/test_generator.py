@@ -130,6 +130,8 @@ def test_wan21_i2v_samples_480p_with_shift_3_as_official():
         return resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=image, **size), spec).shift
 
     assert shift(width=832, height=480) == shift(width=480, height=832) == 3.0
+    # official --size 832*480 sizes a 16:9 image 832x464 and still samples it with 3.0
+    assert shift(width=832) == 3.0
     assert shift(width=1280, height=720) == shift() == 5.0  # no size: 720p area
     assert resolve_request(GenerationRequest(prompt="a", output_dir="/tmp/x", image=image, width=832, height=480,
                                              shift=7.0), spec).shift == 7.0  # asked for: kept
@@ -456,6 +458,41 @@ def test_wan22_i2v_a14b_conditions_on_y_without_clip(tmp_path_factory, tmp_path,
         recorder.close()
     assert set(result.experts_per_step) <= {"high_noise", "low_noise"}
     assert all(c["clip_fea"] is None and c["y"].shape == (1, 20, 2, 4, 4) for c in recorder.calls)
+
+
+def test_default_negative_prompt_is_the_variants_own(tmp_path_factory, tmp_path, t2v):
+    """Official Wan2.1 I2V-14B puts "camera shake" before the shared negative prompt; a prompt given is used as it is."""
+    from wan_model.pipeline.generator import DEFAULT_NEGATIVE_PROMPT
+
+    i2v = Generator(GeneratorConfig(model="tiny-i2v", cache_dir=tiny_cache(tmp_path_factory)))
+    seen = []
+    for g in (i2v, t2v):
+        encode = g.parts.text_encoder.encode
+        g.parts.text_encoder.encode = lambda prompts, encode=encode: seen.append(prompts) or encode(prompts)
+        try:
+            for negative in ("", "blurry"):
+                g.generate(GenerationRequest(prompt="a cat", negative_prompt=negative, steps=1,
+                                             output_dir=str(tmp_path / f"{g.variant.name}{negative}"),
+                                             image=png_bytes() if g is i2v else None, **SMALL))
+        finally:
+            g.parts.text_encoder.encode = encode
+    assert [negative for _, negative in seen] == ["镜头晃动，" + DEFAULT_NEGATIVE_PROMPT, "blurry",
+                                                 DEFAULT_NEGATIVE_PROMPT, "blurry"]
+
+
+def test_ti2v_resizes_its_image_with_lanczos_as_official(tmp_path_factory, tmp_path, monkeypatch):
+    from wan_model.pipeline import conditioning
+
+    g = Generator(GeneratorConfig(model="tiny-ti2v", cache_dir=tiny_cache(tmp_path_factory)))
+    filters = []
+    original = conditioning.image_to_tensor
+    monkeypatch.setattr(conditioning, "image_to_tensor",
+                        lambda image, w, h, resample="bicubic": filters.append(resample) or original(image, w, h, resample))
+    g.generate(GenerationRequest(prompt="a", output_dir=str(tmp_path), image=png_bytes(), steps=1, guidance=1.0,
+                                 width=32, height=32))
+    assert filters == ["lanczos"]
+    pixels = [original(conditioning.decode_image(png_bytes(80, 60)), 32, 32, f) for f in ("bicubic", "lanczos")]
+    assert (pixels[0] - pixels[1]).abs().max() > 0.01  # the filters differ on this image
 
 
 def test_ti2v_holds_the_image_latent_as_first_frame_at_timestep_zero(tmp_path_factory, tmp_path):

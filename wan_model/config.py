@@ -54,6 +54,8 @@ class VariantSpec:
     default_size: tuple[int, int] = (832, 480)  # (width, height)
     default_frames: int = 81
     text_encoder_dim: int = 4096
+    # Put before the default negative prompt (official Wan2.1 I2V-14B adds "camera shake").
+    negative_prompt_prefix: str = ""
     tiny: bool = False
 
     @property
@@ -89,6 +91,7 @@ VARIANTS: dict[str, VariantSpec] = {
             "wan2.1-i2v-14b",
             replace(_WAN21_14B, model_type="i2v", in_dim=36, image_dim=1280),
             "i2v", steps=40, shift=5.0, guidance=5.0, uses_clip=True, default_size=(1280, 720),
+            negative_prompt_prefix="镜头晃动，",  # official wan/configs/wan_i2v_14B.py
         ),
         VariantSpec(
             "wan2.2-t2v-a14b", _WAN21_14B, "t2v", experts=("high_noise", "low_noise"), boundary=0.875,
@@ -107,7 +110,8 @@ VARIANTS: dict[str, VariantSpec] = {
         VariantSpec("tiny-t2v", _TINY, "t2v", steps=4, default_size=(64, 64), default_frames=5,
                     text_encoder_dim=32, tiny=True),
         VariantSpec("tiny-i2v", replace(_TINY, model_type="i2v", in_dim=36, image_dim=32), "i2v", steps=4,
-                    uses_clip=True, default_size=(64, 64), default_frames=5, text_encoder_dim=32, tiny=True),
+                    uses_clip=True, default_size=(64, 64), default_frames=5, text_encoder_dim=32,
+                    negative_prompt_prefix="镜头晃动，", tiny=True),
         VariantSpec("tiny-a14b", _TINY, "t2v", experts=("high_noise", "low_noise"), boundary=0.875, steps=4,
                     shift=12.0, guidance=(3.0, 4.0), default_size=(64, 64), default_frames=5,
                     text_encoder_dim=32, tiny=True),

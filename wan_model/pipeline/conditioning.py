@@ -72,14 +72,18 @@ def closest_ratio_size(image_width: int, image_height: int, area: int, multiple:
     return min(candidates, key=lambda size: max(ratio * size[1] / size[0], size[0] / (ratio * size[1])))
 
 
-def image_to_tensor(image, width: int, height: int) -> torch.Tensor:
-    """Resize to cover ``width`` x ``height``, center-crop, scale to [-1, 1]: ``[3, H, W]`` float32."""
+def image_to_tensor(image, width: int, height: int, resample: str = "bicubic") -> torch.Tensor:
+    """Resize to cover ``width`` x ``height``, center-crop, scale to [-1, 1]: ``[3, H, W]`` float32.
+    ``resample``: PIL's ``bicubic``, or ``lanczos`` (official Wan2.2 TI2V resizes its image so)."""
     from PIL import Image
     import numpy as np
 
+    filters = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+    if resample not in filters:
+        raise ValueError(f"resample must be one of {', '.join(filters)}, got {resample!r}")
     scale = max(width / image.width, height / image.height)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.BICUBIC)
+                           filters[resample])
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     cropped = resized.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32).copy())  # [H, W, 3] in 0..255

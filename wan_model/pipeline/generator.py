@@ -298,7 +298,8 @@ class Generator:
             torch.cuda.synchronize(self.device)
 
     def _encode_text(self, job: ResolvedJob) -> tuple[Branch, Optional[Branch]]:
-        negative = job.negative_prompt if job.negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT
+        negative = (job.negative_prompt if job.negative_prompt.strip()
+                    else self.variant.negative_prompt_prefix + DEFAULT_NEGATIVE_PROMPT)
         needs_uncond = any(scale != 1.0 for scale in job.guidance.values())
         prompts = [job.prompt, negative] if needs_uncond else [job.prompt]
         with torch.no_grad():
@@ -397,7 +398,8 @@ class Generator:
             return None, 0
         from .conditioning import i2v_video, i2v_y, image_to_tensor, ti2v_lock
 
-        image = image_to_tensor(job.image, job.width, job.height).to(self.device)
+        resample = "lanczos" if self.variant.task == "ti2v" else "bicubic"  # as the official pipelines
+        image = image_to_tensor(job.image, job.width, job.height, resample).to(self.device)
         # Every rank conditions on identical latents: a split encode gathers the same bytes everywhere.
         with torch.no_grad():
             if self.variant.task == "i2v":

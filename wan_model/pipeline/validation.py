@@ -168,10 +168,11 @@ def video_size_for_image(image, variant: VariantSpec, width: Optional[int] = Non
 
 
 def default_shift(variant: VariantSpec, width: int, height: int) -> float:
-    """The sampling shift when the request names none. Official Wan2.1 samples image-to-video at
-    832x480 (either way round) with 3.0 and at other sizes with 5.0 (``generate.py``); the 480P
-    diffusers checkpoint's scheduler says 3.0 too."""
-    if variant.name == "wan2.1-i2v-14b" and {width, height} == {832, 480}:
+    """The sampling shift when the request names none. Official Wan2.1 samples image-to-video of the
+    480p area (``--size 832*480``, either way round) with 3.0 and of the 720p area with 5.0
+    (``generate.py``); the video then takes the image's aspect ratio within that area, e.g. 832x464.
+    The 480P diffusers checkpoint's scheduler says 3.0 too."""
+    if variant.name == "wan2.1-i2v-14b" and width * height <= 832 * 480:
         return 3.0
     return variant.shift
 
