@@ -272,7 +272,7 @@ class ServiceSettings(BaseSettings):
             config.update(
                 ulysses=None if self.ulysses == "auto" else int(self.ulysses),
                 ring=None if self.ring == "auto" else int(self.ring),
-                cfg_parallel=self.cfg_parallel != "auto" and int(self.cfg_parallel) == 2,
+                cfg_parallel=None if self.cfg_parallel == "auto" else int(self.cfg_parallel) == 2,
             )
         config.update(self.generator_options)
         return config

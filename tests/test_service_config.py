@@ -53,6 +53,21 @@ def test_generator_config_maps_parallel_degrees():
     assert (layout.cfg_parallel, layout.ulysses, layout.ring) == (1, 4, 2)  # 12 heads: 8 does not divide them
 
 
+@pytest.mark.parametrize("gpus,given,expected", [
+    (4, dict(ulysses=2), (2, 2, 1)),  # the README's 14B row on 4 GPUs, with ulysses named
+    (4, dict(ulysses=4), (1, 4, 1)),  # no room left for CFG-parallel
+    (8, dict(ring=2), (2, 2, 2)),
+    (4, dict(ulysses=2, ring=2), (1, 2, 2)),
+    (4, dict(ulysses=2, cfg_parallel=1), (1, 2, 2)),
+    (4, dict(ulysses=2, cfg_parallel="auto"), (2, 2, 1)),
+    (4, dict(ulysses=2, fsdp=True), (1, 2, 2)),  # fsdp: auto takes no CFG-parallel
+])
+def test_cfg_parallel_left_on_auto_beside_a_named_degree_is_chosen_as_auto_would(gpus, given, expected):
+    settings = ServiceSettings(model="/m/Wan2.1-T2V-14B", gpus=gpus, **given)
+    layout = settings.parallel_layout()
+    assert (layout.cfg_parallel, layout.ulysses, layout.ring) == expected
+
+
 def test_token_count_and_size_multiple_follow_the_variant():
     assert latent_tokens(get_variant("wan2.1-t2v-14b"), 1280, 720, 81) == 21 * 90 * 160 // 4
     ti2v = ServiceSettings(model="tiny", variant="tiny-ti2v")

@@ -43,7 +43,8 @@ class Layout:
 
 
 def choose_degrees(config, variant: VariantSpec, world_size: int):
-    """The ``ParallelConfig`` for ``world_size`` ranks: explicit degrees, or auto.
+    """The ``ParallelConfig`` for ``world_size`` ranks: explicit degrees, or auto. A degree left out
+    (None) beside one given is chosen as auto would, where it fits: CFG-parallel first.
 
     Auto: CFG-parallel on an even world (the two branches need no communication but one
     all-gather per step), then the largest Ulysses degree dividing the heads, the rest ring.
@@ -62,6 +63,8 @@ def choose_degrees(config, variant: VariantSpec, world_size: int):
     if config.parallel not in ("auto", "manual"):
         raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
     cfg = 2 if config.cfg_parallel else 1
+    if config.cfg_parallel is None:  # left to choose, beside a degree given: as auto would, where it fits
+        cfg = 2 if _cfg_parallel_fits(config, world_size) else 1
     if world_size % cfg:
         raise ValueError(f"cfg_parallel needs an even number of ranks, got {world_size}")
     sp_world = world_size // cfg
@@ -81,6 +84,18 @@ def choose_degrees(config, variant: VariantSpec, world_size: int):
                          f"but the world has {world_size}")
     degrees.check_heads(heads)
     return degrees
+
+
+def _cfg_parallel_fits(config, world_size: int) -> bool:
+    """Whether CFG-parallel, which ``auto`` takes for an even world without ``fsdp``, leaves room for
+    the Ulysses and Ring degrees given: each divides half the world, and both together fill it."""
+    if world_size % 2 or getattr(config, "fsdp", False):
+        return False
+    half = world_size // 2
+    given = [d for d in (config.ulysses, config.ring) if d is not None]
+    if any(d < 1 or half % d for d in given):
+        return False
+    return len(given) < 2 or given[0] * given[1] == half
 
 
 def setup_layout(config, variant: VariantSpec, world_size: int, distributed: bool) -> Layout:
