@@ -35,6 +35,9 @@ class WarmupShape(BaseModel):
     guidance: Optional[float] = Field(None, ge=0, le=100)
 
 
+DEFAULT_GENERATOR_FACTORY = "wan_model.pipeline.generator:build_generator"
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WANSERVE_", extra="forbid", validate_assignment=True)
 
@@ -50,7 +53,7 @@ class ServiceSettings(BaseSettings):
     offload: bool = False
     fsdp: bool = False
     memory_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
-    generator_factory: str = "wan_model.pipeline.generator:build_generator"
+    generator_factory: str = DEFAULT_GENERATOR_FACTORY
     # Extra fields for the factory's config (e.g. text_encoder, attention, cache_dir for the real one).
     generator_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -181,6 +184,15 @@ class ServiceSettings(BaseSettings):
                 raise ValueError("client_tokens maps tokens of 16+ characters to non-empty client names")
         if self.model == "tiny" and self.variant is not None and not get_variant(self.variant).tiny:
             raise ValueError(f"model 'tiny' needs a tiny variant, got {self.variant!r}")
+        if self.generator_factory == DEFAULT_GENERATOR_FACTORY:
+            # The workers would refuse these when the replica starts, after minutes of scheduling; a
+            # custom factory takes settings of its own, which only it can check.
+            from wan_model.pipeline.generator import GeneratorConfig
+
+            try:
+                GeneratorConfig.from_dict(self.generator_config()).check()
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"generator_options: {exc}") from None
         return self
 
     # ---------------------------------------------------------------- loading

@@ -22,6 +22,21 @@ def test_yaml_env_and_overrides(tmp_path, monkeypatch):
     assert again == settings
 
 
+@pytest.mark.parametrize("options,words", [
+    ({"compiled": True}, "unknown generator settings: compiled"),
+    ({"text_encoder": "cpuu"}, "unknown text_encoder 'cpuu'"),
+    ({"attention": "fa5"}, "unknown attention kernel 'fa5'"),
+    ({"head_chunks": 0}, "head_chunks must be an integer >= 1"),
+    ({"fp8": True}, "fp8 together with fsdp"),
+])
+def test_generator_options_are_checked_when_the_settings_are_made(options, words):
+    """Not only by each worker when the replica starts, minutes later, with no one-line error."""
+    with pytest.raises(ValidationError, match=words):
+        ServiceSettings(generator_options=options, fsdp=True, gpus=2)
+    # a custom generator factory takes settings of its own: only it can check them
+    ServiceSettings(generator_options=options, generator_factory="my.module:build")
+
+
 def test_bad_settings_name_the_problem():
     with pytest.raises(ValidationError, match="unknown model variant"):
         ServiceSettings(variant="wan9")

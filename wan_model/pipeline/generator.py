@@ -96,6 +96,33 @@ class GeneratorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> "GeneratorConfig":
+        """Raise ``ValueError`` naming the first setting that cannot work, whatever the machine (the
+        service checks this when it starts, before any worker loads a model); returns self."""
+        from wan_model.parallel import KERNEL_NAMES
+
+        from .text_encoder import PLACEMENTS
+
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.attention not in (*KERNEL_NAMES, "sdpa"):
+            raise ValueError(f"unknown attention kernel {self.attention!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
+        if self.text_encoder not in PLACEMENTS:
+            raise ValueError(f"unknown text_encoder {self.text_encoder!r}; choose one of {', '.join(PLACEMENTS)}")
+        if self.parallel not in ("auto", "manual"):
+            raise ValueError(f"parallel must be 'auto' or 'manual', got {self.parallel!r}")
+        if not isinstance(self.head_chunks, int) or self.head_chunks < 1:
+            raise ValueError(f"head_chunks must be an integer >= 1, got {self.head_chunks!r}")
+        if self.fp8 and self.fsdp:
+            raise ValueError("fp8 together with fsdp is not supported (fp8 replaces the weights FSDP shards); choose one")
+        if self.fsdp and self.offload:
+            raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
+        if self.step_cache is not None and not (isinstance(self.step_cache, (int, float)) and self.step_cache >= 0):
+            raise ValueError(f"step_cache must be a threshold >= 0 or None, got {self.step_cache!r}")
+        return self
+
 
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -127,34 +154,16 @@ class Generator:
         from .components import load_components
         from .layout import setup_layout
 
-        self.config = config
+        self.config = config.check()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = _resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
-        if config.memory_fraction is not None:
-            if not 0 < config.memory_fraction <= 1:
-                raise ValueError(f"memory_fraction must be in (0, 1], got {config.memory_fraction}")
-            if self.device.type == "cuda":
-                torch.cuda.set_per_process_memory_fraction(config.memory_fraction, self.device)
-        from wan_model.parallel import KERNEL_NAMES
-
-        if config.attention not in (*KERNEL_NAMES, "sdpa"):
-            raise ValueError(f"unknown attention kernel {config.attention!r}; choose one of sdpa, {', '.join(KERNEL_NAMES)}")
-        if config.parallel not in ("auto", "manual"):
-            raise ValueError(f"parallel must be 'auto' or 'manual', got {config.parallel!r}")
-        if not isinstance(config.head_chunks, int) or config.head_chunks < 1:
-            raise ValueError(f"head_chunks must be an integer >= 1, got {config.head_chunks!r}")
-        if config.fp8 and config.fsdp:
-            raise ValueError("fp8 together with fsdp is not supported (fp8 replaces the weights FSDP shards); choose one")
-        if config.fsdp and config.offload:
-            raise ValueError("fsdp and offload are two ways to save memory that do not combine; choose one")
+        if config.memory_fraction is not None and self.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(config.memory_fraction, self.device)
         if config.fsdp and not self.distributed:
             raise ValueError("fsdp needs several ranks in an initialized process group")
-        if config.step_cache is not None and not (isinstance(config.step_cache, (int, float))
-                                                  and config.step_cache >= 0):
-            raise ValueError(f"step_cache must be a threshold >= 0 or None, got {config.step_cache!r}")
 
         load_start = time.perf_counter()
         if components is None:
