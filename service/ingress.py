@@ -22,7 +22,8 @@ from service.data_dir import data_dir_problem
 from service.logs import job_log
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL, request_fingerprint
-from service.schemas import (GenerateRequest, VideoCreateRequest, check_generate, field_errors, from_openai,
+from service.schemas import (GenerateRequest, VideoCreateRequest, as_openai_errors, check_generate, field_errors,
+                             from_openai,
                              fingerprint_fields, openapi_body, pydantic_errors, to_job_request)
 from service.views import job_view, openai_view
 
@@ -39,6 +40,30 @@ logger = logging.getLogger("ray.serve")
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+# What a call to the JobQueue raises while it cannot answer (its replica restarting, Serve's queue
+# to it full, a call timed out): the request may be tried again, and nothing was stored.
+def _queue_unavailable_errors() -> tuple[type, ...]:
+    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.serve.exceptions import RayServeException
+
+    return (RayActorError, GetTimeoutError, RayServeException)
+
+
+QUEUE_RETRY_AFTER_S = 5
+
+
+@api.exception_handler(Exception)
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    """A JSON answer, never plain text: 503 with ``Retry-After`` while the JobQueue cannot be reached,
+    else 500 naming the error (and logged)."""
+    if isinstance(exc, _queue_unavailable_errors()):
+        logger.warning("%s %s: the JobQueue is unavailable: %s", request.method, request.url.path, _cause(exc))
+        return _error(503, f"the job queue is unavailable ({_cause(exc)}); try again",
+                      {"Retry-After": str(QUEUE_RETRY_AFTER_S)})
+    logger.exception("%s %s failed", request.method, request.url.path)
+    return _error(500, f"internal error: {_cause(exc)}")
 
 
 def _prefix(request: Request) -> str:
@@ -137,10 +162,13 @@ class Ingress:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
 
-    async def _submit(self, req: GenerateRequest, request: Request, extra: Optional[dict] = None):
+    async def _submit(self, req: GenerateRequest, request: Request, extra: Optional[dict] = None,
+                      openai: bool = False):
         # An image is decoded to check it: off the event loop, which serves every other request.
         errors = (await asyncio.to_thread(check_generate, req, self.settings) if req.image
                   else check_generate(req, self.settings))
+        if openai:
+            errors = as_openai_errors(errors)
         if extra:
             errors = {**extra, **errors}
         if errors:
@@ -383,7 +411,7 @@ class Ingress:
             req, extra = from_openai(oreq, self.settings)
         except ValidationError as exc:
             return JSONResponse({"detail": pydantic_errors(exc)}, status_code=422)
-        answer = await self._submit(req, request, extra)
+        answer = await self._submit(req, request, extra, openai=True)
         if isinstance(answer, Response):
             return answer
         return openai_view(answer["job"], self.settings)

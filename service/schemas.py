@@ -71,6 +71,19 @@ def field_errors(errors: dict[str, str]) -> list[dict[str, Any]]:
     return [{"loc": ["body", name], "msg": msg, "type": "value_error"} for name, msg in errors.items()]
 
 
+# ``POST /v1/videos`` fields the native fields come from: its 422s name what the client sent.
+OPENAI_FIELDS = {"width": "size", "height": "size", "num_frames": "seconds", "image": "input_reference"}
+
+
+def as_openai_errors(errors: dict[str, str]) -> dict[str, str]:
+    """Per-field errors of a native request, keyed by the ``/v1/videos`` fields they came from."""
+    out: dict[str, str] = {}
+    for name, msg in errors.items():
+        key = OPENAI_FIELDS.get(name, name)
+        out[key] = f"{out[key]}; {msg}" if key in out else msg
+    return out
+
+
 def pydantic_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": ["body", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
@@ -223,12 +236,16 @@ def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[Gen
     """``POST /v1/videos`` body -> a native request; ``size``/``seconds`` errors per field."""
     spec = settings.variant_spec
     errors: dict[str, str] = {}
+    image = req.input_reference
+    if image is not None and image.startswith("data:") and ";base64," in image:  # a data URL, as OpenAI takes
+        image = image.split(";base64,", 1)[1]
     fields: dict[str, Any] = {"model": req.model, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-                              "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
-                              "image": req.input_reference}
+                              "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "image": image}
     if req.size is not None:
         try:
             w, h = (int(v) for v in req.size.lower().split("x"))
+            if w < 1 or h < 1:
+                raise ValueError
             fields.update(width=w, height=h)
         except ValueError:
             errors["size"] = f"size {req.size!r} must look like '832x480'"
@@ -240,6 +257,10 @@ def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[Gen
             fields["num_frames"] = 4 * max(1, round(seconds * spec.fps / 4)) + 1
         except (ValueError, OverflowError):
             errors["seconds"] = f"seconds {req.seconds!r} must be a positive number"
+        else:
+            if fields["num_frames"] > MAX_FRAMES:
+                errors["seconds"] = (f"seconds {req.seconds!r} is {fields.pop('num_frames')} frames at "
+                                     f"{spec.fps} fps; the most is {MAX_FRAMES} ({MAX_FRAMES / spec.fps:.1f} s)")
     return GenerateRequest(**fields), errors
 
 

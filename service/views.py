@@ -50,13 +50,17 @@ def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any
     status = {"queued": "queued", "running": "in_progress", "succeeded": "completed"}.get(job["status"], "failed")
     req = job["request"]
     spec = settings.variant_spec
-    width, height = req.get("width") or spec.default_size[0], req.get("height") or spec.default_size[1]
-    frames = req.get("num_frames") or spec.default_frames
+    result = job.get("result") or {}  # what was made: an image-to-video size follows the image
+    width = result.get("width") or req.get("width") or spec.default_size[0]
+    height = result.get("height") or req.get("height") or spec.default_size[1]
+    frames = result.get("num_frames") or req.get("num_frames") or spec.default_frames
     progress = 100 if status == "completed" else (
         int(100 * job["step"] / job["total_steps"]) if job["total_steps"] else 0)
+    # Every key of OpenAI's video object, null where it does not apply (typed clients require them).
     view = {"id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": status,
             "model": spec.name, "progress": progress, "size": f"{width}x{height}",
-            "seconds": f"{frames / spec.fps:.2f}"}
+            "seconds": f"{frames / spec.fps:.2f}", "prompt": req.get("prompt"), "completed_at": None,
+            "expires_at": None, "error": None, "remixed_from_video_id": None}
     if status == "failed":
         view["error"] = {"code": job["status"], "message": job["error"] or job["status"]}
     if job["finished_at"]:
