@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 unless it "
                                                        "succeeded)")
-    p.add_argument("-o", "--output", metavar="FILE", help="with --wait: download the video here")
+    p.add_argument("-o", "--output", metavar="FILE", help="wait as --wait does, then download the video here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
 

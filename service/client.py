@@ -188,7 +188,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         answer = _request(client, "POST", "/generate", json=_submit_body(args), headers=headers).json()
         job_id = answer["id"]
         print(job_id, flush=True)
-        if not args.wait:
+        if not args.wait and not args.output:  # -o asks for the video: it implies --wait
             return 0
         view = follow_job(client, job_id, quiet=args.quiet)
         _print_outcome(view)

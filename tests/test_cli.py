@@ -367,6 +367,14 @@ def test_submit_wait_follows_events_and_downloads(stub, tmp_path, capsys):
     assert not list(tmp_path.glob("sub/*.part"))
 
 
+def test_submit_with_an_output_file_waits_for_the_video(stub, tmp_path, capsys):
+    out_file = tmp_path / "fox.mp4"  # no --wait: -o asks for the video, so it waits for it
+    code, out, err = run_main(["submit", "--url", stub.url, "--token", stub.TOKEN, "--prompt", "a fox",
+                               "-o", str(out_file)], capsys)
+    assert code == 0, err
+    assert out.strip() == "job-1" and out_file.read_bytes() == stub.VIDEO
+
+
 def test_submit_wait_outlasts_a_service_restart(stub, tmp_path, monkeypatch, capsys):
     """The stream is cut, and then the service answers 503 for a while (restarting): --wait keeps
     waiting, and gets the video once the service is back."""
