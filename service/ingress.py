@@ -16,6 +16,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.serve.exceptions import RayServeException
 
 from service.config import ServiceSettings
 from service.data_dir import data_dir_problem
@@ -42,27 +44,24 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-# What a call to the JobQueue raises while it cannot answer (its replica restarting, Serve's queue
-# to it full, a call timed out): the request may be tried again, and nothing was stored.
-def _queue_unavailable_errors() -> tuple[type, ...]:
-    from ray.exceptions import GetTimeoutError, RayActorError
-    from ray.serve.exceptions import RayServeException
-
-    return (RayActorError, GetTimeoutError, RayServeException)
-
-
 QUEUE_RETRY_AFTER_S = 5
+
+
+async def _queue_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """What a call to the JobQueue raises while it cannot answer (its replica restarting, Serve's queue
+    to it full, a call timed out): nothing was stored, and the request may be tried again."""
+    logger.warning("%s %s: the JobQueue is unavailable: %s", request.method, request.url.path, _cause(exc))
+    return _error(503, f"the job queue is unavailable ({_cause(exc)}); try again",
+                  {"Retry-After": str(QUEUE_RETRY_AFTER_S)})
+
+
+for _unavailable in (RayActorError, GetTimeoutError, RayServeException):
+    api.add_exception_handler(_unavailable, _queue_unavailable)
 
 
 @api.exception_handler(Exception)
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    """A JSON answer, never plain text: 503 with ``Retry-After`` while the JobQueue cannot be reached,
-    else 500 naming the error (and logged)."""
-    if isinstance(exc, _queue_unavailable_errors()):
-        logger.warning("%s %s: the JobQueue is unavailable: %s", request.method, request.url.path, _cause(exc))
-        return _error(503, f"the job queue is unavailable ({_cause(exc)}); try again",
-                      {"Retry-After": str(QUEUE_RETRY_AFTER_S)})
-    logger.exception("%s %s failed", request.method, request.url.path)
+    """Any other failure: a JSON 500 naming the error, never plain text (Starlette logs it too)."""
     return _error(500, f"internal error: {_cause(exc)}")
 
 
