@@ -348,10 +348,10 @@ class JobQueueService:
         """Record the engine's outcome, then log what the job became (from the record: it is the truth).
         ``attempt``: the dispatch the outcome answers, when this replica sent it."""
         status = outcome["status"]
-        if status == "superseded" and attempt is None:
-            job_log(logger, job_id).info("engine did not run a dispatch: %s", outcome.get("error"))
-            return
         if status == "superseded":
+            if attempt is None:
+                job_log(logger, job_id).info("engine did not run a dispatch: %s", outcome.get("error"))
+                return
             # The engine did not run this dispatch. If the dispatch is still the job's current one (the
             # engine could not reach this JobQueue to claim it), nobody runs the job: queue it again,
             # without counting the attempt. Otherwise the record belongs to a later dispatch.

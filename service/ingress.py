@@ -25,8 +25,7 @@ from service.logs import job_log
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL, request_fingerprint
 from service.schemas import (GenerateRequest, VideoCreateRequest, as_openai_errors, check_generate, field_errors,
-                             from_openai,
-                             fingerprint_fields, openapi_body, pydantic_errors, to_job_request)
+                             fingerprint_fields, from_openai, openapi_body, pydantic_errors, to_job_request)
 from service.views import job_view, openai_view
 
 api = FastAPI(title="wanserve", description="Wan2.1/Wan2.2 video generation jobs")

@@ -137,12 +137,10 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``name`` as ``GeneratorConfig.check`` has accepted it."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}") from None
+    return _DTYPES[name]
 
 
 class Generator:
@@ -306,11 +304,18 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _prompts(self, job: ResolvedJob) -> list[tuple[str, str]]:
+        """(field, text) of what the text encoder reads: the prompt, and the negative prompt (the
+        variant's default when none is given) only when a guidance scale needs the unconditional pass."""
+        named = [("prompt", job.prompt)]
+        if any(scale != 1.0 for scale in job.guidance.values()):
+            named.append(("negative_prompt", job.negative_prompt if job.negative_prompt.strip()
+                          else self.variant.negative_prompt_prefix + DEFAULT_NEGATIVE_PROMPT))
+        return named
+
     def _encode_text(self, job: ResolvedJob) -> tuple[Branch, Optional[Branch]]:
-        negative = (job.negative_prompt if job.negative_prompt.strip()
-                    else self.variant.negative_prompt_prefix + DEFAULT_NEGATIVE_PROMPT)
-        needs_uncond = any(scale != 1.0 for scale in job.guidance.values())
-        prompts = [job.prompt, negative] if needs_uncond else [job.prompt]
+        prompts = [text for _, text in self._prompts(job)]
+        needs_uncond = len(prompts) == 2
         with torch.no_grad():
             if self.config.text_encoder == "cpu" and self.distributed and self.world_size > 1:
                 context = self._encode_on_rank0(prompts)
@@ -326,9 +331,7 @@ class Generator:
         encoder = self.parts.text_encoder
         if encoder is None:
             return []
-        named = [("prompt", job.prompt)]
-        if job.negative_prompt.strip() and any(scale != 1.0 for scale in job.guidance.values()):
-            named.append(("negative_prompt", job.negative_prompt))
+        named = self._prompts(job)
         notices = []
         for (field_name, text), count in zip(named, encoder.token_counts([text for _, text in named])):
             if count > encoder.text_len:
