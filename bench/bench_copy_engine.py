@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ranks import enable_symmetric_memory, finish_ranks, join_group, spawn_ranks
+from ranks import probe_parser, enable_symmetric_memory, finish_ranks, join_group, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -168,13 +167,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p = probe_parser(__doc__)
     p.add_argument("--transfers", type=int, default=20, help="q/k/v all-to-alls run beside one FA3 call")
-    p.add_argument("--tag", default="")
-    p.add_argument("--out", default=os.environ.get("OUT", ".out/bench"))
     args = p.parse_args()
     return spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "copy_engine.jsonl", min_world=2)
 

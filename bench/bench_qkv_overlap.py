@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ranks import enable_symmetric_memory, finish_ranks, join_group, spawn_ranks, time_blocks
+from ranks import probe_parser, enable_symmetric_memory, finish_ranks, join_group, spawn_ranks, time_blocks
 
 DIM, HEAD_DIM, TOKENS = 5120, 128, 75600  # 14B 720p
 
@@ -132,13 +131,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_fi
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    p = probe_parser(__doc__)
     p.add_argument("--blocks", type=int, default=20, help="blocks in a row per timed iteration")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--tag", default="")
-    p.add_argument("--out", default=os.environ.get("OUT", ".out/bench"))
     args = p.parse_args()
     return spawn_ranks(rank_main, args.gpus, args, Path(args.out) / "qkv_overlap.jsonl", min_world=2)
 

@@ -2,6 +2,8 @@
 symmetric memory."""
 from __future__ import annotations
 
+import argparse
+import os
 import socket
 import statistics
 import sys
@@ -12,6 +14,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def probe_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every multi-GPU probe takes: --gpus, --warmup, --iters, --tag, --out (default $OUT)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", default=os.environ.get("OUT", ".out/bench"))
+    return p
 
 
 def spawn_ranks(rank_main: Callable, world: int, args, out_file: Path, min_world: int = 1) -> int:
