@@ -24,8 +24,9 @@ from service.data_dir import data_dir_problem
 from service.logs import job_log
 from service.metrics import render_metrics
 from service.queue import STATUSES, TERMINAL, request_fingerprint
-from service.schemas import (GenerateRequest, VideoCreateRequest, as_openai_errors, check_generate, field_errors,
-                             fingerprint_fields, from_openai, openapi_body, pydantic_errors, to_job_request)
+from service.schemas import (GenerateRequest, VideoCreateRequest, as_openai_errors, field_errors,
+                             fingerprint_fields, from_openai, openapi_body, pydantic_errors, resolve_generate,
+                             to_job_request)
 from service.views import job_view, openai_view
 
 api = FastAPI(title="wanserve", description="Wan2.1/Wan2.2 video generation jobs")
@@ -138,7 +139,7 @@ class Ingress:
             for key, value in form.multi_items():
                 if hasattr(value, "read"):  # an uploaded file (within the body's limit, read above)
                     data[key] = base64.b64encode(await value.read()).decode()
-                elif key in ("lora", "guidance"):
+                elif key in ("lora", "guidance", "metadata"):
                     data[key] = _maybe_json(value)
                 else:
                     data[key] = value
@@ -162,9 +163,12 @@ class Ingress:
 
     async def _submit(self, req: GenerateRequest, request: Request, extra: Optional[dict] = None,
                       openai: bool = False):
+        # Fingerprinted as sent, before the size an image implies and a random seed are filled in.
+        key = request.headers.get("idempotency-key") or None
+        fingerprint = request_fingerprint(fingerprint_fields(req)) if key is not None else None
         # An image is decoded to check it: off the event loop, which serves every other request.
-        errors = (await asyncio.to_thread(check_generate, req, self.settings) if req.image
-                  else check_generate(req, self.settings))
+        req, errors = (await asyncio.to_thread(resolve_generate, req, self.settings) if req.image
+                       else resolve_generate(req, self.settings))
         if openai:
             errors = as_openai_errors(errors)
         if extra:
@@ -178,11 +182,8 @@ class Ingress:
                 "msg": (f"priority {req.priority} is above {self.settings.max_client_priority}, the highest a "
                         f"client token may set (max_client_priority); the operator token may set up to 100")}]},
                 status_code=403)
-        key = request.headers.get("idempotency-key") or None
         if key is not None and len(key) > 255:
             return JSONResponse({"detail": field_errors({"Idempotency-Key": "longer than 255 characters"})}, 422)
-        # Fingerprint the validated request before to_job_request fills in a random seed.
-        fingerprint = request_fingerprint(fingerprint_fields(req)) if key is not None else None
         answer = await self.queue.submit.remote(to_job_request(req), key, req.priority, client, fingerprint,
                                                 req.webhook_url)
         if answer.get("key_reused"):
@@ -317,17 +318,19 @@ class Ingress:
                 return
             await asyncio.sleep(SSE_POLL_S)
 
-    @api.get("/jobs/{job_id}/video")
+    @api.api_route("/jobs/{job_id}/video", methods=["GET", "HEAD"])  # HEAD: curl -I, download managers
     async def video(self, job_id: str, request: Request):
         self._authorize(request)
         return self._file(await self._job(job_id, request), "video")
 
-    @api.get("/jobs/{job_id}/preview.png")
+    @api.api_route("/jobs/{job_id}/preview.png", methods=["GET", "HEAD"])  # HEAD: curl -I, download managers
     async def preview(self, job_id: str, request: Request):
         self._authorize(request)
         return self._file(await self._job(job_id, request), "preview")
 
     def _file(self, job: dict[str, Any], kind: str) -> Response:
+        if job["status"] in ("queued", "running"):  # not yet: 409, so that a client can tell it from no job
+            return _error(409, f"job {job['id']} is {job['status']}: its {kind} is not made yet")
         if job["status"] != "succeeded":
             return _error(404, f"job {job['id']} is {job['status']}: no {kind} (only succeeded jobs have one)")
         if job.get("files_deleted_at") is not None:
@@ -425,15 +428,17 @@ class Ingress:
         job = await self._job(job_id, request)
         if job["status"] not in TERMINAL:
             return _error(409, f"video {job_id} is {openai_view(job, self.settings)['status']}: only a finished "
-                               f"video can be deleted (cancel it with DELETE /jobs/{job_id})")
+                               f"video can be deleted (cancel it first: POST {_prefix(request)}"
+                               f"/jobs/{job_id}/cancel)")
         deleted = await self._delete_files(job_id, request)
         if isinstance(deleted, Response):
             return deleted
         return {"id": job_id, "object": "video.deleted", "deleted": True}
 
-    @api.get("/v1/videos/{job_id}/content")
+    @api.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
     async def openai_content(self, job_id: str, request: Request, variant: str = "video"):
         self._authorize(request)
         if variant not in ("video", "thumbnail"):
-            return _error(422, "variant must be 'video' or 'thumbnail'")
+            return JSONResponse({"detail": [{"loc": ["query", "variant"], "type": "value_error",
+                                             "msg": f"variant must be 'video' or 'thumbnail', not {variant!r}"}]}, 422)
         return self._file(await self._job(job_id, request), "video" if variant == "video" else "preview")

@@ -7,7 +7,7 @@ import math
 import secrets
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.config import ServiceSettings
 from service.lora import resolve_lora
@@ -16,6 +16,23 @@ from wan_model.config import VariantSpec
 from wan_model.lora import expert_lora_files
 from wan_model.pipeline.conditioning import decode_image
 from wan_model.pipeline.validation import MAX_FRAMES, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE, video_size_for_image
+
+
+def _no_bool(value: Any) -> Any:
+    """JSON ``true`` is no number: pydantic's lax mode would take it as 1."""
+    if isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+def image_base64(value: Any) -> Any:
+    """The base64 text of an image field: a data URL's payload (``data:image/png;base64,...``), with
+    line breaks and spaces removed (``base64`` wraps its output at 76 characters)."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith("data:") and ";base64," in value[:100]:
+        value = value.split(";base64,", 1)[1]
+    return "".join(value.split())
 
 
 class LoraRef(BaseModel):
@@ -49,6 +66,10 @@ class GenerateRequest(BaseModel):
     # The client's own labels (an order id, a user), kept with the job and shown in its view and webhook.
     metadata: Optional[dict[str, str]] = None
 
+    _numbers = field_validator("width", "height", "num_frames", "steps", "guidance", "shift", "seed", "priority",
+                               mode="before")(_no_bool)
+    _image = field_validator("image", mode="before")(image_base64)
+
 
 class VideoCreateRequest(BaseModel):
     """``POST /v1/videos`` (OpenAI-style): ``size`` "WxH" and ``seconds`` besides the native fields."""
@@ -64,6 +85,9 @@ class VideoCreateRequest(BaseModel):
     guidance: Optional[Union[float, tuple[float, float]]] = None
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     input_reference: Optional[str] = None  # base64 image
+
+    _numbers = field_validator("seconds", "steps", "guidance", "seed", mode="before")(_no_bool)
+    _image = field_validator("input_reference", mode="before")(image_base64)
 
 
 def field_errors(errors: dict[str, str]) -> list[dict[str, Any]]:
@@ -84,8 +108,25 @@ def as_openai_errors(errors: dict[str, str]) -> dict[str, str]:
     return out
 
 
+_TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "tuple"}
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """A pydantic error's location without its union-branch tags ("tuple[float, float]", "str")."""
+    return [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+
+
 def pydantic_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": ["body", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    """One entry per field, named as the client sent it: the messages of a union's branches are joined."""
+    entries: dict[tuple, dict[str, Any]] = {}
+    for e in exc.errors():
+        loc = ("body", *_field_path(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if loc in entries:
+            entries[loc]["msg"] += f"; or: {msg}"
+        else:
+            entries[loc] = {"loc": list(loc), "msg": msg, "type": e["type"]}
+    return list(entries.values())
 
 
 def latent_tokens(spec: VariantSpec, width: int, height: int, num_frames: int) -> int:
@@ -102,8 +143,27 @@ def served_model_names(settings: ServiceSettings) -> set[str]:
 
 def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str, str]:
     """Everything the served model and settings rule out, as ``{field: message}`` (empty: fine)."""
+    return resolve_generate(req, settings)[1]
+
+
+def resolve_generate(req: GenerateRequest, settings: ServiceSettings) -> tuple[GenerateRequest, dict[str, str]]:
+    """The request with the video size an input image implies filled in (as the workers would size it;
+    the size limits apply to it, and the job's views show it), and everything the served model and
+    settings rule out, as ``{field: message}`` (empty: fine)."""
     spec = settings.variant_spec
     errors: dict[str, str] = {}
+    image_size: Optional[tuple[int, int]] = None
+    if req.image is not None:
+        if spec.task == "t2v":
+            errors["image"] = f"{spec.name} is text-to-video and takes no image"
+        else:
+            problem, image_size = image_problem(req.image, spec, req.width, req.height)
+            if problem:
+                errors["image"] = problem
+    elif spec.task == "i2v":
+        errors["image"] = f"{spec.name} is image-to-video: an image is required"
+    if image_size is not None and (req.width is None or req.height is None):
+        req = req.model_copy(update={"width": image_size[0], "height": image_size[1]})
     if req.model is not None and req.model not in served_model_names(settings):
         errors["model"] = f"unknown model {req.model!r}; this server serves {settings.variant_name!r}"
     if not req.prompt.strip():
@@ -125,9 +185,13 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
     if not errors.keys() & {"width", "height", "num_frames"}:
         tokens = latent_tokens(spec, width, height, frames)
         if tokens > settings.max_tokens:
-            errors["num_frames"] = (f"{width}x{height}x{frames} is {tokens} latent tokens; this server allows "
-                                    f"{settings.max_tokens} (fewer frames or a smaller size)")
-    if req.steps is not None and not 1 <= req.steps <= settings.max_steps:
+            sized = " (the size the image implies)" if image_size is not None else ""
+            errors["num_frames"] = (f"{width}x{height}x{frames}{sized} is {tokens} latent tokens; this server "
+                                    f"allows {settings.max_tokens} (fewer frames or a smaller size)")
+    if req.steps is None and spec.steps > settings.max_steps:  # the default is held to the limit too
+        errors["steps"] = (f"{spec.name} takes {spec.steps} steps by default, over this server's limit of "
+                           f"{settings.max_steps}: give steps from 1 to {settings.max_steps}")
+    elif req.steps is not None and not 1 <= req.steps <= settings.max_steps:
         errors["steps"] = f"steps {req.steps} must be between 1 and {settings.max_steps}"
     if isinstance(req.guidance, tuple) and not spec.is_moe:
         errors["guidance"] = f"a (low-noise, high-noise) pair needs a two-expert model; {spec.name} takes one number"
@@ -135,15 +199,6 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
         scales = req.guidance if isinstance(req.guidance, tuple) else (req.guidance,)
         if not all(0.0 <= g <= MAX_GUIDANCE for g in scales):
             errors["guidance"] = f"guidance must be from 0 to {MAX_GUIDANCE}"
-    if req.image is not None:
-        if spec.task == "t2v":
-            errors["image"] = f"{spec.name} is text-to-video and takes no image"
-        else:
-            problem = image_problem(req.image, spec, req.width, req.height)
-            if problem:
-                errors["image"] = problem
-    elif spec.task == "i2v":
-        errors["image"] = f"{spec.name} is image-to-video: an image is required"
     if req.lora is not None:
         try:
             # The layout the workers will read (one .safetensors file, a PEFT folder, or one file per
@@ -164,7 +219,7 @@ def check_generate(req: GenerateRequest, settings: ServiceSettings) -> dict[str,
                         ("webhook_url", req.webhook_url)):
         if not _valid_unicode(value):  # a lone surrogate ("\ud800") parses, but is no text
             errors[name] = f"{name} is not valid Unicode (it holds a lone surrogate)"
-    return errors
+    return req, errors
 
 
 def _valid_unicode(value: Any) -> bool:
@@ -178,17 +233,22 @@ def _valid_unicode(value: Any) -> bool:
     return True
 
 
-def image_problem(data: str, spec: VariantSpec, width: Optional[int], height: Optional[int]) -> Optional[str]:
-    """Why the workers would refuse this base64 image, or None: it must decode (as they decode it),
-    and where the request leaves a side to the image, the video it implies must fit ``MAX_SIDE``."""
+def image_problem(data: str, spec: VariantSpec, width: Optional[int], height: Optional[int]
+                  ) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """Why the workers would refuse this base64 image (or None), and the video size it implies where
+    the request leaves a side to it (or None). It must decode as they decode it, and that video must
+    fit ``MAX_SIDE``."""
     raw = _decode_image(data)
     if raw is None:
-        return "image is not valid base64 PNG/JPEG/WebP data"
+        return "image is not valid base64 PNG/JPEG/WebP data", None
     try:
         image = decode_image(raw)
     except ValueError as exc:
-        return str(exc)
-    return video_size_for_image(image, spec, width, height)[2]
+        return str(exc), None
+    w, h, problem = video_size_for_image(image, spec, width, height)
+    if problem or (width is not None and height is not None):
+        return problem, None
+    return None, (w, h)
 
 
 def _decode_image(data: str) -> Optional[bytes]:
@@ -236,9 +296,7 @@ def from_openai(req: VideoCreateRequest, settings: ServiceSettings) -> tuple[Gen
     """``POST /v1/videos`` body -> a native request; ``size``/``seconds`` errors per field."""
     spec = settings.variant_spec
     errors: dict[str, str] = {}
-    image = req.input_reference
-    if image is not None and image.startswith("data:") and ";base64," in image:  # a data URL, as OpenAI takes
-        image = image.split(";base64,", 1)[1]
+    image = req.input_reference  # a data URL's payload already (image_base64)
     fields: dict[str, Any] = {"model": req.model, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
                               "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "image": image}
     if req.size is not None:

@@ -66,7 +66,8 @@ def openai_view(job: dict[str, Any], settings: ServiceSettings) -> dict[str, Any
     if job["finished_at"]:
         view["completed_at"] = int(job["finished_at"])
     if status == "completed":
-        expiry = expires_at(job, settings.result_ttl_s)
+        # Deleted (on request or expired): its content expired then, and /content answers 410.
+        expiry = job.get("files_deleted_at") or expires_at(job, settings.result_ttl_s)
         view["expires_at"] = None if expiry is None else int(expiry)
     return view
 

@@ -11,6 +11,7 @@ import inspect
 import io
 import json
 import os
+import time
 import types
 
 import pytest
@@ -336,3 +337,87 @@ def test_openai_video_object_has_every_key_and_the_size_that_was_made(i2v_app):
     i2v_app.queue.finish(job_id, "succeeded", result={"width": 80, "height": 48, "num_frames": 5})
     done = i2v_app.client.get(f"/v1/videos/{job_id}", headers=AUTH).json()
     assert done["size"] == "80x48" and done["status"] == "completed" and done["completed_at"] is not None
+
+
+def test_an_image_implied_size_is_held_to_max_tokens_and_shown_while_queued(tmp_path, monkeypatch):
+    """With one side given, the other follows the image: the token limit applies to that video (a
+    tall image beside "width" alone had made a video 8x over the limit)."""
+    for app in serve_app(tmp_path, monkeypatch, variant="tiny-i2v", max_tokens=32):  # 64x64x5 on tiny
+        response = post(app, {"prompt": "x", "width": 64, "image": _png(64, 512)})
+        assert response.status_code == 422 and field_of(response) == {"num_frames"}, response.text
+        assert "64x512x5 (the size the image implies) is 256 latent tokens" in response.text
+        response = post(app, {"prompt": "x", "image": _png(64, 512)})  # the default area: fits
+        assert response.status_code == 202, response.text
+        job = app.client.get(f"/jobs/{response.json()['id']}", headers=AUTH).json()
+        from wan_model.pipeline.conditioning import decode_image
+        from wan_model.pipeline.validation import video_size_for_image
+
+        made = video_size_for_image(decode_image(base64.b64decode(_png(64, 512))), app.settings.variant_spec)
+        assert (job["request"]["width"], job["request"]["height"]) == made[:2] == (16, 176)  # as the workers size it
+        video = post(app, {"prompt": "x", "input_reference": _png(160, 96)}, path="/v1/videos").json()
+        assert video["size"] == "80x48" and video["status"] == "queued"
+
+
+def test_the_default_step_count_is_held_to_max_steps(tmp_path, monkeypatch):
+    for app in serve_app(tmp_path, monkeypatch, max_steps=2):  # tiny runs 4 steps by default
+        response = post(app, {"prompt": "x"})
+        assert response.status_code == 422 and field_of(response) == {"steps"}
+        assert "4 steps by default" in response.text
+        assert post(app, {"prompt": "x", "steps": 2}).status_code == 202
+
+
+@pytest.mark.parametrize("field, value", [("seed", True), ("width", True), ("guidance", False),
+                                          ("guidance", [True, 2.0]), ("steps", True)])
+def test_true_and_false_are_no_numbers(app, field, value):
+    response = post(app, {"prompt": "x", field: value})
+    assert response.status_code == 422 and field_of(response) == {field}, response.text
+
+
+def test_a_union_field_s_422_names_the_field_once(app):
+    response = post(app, {"prompt": "x", "guidance": [1, 2, 3]})
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", "guidance"]]
+    response = post(app, {"prompt": "x", "seconds": [1]}, path="/v1/videos")
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", "seconds"]]
+
+
+def test_both_create_routes_take_data_urls_and_wrapped_base64(i2v_app):
+    image = _png(64, 64)
+    wrapped = "\n".join(image[i:i + 76] for i in range(0, len(image), 76))  # as `base64` prints it
+    for value in (f"data:image/png;base64,{image}", wrapped):
+        response = post(i2v_app, {"prompt": "x", "image": value})
+        assert response.status_code == 202, response.text
+        assert i2v_app.queue.image(response.json()["id"]) == image
+    response = post(i2v_app, {"prompt": "x", "input_reference": wrapped}, path="/v1/videos")
+    assert response.status_code == 200, response.text
+
+
+def test_a_multipart_request_takes_metadata_as_json(i2v_app):
+    response = i2v_app.client.post("/generate", headers=AUTH, files={"image": ("a.png", base64.b64decode(_png(64, 64)))},
+                                   data={"prompt": "x", "metadata": '{"order": "A-17"}'})
+    assert response.status_code == 202, response.text
+    job = i2v_app.client.get(f"/jobs/{response.json()['id']}", headers=AUTH).json()
+    assert job["request"]["metadata"] == {"order": "A-17"}
+
+
+def test_a_video_not_made_yet_is_409_and_head_answers(app, tmp_path):
+    queued = post(app, {"prompt": "x"}).json()["id"]
+    response = app.client.get(f"/jobs/{queued}/video", headers=AUTH)
+    assert response.status_code == 409 and "not made yet" in response.text
+    assert app.client.get(f"/v1/videos/{queued}/content", headers=AUTH).status_code == 409
+    assert app.client.get("/jobs/" + "0" * 32 + "/video", headers=AUTH).status_code == 404
+    job_id = _succeeded_job(app, tmp_path)
+    for path in (f"/jobs/{job_id}/video", f"/v1/videos/{job_id}/content"):
+        response = app.client.head(path, headers=AUTH)
+        assert response.status_code == 200 and response.headers["content-length"] == "100"
+        assert response.headers["accept-ranges"] == "bytes" and response.content == b""
+    response = app.client.get(f"/v1/videos/{job_id}/content?variant=poster", headers=AUTH)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "variant"]
+
+
+def test_an_openai_video_deleted_shows_when_its_content_expired(app, tmp_path):
+    job_id = _succeeded_job(app, tmp_path)
+    assert app.client.delete(f"/v1/videos/{job_id}", headers=AUTH).json()["deleted"] is True
+    video = app.client.get(f"/v1/videos/{job_id}", headers=AUTH).json()
+    assert video["expires_at"] is not None and video["expires_at"] <= time.time() + 1
+    assert app.client.get(f"/v1/videos/{job_id}/content", headers=AUTH).status_code == 410
