@@ -41,7 +41,10 @@ def request_drain(address: str, node_id: str, deadline_s: int, message: str) -> 
     """``ray drain-node`` for ``node_id``; returns why it was refused, or None if accepted."""
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", address, "--node-id", node_id,
            "--reason", DRAIN_REASON, "--reason-message", message, "--deadline-remaining-seconds", str(deadline_s)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "`ray drain-node` did not answer within 60 s"
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return lines[-1] if lines else f"exit status {proc.returncode}"
@@ -64,10 +67,40 @@ def wait_until_gone(list_live: Callable[[], list[str]], deadline: float, poll_s:
         time.sleep(poll_s)
 
 
+class ClusterUnreachable(RuntimeError):
+    """The cluster's state could not be read for ``unreachable_s``: its head is gone."""
+
+
+class LiveActors:
+    """``list_live`` for ``wait_until_gone``: a failed look answers "(unknown)" and is asked again, but
+    failures without a break for ``unreachable_s`` raise ``ClusterUnreachable``. When the whole
+    RayCluster is deleted, its head stops within seconds, and nothing can be handed over any more:
+    holding the pod (and its GPUs) until the deadline would gain nothing."""
+
+    def __init__(self, list_names: Callable[[], list[str]], say: Callable[[str], None], unreachable_s: float = 60.0):
+        self.list_names, self.say, self.unreachable_s = list_names, say, unreachable_s
+        self.failing_since: Optional[float] = None
+
+    def __call__(self) -> list[str]:
+        try:
+            names = self.list_names()
+        except Exception as exc:  # noqa: BLE001 - the state API can hiccup; ask again
+            now = time.monotonic()
+            self.failing_since = self.failing_since or now
+            if now - self.failing_since >= self.unreachable_s:
+                raise ClusterUnreachable(f"the cluster's state could not be read for {now - self.failing_since:.0f} s "
+                                         f"({type(exc).__name__}: {exc})") from None
+            self.say(f"could not list actors ({type(exc).__name__}: {exc}); asking again")
+            return ["(unknown)"]
+        self.failing_since = None
+        return names
+
+
 def drain_node(address: str = "auto", node_id: Optional[str] = None, deadline_s: int = 690,
-               poll_s: float = 2.0, say: Callable[[str], None] = print) -> int:
+               poll_s: float = 2.0, say: Callable[[str], None] = print, unreachable_s: float = 60.0) -> int:
     """Drain ``node_id`` (default: the node this runs on) and wait for its replicas to stop. Exit
-    status: 0 when they are gone, 1 when the deadline passed first or Ray refused the drain."""
+    status: 0 when they are gone, 1 when the deadline passed first, Ray refused the drain, or the
+    cluster could not be reached for ``unreachable_s`` (its head is gone)."""
     import ray
     from ray.util.state import list_actors
 
@@ -82,16 +115,16 @@ def drain_node(address: str = "auto", node_id: Optional[str] = None, deadline_s:
         else:
             say(f"node {node} is draining; Serve moves its replicas (deadline {deadline_s} s)")
 
-        def live() -> list[str]:
-            try:
-                rows = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000,
-                                   raise_on_missing_output=False)
-            except Exception as exc:  # noqa: BLE001 - the state API can hiccup; ask again
-                say(f"could not list actors ({type(exc).__name__}: {exc}); asking again")
-                return ["(unknown)"]
+        def names() -> list[str]:
+            rows = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000,
+                               raise_on_missing_output=False)
             return actors_to_wait_for([r if isinstance(r, dict) else r.__dict__ for r in rows])
 
-        gone = wait_until_gone(live, started + deadline_s, poll_s, say)
+        try:
+            gone = wait_until_gone(LiveActors(names, say, unreachable_s), started + deadline_s, poll_s, say)
+        except ClusterUnreachable as exc:
+            say(f"node {node}: giving up, {exc}: its head is gone, so nothing is left to hand over")
+            return 1
         took = time.monotonic() - started
         if gone:
             say(f"node {node}: no Serve replica or worker left after {took:.0f} s")

@@ -186,7 +186,8 @@ def test_cluster_layout(docs):
     model_mount = next(m for path, m in mounts.items() if settings.model.startswith(path.rstrip("/") + "/"))
     model_volume = volumes[model_mount["name"]]["persistentVolumeClaim"]
     assert model_mount["readOnly"] is True and model_volume["readOnly"] is True
-    assert claims[model_volume["claimName"]]["spec"]["accessModes"] == ["ReadOnlyMany"]
+    # Ray pods read the weights; the claim must still be writable, or nothing can copy them in.
+    assert "ReadWriteMany" in claims[model_volume["claimName"]]["spec"]["accessModes"]
     data_mount = next(m for path, m in mounts.items() if settings.data_dir.startswith(path.rstrip("/") + "/"))
     assert not data_mount.get("readOnly")
     data_claim = claims[volumes[data_mount["name"]]["persistentVolumeClaim"]["claimName"]]

@@ -87,3 +87,30 @@ def test_the_hook_waits_for_serve_replicas_and_workers_only():
     assert wait_until_gone(lambda: next(answers), time.monotonic() + 5, 0.0, said.append) is True
     assert len(said) == 2  # one line per change, not per poll
     assert wait_until_gone(lambda: ["stuck"], time.monotonic() + 0.05, 0.01, said.append) is False
+
+
+def test_the_hook_gives_up_when_the_cluster_cannot_be_reached():
+    """A deleted RayCluster takes its head down within seconds: the hook must not hold the pod (and
+    its GPUs) until the deadline; a passing hiccup is asked again."""
+    from service.node_drain import ClusterUnreachable, LiveActors, wait_until_gone
+
+    said: list[str] = []
+
+    def head_gone() -> list[str]:
+        raise ConnectionError("GCS unavailable")
+
+    started = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match="could not be read"):
+        wait_until_gone(LiveActors(head_gone, said.append, unreachable_s=0.2), started + 30, 0.01, said.append)
+    assert time.monotonic() - started < 5
+    answers = iter([ConnectionError("hiccup"), ["a"], ConnectionError("hiccup"), []])
+
+    def flaky() -> list[str]:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    # Failures with a success between them are hiccups, each within unreachable_s of its own start.
+    assert wait_until_gone(LiveActors(flaky, said.append, unreachable_s=0.05), time.monotonic() + 5, 0.04,
+                           said.append) is True
