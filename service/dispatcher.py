@@ -160,6 +160,7 @@ class JobQueueService:
         held, holder, expires_at = self.queue.acquire_lease(self.holder, self._lease_s)
         if held and not self._leading:
             self._resync_orphans()
+            self.queue.move_images_out()  # those submitted here while another replica dispatched (submit)
             logger.info("JobQueue %s holds the dispatch lease: dispatching", self.holder)
         elif not held and holder != self._standing_by_for:
             logger.warning("JobQueue %s holds the dispatch lease of this store (until %s): %s stands by, and "
@@ -384,15 +385,21 @@ class JobQueueService:
                      webhook_url: Optional[str] = None) -> dict[str, Any]:
         """``{"job": ..., "created": bool}``, ``{"full": True, "retry_after_s": n, "error": ...}``, or
         ``{"key_reused": True, "error": ...}`` (the idempotency key belongs to a different request)."""
+        # While another replica dispatches (a KubeRay upgrade: the old cluster's), the image stays in
+        # the request, where an older release reads it; on taking the lease it moves to its column.
         try:
             job, created = self.queue.submit(request, idempotency_key=idempotency_key, priority=priority,
-                                            owner=owner, fingerprint=fingerprint, webhook_url=webhook_url)
+                                            owner=owner, fingerprint=fingerprint, webhook_url=webhook_url,
+                                            image_in_request=self._another_dispatches(request))
         except QueueFull as exc:
             return {"full": True, "retry_after_s": exc.retry_after_s, "error": str(exc)}
         except IdempotencyKeyReused as exc:
             return {"key_reused": True, "error": str(exc)}
         self._poke()
         return {"job": job, "created": created}
+
+    def _another_dispatches(self, request: dict[str, Any]) -> bool:
+        return bool(request.get("image")) and not self._leading and self.queue.lease_held_by_another(self.holder)
 
     async def get(self, job_id: str) -> Optional[dict[str, Any]]:
         self._ensure_dispatcher()

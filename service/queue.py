@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from service.queue_schema import create_or_migrate, image_info
+from service.queue_schema import create_or_migrate, image_info, move_images_out
 from service.store_journal import set_journal
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -162,19 +162,21 @@ class JobQueue:
 
     def submit(self, request: dict[str, Any], *, idempotency_key: Optional[str] = None,
                priority: int = 0, owner: Optional[str] = None, fingerprint: Optional[str] = None,
-               webhook_url: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+               webhook_url: Optional[str] = None, image_in_request: bool = False) -> tuple[dict[str, Any], bool]:
         """Add a job; returns ``(job, created)``. A known idempotency key returns its job unchanged.
 
         ``owner``: the client that submitted it (per-client tokens); keys are per owner.
         ``fingerprint``: ``request_fingerprint`` of the request as sent (default: of ``request``);
         a known key with a different fingerprint raises ``IdempotencyKeyReused`` and writes nothing.
         A job stored without a fingerprint (an older database) matches any request, as before.
-        ``webhook_url``: where to send the job's outcome when it finishes (``webhooks_due``)."""
+        ``webhook_url``: where to send the job's outcome when it finishes (``webhooks_due``).
+        ``image_in_request``: keep an input image in the request, where releases before the fifteenth
+        read it, rather than in its own column (``move_images_out`` moves it later)."""
         given_key = idempotency_key
         if idempotency_key and owner is not None:
             idempotency_key = f"{owner}\x1f{idempotency_key}"
         stored = dict(request)
-        image = stored.pop("image", None) or None
+        image = None if image_in_request else (stored.pop("image", None) or None)
         if image is not None:
             stored["image_info"] = image_info(image)
         payload = json.dumps(stored)
@@ -219,6 +221,12 @@ class JobQueue:
         with self._lock:
             row = self._row(job_id)
             return None if row is None else self._to_dict(row)
+
+    def move_images_out(self) -> None:
+        """Move input images kept in requests (``submit(image_in_request=True)``, older releases) to
+        their own column."""
+        with self._tx():
+            move_images_out(self._db)
 
     def image(self, job_id: str) -> Optional[str]:
         """The job's input image (base64), or None: it has none, or it was deleted with the results."""
@@ -496,6 +504,12 @@ class JobQueue:
                              "ON CONFLICT(id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
                              (holder, now + lease_s))
             return True, holder, now + lease_s
+
+    def lease_held_by_another(self, holder: str) -> bool:
+        """Whether a replica other than ``holder`` holds the dispatch lease now."""
+        with self._lock:
+            row = self._db.execute("SELECT holder, expires_at FROM dispatch_lease WHERE id = 1").fetchone()
+        return row is not None and row["holder"] != holder and row["expires_at"] > time.time()
 
     def release_lease(self, holder: str) -> None:
         """Give the lease up (at shutdown), so that a successor need not wait for it to expire."""

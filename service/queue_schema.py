@@ -68,7 +68,7 @@ def image_info(image: str) -> dict:
     return {"base64_chars": len(image), "sha256": hashlib.sha256(image.encode()).hexdigest()}
 
 
-def _move_images_out(db: sqlite3.Connection) -> None:
+def move_images_out(db: sqlite3.Connection) -> None:
     """Rows of an older release hold the input image in their request: move it to the ``image`` column."""
     rows = db.execute("SELECT id, request FROM jobs WHERE image IS NULL AND request LIKE '%\"image\": \"%'").fetchall()
     for job_id, payload in rows:
@@ -88,7 +88,7 @@ def create_or_migrate(db: sqlite3.Connection) -> None:
             for column in added:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
             if marker == "image":
-                _move_images_out(db)
+                move_images_out(db)
     # After the migration: the indexes name columns an older table gains only above.
     db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
     db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")

@@ -5,6 +5,7 @@ is released or lapses. ``JobQueueService`` is built directly, without Ray."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from service.dispatcher import JobQueueService
@@ -79,6 +80,27 @@ def test_a_released_lease_passes_at_once_and_ended_jobs_are_no_orphans(tmp_path)
     asyncio.run(old.shut_down())  # Serve's graceful shutdown of the old replica hands the lease on
     assert new._hold_lease() and new.orphans == {}
     assert new.queue.get(job["id"])["status"] == "failed" and new_engine.sent == []
+
+
+def test_images_submitted_while_another_replica_dispatches_stay_where_older_releases_read_them(tmp_path):
+    """A KubeRay upgrade: the new cluster's JobQueue takes jobs while the old cluster's dispatches
+    them, and releases before the fifteenth read a job's image from its request only."""
+    settings = make_settings(tmp_path, engine_replicas=1)
+    old, _ = replica(settings, lease_s=60)
+    assert old._hold_lease()
+    new, _ = replica(settings, lease_s=60)
+    answer = asyncio.run(new.submit({"prompt": "an upgrade", "seed": 1, "image": "aW1hZ2U="}))
+    job_id = answer["job"]["id"]
+    row = new.queue._db.execute("SELECT request, image FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert json.loads(row["request"])["image"] == "aW1hZ2U=" and row["image"] is None  # as the old release reads
+    assert answer["job"]["request"]["image"] == "aW1hZ2U=" and new.queue.image(job_id) == "aW1hZ2U="
+    own = asyncio.run(old.submit({"prompt": "to the holder", "seed": 2, "image": "b3du"}))["job"]["id"]
+    assert new.queue._db.execute("SELECT image FROM jobs WHERE id = ?", (own,)).fetchone()["image"] == "b3du"
+    asyncio.run(old.shut_down())  # the old cluster goes: the new replica takes the lease
+    assert new._hold_lease()
+    row = new.queue._db.execute("SELECT request, image FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert "image" not in json.loads(row["request"]) and row["image"] == "aW1hZ2U="  # moved to its column
+    assert new.queue.image(job_id) == "aW1hZ2U="
 
 
 def test_a_second_application_on_the_same_store_is_refused(tmp_path):
