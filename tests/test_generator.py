@@ -302,7 +302,7 @@ def test_lightning_preset_fields_run_euler_without_cfg(t2v, tmp_path):
     finally:
         recorder.close()
     assert len(recorder.calls) == 4 and len(result.timings["step_s"]) == 4
-    expected_t = make_sampler("euler", 4, get_variant("tiny-t2v").shift).timesteps
+    expected_t = make_sampler("euler", 4, LIGHTNING_PRESET["shift"]).timesteps
     got_t = torch.stack([c["t"].reshape(()) for c in recorder.calls])
     torch.testing.assert_close(got_t, expected_t.float(), rtol=0, atol=1e-3)
 

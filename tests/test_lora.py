@@ -157,6 +157,37 @@ def test_kohya_underscore_names_and_conv() -> None:
     })
 
 
+@pytest.mark.parametrize("spelling", [
+    "lora_unet__blocks_1_self_attn_k",  # VideoX-Fun
+    "lycoris_blocks_1_self_attn_k",  # LyCORIS
+    "pipe.dit.blocks.1.self_attn.k",  # DiffSynth
+    "lora_transformer_blocks_1_attn1_to_k",  # diffusers' kohya-style names
+])
+def test_other_trainers_prefixes_merge_like_official_names(spelling: str) -> None:
+    down, up = _factors(64, 64, 20)
+    diff_m = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(21))
+    official = {
+        "diffusion_model.blocks.1.self_attn.k.lora_down.weight": down,
+        "diffusion_model.blocks.1.self_attn.k.lora_up.weight": up,
+        "diffusion_model.blocks.1.self_attn.k.alpha": torch.tensor(2.0),
+        "diffusion_model.blocks.1.modulation.diff": diff_m,
+    }
+    other = {
+        f"{spelling}.lora_down.weight": down,
+        f"{spelling}.lora_up.weight": up,
+        f"{spelling}.alpha": torch.tensor(2.0),
+        "diffusion_model.blocks.1.diff_m": diff_m,  # lightx2v's name for the modulation delta
+    }
+    reference, model = _model("tiny-t2v"), _model("tiny-t2v")
+    before = _snapshot(model)
+    merge_lora(reference, official, scale=0.7)
+    merge_lora(model, other, scale=0.7)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+    assert not torch.equal(model.state_dict()["blocks.1.modulation"], before["blocks.1.modulation"])
+    assert not torch.equal(model.state_dict()["blocks.1.self_attn.k.weight"], before["blocks.1.self_attn.k.weight"])
+
+
 def test_switching_loras_on_a_loaded_bf16_model(tmp_path) -> None:
     save_transformer(_model("tiny-t2v"), tmp_path / "model")
     model = load_transformer(tmp_path / "model", dtype=torch.bfloat16)

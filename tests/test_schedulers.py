@@ -85,3 +85,17 @@ def test_bad_sampler_arguments():
         make_sampler("ddim", 4, 5.0)
     with pytest.raises(ValueError, match="steps"):
         make_sampler("unipc", 0, 5.0)
+
+
+def test_lightning_preset_splits_a14b_steps_two_per_expert():
+    """Lightning's config runs Wan2.2 A14B at shift 5: two steps on the high-noise expert, two on the
+    low-noise one. At the variant's own shift (12) three of the four would go to the high-noise one."""
+    from wan_model.config import get_variant
+    from wan_model.pipeline.denoise import ExpertPlan
+    from wan_model.pipeline.schedulers import LIGHTNING_PRESET
+
+    variant = get_variant("wan2.2-t2v-a14b")
+    plan = ExpertPlan(names=variant.experts, guidance={}, boundary=variant.boundary)
+    sampler = make_sampler(LIGHTNING_PRESET["sampler"], LIGHTNING_PRESET["steps"], LIGHTNING_PRESET["shift"])
+    experts = [plan.expert_for(float(t)) for t in sampler.timesteps]
+    assert experts == ["high_noise", "high_noise", "low_noise", "low_noise"]

@@ -10,8 +10,10 @@ Formats read (one ``.safetensors`` file, or a PEFT folder with ``adapter_config.
   too), ``<module>.lora_B.bias`` (PEFT ``lora_bias``, scaled like the product); alpha from ``adapter_config.json`` (``lora_alpha``/``r``) when given, else alpha = rank.
 
 ``<module>`` may use official or diffusers names, with an optional prefix (``diffusion_model.``,
-``model.diffusion_model.``, ``transformer.``, ``base_model.model.``) or kohya's underscore style
-(``lora_unet_blocks_0_self_attn_q``). Every key must land on a parameter of the model: one that
+``model.diffusion_model.``, ``transformer.``, ``base_model.model.``, DiffSynth's ``pipe.dit.``) or
+the underscore style of kohya (``lora_unet_blocks_0_self_attn_q``), VideoX-Fun (``lora_unet__``),
+LyCORIS (``lycoris_``) and diffusers' kohya names (``lora_transformer_blocks_0_attn1_to_q``).
+lightx2v's ``blocks.N.diff_m`` is a full delta of ``blocks.N.modulation``. Every key must land on a parameter of the model: one that
 does not is an error naming it, and nothing is changed.
 
 Merging: ``W += scale * (alpha / rank) * up @ down``, ``W += scale * diff``, ``b += scale * diff_b``,
@@ -42,7 +44,11 @@ from .loader import local_part
 
 __all__ = ["LoraError", "LoraUpdate", "read_lora", "merge_lora", "unmerge_lora", "merged_loras"]
 
-_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
+# Longest first: "lora_unet__" (VideoX-Fun) must win over kohya's "lora_unet_".
+_PREFIXES = tuple(sorted(
+    ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "pipe.dit.",
+     "lora_unet__", "lora_unet_", "lora_transformer_", "lycoris_"),
+    key=len, reverse=True))
 _SUFFIXES = {
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
@@ -54,6 +60,7 @@ _SUFFIXES = {
     ".alpha": "alpha",
     ".diff": "diff",
     ".diff_b": "diff_b",
+    ".diff_m": "diff_m",  # lightx2v: a full delta of the block's modulation table
 }
 
 
@@ -138,6 +145,8 @@ def _split_key(key: str) -> tuple[str, str] | None:
             break
     for suffix, kind in sorted(_SUFFIXES.items(), key=lambda item: -len(item[0])):
         if key.endswith(suffix):
+            if kind == "diff_m":  # "blocks.3.diff_m" is blocks.3.modulation's "diff"
+                return key[: -len(suffix)] + ".modulation", "diff"
             return key[: -len(suffix)], kind
     return None
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["unipc", "euler"])
     p.add_argument("--guidance", type=_guidance, help="scale, or LOW,HIGH for the two A14B experts")
     p.add_argument("--shift", type=float)
-    p.add_argument("--preset", choices=["lightning"], help="lightning: 4 Euler steps, guidance 1 (distilled LoRA)")
+    p.add_argument("--preset", choices=["lightning"], help="lightning: 4 Euler steps at shift 5, guidance 1 (distilled LoRA)")
     p.add_argument("--lora", help="LoRA file (or folder with one file per A14B expert)")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--device", default="auto")
