@@ -361,9 +361,16 @@ class JobQueueService:
             job_log(logger, job_id).warning("engine did not run this dispatch (%s); job is %s",
                                             outcome.get("error"), job["status"], extra={"status": job["status"]})
             return
-        record_outcome(self.queue, self.retention, job_id, outcome)
-        job = self.queue.get(job_id) or {}
         log = job_log(logger, job_id)
+        before = self.queue.get(job_id) or {}
+        if attempt is not None and (before.get("status") != RUNNING or before.get("attempts") != attempt):
+            # An earlier run's late answer (this replica lost its lease while the call was out, and
+            # another dispatched the job again): the record and the results folder are the later run's.
+            log.warning("ignored the outcome %s of attempt %d: the job is %s at attempt %s", status, attempt,
+                        before.get("status"), before.get("attempts"), extra={"attempt": attempt})
+            return
+        record_outcome(self.queue, self.retention, job_id, outcome, attempt)
+        job = self.queue.get(job_id) or {}
         final = job.get("status")
         fields = {"status": final}
         if final == "succeeded":
@@ -456,12 +463,18 @@ class JobQueueService:
 
     async def claim(self, job_id: str, attempt: int, replica_id: str, claimed_at: Optional[float] = None) -> bool:
         """An engine replica asks, before it starts a job, whether dispatch ``attempt`` is still current:
-        the job is running and has had no later attempt. A job left running by a previous JobQueue
+        the job is running and has had no later attempt, and no cancel was asked for meanwhile (the job
+        then ends cancelled here). A job left running by a previous JobQueue
         replica is adopted by that engine replica, so it is not re-queued behind its back.
         ``claimed_at``: the engine's clock when it claimed (its reports carry the same clock)."""
         self._ensure_dispatcher()
-        job = self.queue.get(job_id)
-        if job is None or job["status"] != RUNNING or job["attempts"] != attempt:
+        job = self.queue.claim(job_id, attempt)
+        if job is None:
+            return False
+        if job["status"] != RUNNING:  # cancelled while it waited for an engine
+            job_log(logger, job_id).info("cancelled before engine replica %s started it", replica_id,
+                                         extra={"status": job["status"]})
+            self.orphans.pop(job_id, None)
             return False
         if job_id in self.inflight:
             self.claimed_at[job_id] = time.monotonic()  # its run's time limit counts from here

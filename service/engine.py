@@ -269,7 +269,7 @@ class EngineReplica:
             return f"the JobQueue could not be reached for {CLAIM_WAIT_S:.0f} s to claim the job ({exc})"
         if not granted:
             return (f"attempt {job['attempt']} is no longer the job's current dispatch (it was re-queued, "
-                    "sent elsewhere or ended)")
+                    "sent elsewhere, cancelled or ended)")
         return None
 
     async def _push_outcome(self, job_id: str, outcome: dict[str, Any]) -> None:

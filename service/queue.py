@@ -292,6 +292,24 @@ class JobQueue:
             )
             return self._to_dict(self._require(job_id)) if cur.rowcount else None
 
+    def claim(self, job_id: str, attempt: int) -> Optional[dict[str, Any]]:
+        """An engine starts dispatch ``attempt``: the job's run time counts from here (not from the
+        dispatch, which may have waited in Serve's queue). ``None`` when that dispatch is no longer
+        current. A cancel asked for while the dispatch waited ends the job here: the result is the
+        cancelled record, and the engine is not to start it."""
+        with self._tx():
+            row = self._row(job_id)
+            if row is None or row["status"] != RUNNING or row["attempts"] != attempt:
+                return None
+            now = time.time()
+            if row["cancel_requested"]:
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ?, eta_s = NULL "
+                    "WHERE id = ?", (CANCELLED, now, now, "cancelled before it started", job_id))
+            else:
+                self._db.execute("UPDATE jobs SET started_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
+            return self._to_dict(self._require(job_id))
+
     def report_progress(self, job_id: str, *, stage: str, step: int = 0, total_steps: int = 0,
                         elapsed_s: float = 0.0, step_s: Optional[float] = None,
                         attempt: Optional[int] = None) -> bool:
@@ -317,13 +335,15 @@ class JobQueue:
 
     def finish(self, job_id: str, status: str, *, result: Optional[dict[str, Any]] = None,
                error: Optional[str] = None, result_path: Optional[str] = None,
-               preview_path: Optional[str] = None, result_bytes: Optional[int] = None) -> dict[str, Any]:
-        """running -> succeeded | failed | cancelled. A job already terminal is left as it is."""
+               preview_path: Optional[str] = None, result_bytes: Optional[int] = None,
+               attempt: Optional[int] = None) -> dict[str, Any]:
+        """running -> succeeded | failed | cancelled. A job already terminal is left as it is, and so
+        is one whose current dispatch is not ``attempt`` (when given): the outcome is an earlier run's."""
         if status not in TERMINAL:
             raise ValueError(f"finish() needs a terminal status, got {status!r}")
         with self._tx():
             row = self._require(job_id)
-            if row["status"] in TERMINAL:
+            if row["status"] in TERMINAL or (attempt is not None and row["attempts"] != attempt):
                 return self._to_dict(row)
             now = time.time()
             self._db.execute(

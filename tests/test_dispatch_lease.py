@@ -137,3 +137,45 @@ def test_applications_are_told_apart_by_their_serve_names_not_the_app_name_setti
     with pytest.raises(StoreOfAnotherApp, match="'t2v', not 'i2v'.*UPDATE store_info"):
         JobQueueService(make_settings(tmp_path).to_args(), FakeEngine())
     first.release_lease()
+
+
+def test_a_late_outcome_of_an_earlier_attempt_changes_neither_the_record_nor_the_new_runs_folder(tmp_path):
+    """A replica that lost the lease while its engine call was out gets that call's answer after the
+    new holder dispatched the job again: the answer is attempt 1's, the record and folder attempt 2's."""
+    settings = make_settings(tmp_path, engine_replicas=1, max_attempts=3)
+    old, _ = replica(settings, lease_s=60)
+    job, _ = old.queue.submit({"prompt": "dispatched twice", "seed": 1})
+    job_id = job["id"]
+    old.queue.mark_running(job_id)  # attempt 1, on the replica that then lost the lease
+    old.queue.requeue(job_id, "the new lease holder found no engine running it")
+    assert old.queue.mark_running(job_id)["attempts"] == 2  # dispatched again, by the new holder
+    folder = settings.results_dir / job_id
+    folder.mkdir(parents=True)
+    (folder / "video.mp4.partial").write_bytes(b"attempt 2 writing")
+    for status in ("failed", "cancelled", "crashed", "unavailable", "superseded"):
+        old._apply_outcome(job_id, {"status": status, "error": "attempt 1's run"}, attempt=1)
+        record = old.queue.get(job_id)
+        assert (record["status"], record["attempts"]) == ("running", 2), status
+        assert (folder / "video.mp4.partial").exists(), status
+    old._apply_outcome(job_id, {"status": "failed", "error": "attempt 2's run"}, attempt=2)
+    record = old.queue.get(job_id)
+    assert (record["status"], record["error"]) == ("failed", "attempt 2's run")
+    assert not folder.exists()
+
+
+def test_a_job_cancelled_before_an_engine_claims_it_is_not_started(tmp_path):
+    settings = make_settings(tmp_path, engine_replicas=1)
+    svc, _ = replica(settings, lease_s=60)
+    job, _ = svc.queue.submit({"prompt": "cancelled while its dispatch waits", "seed": 1})
+    svc.queue.mark_running(job["id"])
+
+    async def scenario():
+        await svc.cancel(job["id"])
+        started = await svc.claim(job["id"], 1, "E1")
+        svc._stopped = True
+        if svc._loop_task is not None:
+            svc._loop_task.cancel()
+        return started
+
+    assert asyncio.run(scenario()) is False
+    assert svc.queue.get(job["id"])["status"] == "cancelled"

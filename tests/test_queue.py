@@ -289,3 +289,19 @@ def test_progress_of_a_run_the_job_no_longer_counts_on_is_ignored_and_stopped(qu
     assert queue.report_progress(job["id"], stage="denoise", step=2, total_steps=10, attempt=2) is False
     assert queue.report_progress(job["id"], stage="denoise", step=5, total_steps=10) is False  # no attempt: as before
     assert queue.get(job["id"])["step"] == 5
+
+
+def test_a_claim_starts_the_run_clock_and_a_cancel_asked_before_it_ends_the_job(queue):
+    waiting, cancelled = submit(queue, "waits in Serve's queue"), submit(queue, "cancelled before it starts")
+    dispatched_at = queue.mark_running(waiting["id"])["started_at"]
+    queue.mark_running(cancelled["id"])
+    assert queue.claim(waiting["id"], attempt=2) is None  # not the current dispatch
+    claimed = queue.claim(waiting["id"], attempt=1)
+    assert claimed["status"] == RUNNING and claimed["started_at"] >= dispatched_at
+    queue.cancel(cancelled["id"])
+    assert queue.get(cancelled["id"])["status"] == RUNNING  # the flag waits for the engine...
+    ended = queue.claim(cancelled["id"], attempt=1)  # ...which asks before it starts
+    assert ended["status"] == CANCELLED and ended["error"] == "cancelled before it started"
+    assert queue.claim(cancelled["id"], attempt=1) is None
+    queue.requeue(cancelled["id"], "the engine did not start it", count_attempt=False, attempt=1)
+    assert queue.get(cancelled["id"])["status"] == CANCELLED
