@@ -403,14 +403,17 @@ class JobQueue:
                     (QUEUED, attempts, now, f"re-queued: {reason}", job_id))
             return self._to_dict(self._require(job_id))
 
-    def files_due(self, finished_before: float, limit: int = 100) -> list[dict[str, Any]]:
+    def files_due(self, finished_before: float, limit: int = 100,
+                  after: Optional[tuple[float, str]] = None) -> list[dict[str, Any]]:
         """Finished jobs (any terminal status) that ended before ``finished_before`` and whose files
-        have not been deleted yet, oldest first: what the result retention deletes next."""
+        have not been deleted yet, oldest first (by ``finished_at``, then id): what the result
+        retention deletes next. ``after``: the (finished_at, id) of the last job of the previous page."""
+        cursor_sql, cursor = ("AND (finished_at, id) > (?, ?) ", after) if after is not None else ("", ())
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._columns} FROM jobs WHERE files_deleted_at IS NULL AND finished_at < ? "
-                f"AND {_FINISHED_SQL} ORDER BY finished_at LIMIT ?",
-                (finished_before, *TERMINAL, limit)).fetchall()
+                f"AND {_FINISHED_SQL} {cursor_sql}ORDER BY finished_at, id LIMIT ?",
+                (finished_before, *TERMINAL, *cursor, limit)).fetchall()
             return [self._to_dict(r) for r in rows]
 
     def mark_files_deleted(self, job_id: str, reason: str) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from service.queue import JobQueue
 logger = logging.getLogger("ray.serve")
 
 SWEEP_MAX_S = 60.0  # the longest between two looks for expired files
+SWEEP_PAGE = 100  # expired jobs read at a time
+SWEEP_BUDGET_S = 1.0  # the sweep runs in the dispatch loop: a backlog is deleted a second at a time
+RETRY_MAX_S = 3600.0  # the longest a folder that could not be deleted waits for its next try
 
 
 class ResultRetention:
@@ -24,6 +27,7 @@ class ResultRetention:
         self.queue = queue
         self.settings = settings
         self.next_sweep = 0.0  # monotonic time of the next sweep
+        self.failures: dict[str, tuple[int, float]] = {}  # job id -> (failed tries, monotonic time of the next)
 
     @property
     def sweep_period_s(self) -> float:
@@ -38,11 +42,28 @@ class ResultRetention:
             return
         self.next_sweep = now + self.sweep_period_s
         reason = f"expired: kept for result_ttl_s={ttl:g} s after the job finished"
-        for job in self.queue.files_due(time.time() - ttl):
-            try:
-                await self.delete(job, reason)
-            except OSError:
-                continue  # logged; the next sweep tries again
+        # Every expired job is looked at, page by page: folders that cannot be deleted (a volume's
+        # permissions) must not hold back the newer ones behind them. They are tried again later,
+        # each time twice as late (up to RETRY_MAX_S).
+        after, started = None, time.monotonic()
+        while True:
+            if time.monotonic() - started > SWEEP_BUDGET_S:
+                self.next_sweep = 0.0  # a backlog: go on at the dispatch loop's next turn
+                return
+            page = self.queue.files_due(time.time() - ttl, limit=SWEEP_PAGE, after=after)
+            for job in page:
+                failure = self.failures.get(job["id"])
+                if failure is not None and time.monotonic() < failure[1]:
+                    continue
+                try:
+                    await self.delete(job, reason)
+                except OSError:  # logged
+                    count = failure[0] + 1 if failure is not None else 1
+                    wait_s = min(RETRY_MAX_S, self.sweep_period_s * 2 ** count)
+                    self.failures[job["id"]] = (count, time.monotonic() + wait_s)
+            if len(page) < SWEEP_PAGE:
+                break
+            after = (page[-1]["finished_at"], page[-1]["id"])
 
     async def delete(self, job: dict[str, Any], reason: str) -> dict[str, Any]:
         """Delete a finished job's results folder, then record it. A folder that cannot be deleted is
@@ -52,6 +73,7 @@ class ResultRetention:
         except OSError as exc:
             job_log(logger, job["id"]).warning("cannot delete its results (%s); will try again", exc)
             raise
+        self.failures.pop(job["id"], None)
         done = self.queue.mark_files_deleted(job["id"], reason)
         if job["status"] == "succeeded":
             job_log(logger, job["id"]).info("video and preview deleted: %s", reason, extra={"reason": reason})

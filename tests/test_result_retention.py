@@ -102,9 +102,39 @@ def test_a_folder_that_cannot_be_deleted_is_retried_and_does_not_stop_the_others
     assert any("cannot delete its results" in m and "Permission denied" in m for m in serve_warnings.messages)
     assert svc.queue.get(other)["files_deleted_at"] is not None
     monkeypatch.setattr(svc.retention, "remove_dir", remove)
+    sweep(svc)  # too soon: a folder that failed waits twice the sweep period before its next try
+    assert svc.queue.get(stuck)["files_deleted_at"] is None
+    tries, retry_at = svc.retention.failures[stuck]
+    assert tries == 1 and retry_at - time.monotonic() > svc.retention.sweep_period_s
+    svc.retention.failures[stuck] = (tries, time.monotonic())  # its time has come
     sweep(svc)
     assert svc.queue.get(stuck)["files_deleted_at"] is not None
     assert not (svc.settings.results_dir / stuck).exists()
+    assert stuck not in svc.retention.failures
+
+
+def test_many_undeletable_folders_do_not_hold_back_the_newer_ones(tmp_path, monkeypatch, serve_warnings):
+    import service.retention as retention
+
+    monkeypatch.setattr(retention, "SWEEP_PAGE", 3)  # more stuck folders than one page of expired jobs
+    svc = make_service(tmp_path, ttl=60)
+    stuck = {finished_job(svc, age_s=900 - i) for i in range(7)}
+    newer = [finished_job(svc, age_s=300 - i) for i in range(4)]
+    remove = svc.retention.remove_dir
+
+    def refuse(job_id: str) -> None:
+        if job_id in stuck:
+            raise PermissionError(13, "Permission denied", str(svc.settings.results_dir / job_id))
+        remove(job_id)
+
+    monkeypatch.setattr(svc.retention, "remove_dir", refuse)
+    sweep(svc)
+    assert all(svc.queue.get(j)["files_deleted_at"] is not None for j in newer)
+    assert all(svc.queue.get(j)["files_deleted_at"] is None for j in stuck)
+    assert set(svc.retention.failures) == stuck
+    warned = len(serve_warnings.messages)
+    sweep(svc)  # the stuck ones wait for their retry time: no new tries, no new warnings
+    assert len(serve_warnings.messages) == warned
 
 
 def test_delete_files_on_request_only_for_a_finished_job(tmp_path):
