@@ -44,6 +44,10 @@ MAX_URL_CHARS = 2048
 RETRY_CAP_S = 3600.0  # the longest wait between two attempts
 MAX_SENDING = 8  # deliveries in flight at once
 HOLD_MARGIN_S = 30.0  # a delivery in flight is held this much beyond its timeout from other senders
+# webhook_timeout_s bounds each socket operation; a receiver that trickles its answer, or a slow name
+# lookup, could outlast it many times. A try is given up (and retried later) this long past it, well
+# within its hold, so that no other sender starts the same delivery meanwhile.
+DEADLINE_MARGIN_S = 10.0
 EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
 
 
@@ -241,8 +245,13 @@ class WebhookSender:
         room = MAX_SENDING - len(self.sending)
         if room <= 0:
             return
-        # A delivery in flight is held (not due), so what comes back is not being sent already.
-        for job in self.queue.webhooks_due(time.time(), limit=room):
+        # A delivery in flight is held (not due), so what comes back is not being sent already; one
+        # still in flight here past its hold (it cannot be, see DEADLINE_MARGIN_S) is not sent twice.
+        for job in self.queue.webhooks_due(time.time(), limit=room + len(self.sending)):
+            if job["id"] in self.sending:
+                continue
+            if len(self.sending) >= MAX_SENDING:
+                break
             started = self.queue.start_webhook(job["id"], self.settings.webhook_timeout_s + HOLD_MARGIN_S)
             if started is not None:
                 task = asyncio.get_running_loop().create_task(self._deliver(started))
@@ -256,9 +265,14 @@ class WebhookSender:
             error = url_problem(job["webhook_url"], self.settings.webhook_allowed_hosts)
             retry = False
             if error is None:
-                error, retry = await asyncio.to_thread(post, job["webhook_url"], msg_id, body, self.secret,
-                                                       self.settings.webhook_timeout_s,
-                                                       self.settings.webhook_private_networks)
+                deadline_s = self.settings.webhook_timeout_s + DEADLINE_MARGIN_S
+                try:
+                    error, retry = await asyncio.wait_for(
+                        asyncio.to_thread(post, job["webhook_url"], msg_id, body, self.secret,
+                                          self.settings.webhook_timeout_s, self.settings.webhook_private_networks),
+                        deadline_s)
+                except asyncio.TimeoutError:  # the thread ends at its socket timeouts; its answer is dropped
+                    error, retry = f"no complete answer within {deadline_s:g} s", True
             attempts = job["webhook_attempts"]
             if error is None:
                 log.info("webhook delivered (attempt %d)", attempts)
@@ -273,7 +287,8 @@ class WebhookSender:
         except Exception:  # noqa: BLE001 - the hold expires and the next sender tries again
             log.exception("webhook delivery error")
         finally:
-            self.sending.pop(job["id"], None)
+            if self.sending.get(job["id"]) is asyncio.current_task():
+                del self.sending[job["id"]]
 
     async def drain(self, timeout_s: float) -> None:
         """Let deliveries in flight finish (at shutdown); an unfinished one is sent again later."""

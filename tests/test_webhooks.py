@@ -368,3 +368,37 @@ def test_https_checks_the_certificate_against_the_name(tmp_path, monkeypatch):
                                                          receiver.received[0]["body"])
     failed = queue.get(wrong_name)
     assert failed["webhook_status"] == "failed" and "certificate" in failed["webhook_error"].lower()
+
+
+def test_a_try_that_outlasts_its_deadline_is_given_up_and_never_sent_twice_at_once(tmp_path, monkeypatch):
+    """A receiver that trickles its answer keeps every socket operation within webhook_timeout_s: the
+    try as a whole is given up at its deadline, within its hold, and retried later."""
+    settings = settings_for(tmp_path, webhook_timeout_s=0.2, webhook_retry_s=30)
+    queue = JobQueue(settings.db_path)
+    sender = WebhookSender(queue, settings)
+    calls = []
+
+    def trickling_post(url, *args):
+        calls.append(url)
+        time.sleep(1.5)
+        return None, False
+
+    monkeypatch.setattr(webhooks, "post", trickling_post)
+    monkeypatch.setattr(webhooks, "DEADLINE_MARGIN_S", 0.3)
+    job_id = finished(queue, "http://127.0.0.1:9/hook")
+
+    async def scenario():
+        sender.send_due()
+        first = sender.sending[job_id]
+        queue._db.execute("UPDATE jobs SET webhook_next_at = 0 WHERE id = ?", (job_id,))  # as if its hold ran out
+        sender.send_due()
+        assert sender.sending[job_id] is first and queue.get(job_id)["webhook_attempts"] == 1
+        started = time.monotonic()
+        await sender.drain(5.0)
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 1.0  # given up at 0.5 s, not when the post returns at 1.5 s
+    job = queue.get(job_id)
+    assert len(calls) == 1
+    assert job["webhook_status"] == "pending" and job["webhook_error"] == "no complete answer within 0.5 s"
+    assert job["webhook_next_at"] > time.time() + 20
