@@ -27,6 +27,7 @@ import base64
 import logging
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -52,6 +53,7 @@ ENGINE_STALE_S = 120.0  # an engine report older than this no longer counts as r
 # (job_timeout_s, then nccl_timeout_s for wedged ranks) plus this. Past either, the call is given up.
 DISPATCH_MARGIN_S = 60.0
 ORPHAN_GRACE_PERIODS = 3  # health periods an orphaned job waits for an engine to claim it (if not all report)
+PREPARE_RETRY_S = 2.0  # a job whose folder or stored image could not be read waits this long before its next try
 
 
 def _serve_app_name() -> Optional[str]:
@@ -288,8 +290,15 @@ class JobQueueService:
         try:
             try:
                 engine_job = self._engine_job(job)
+            except (OSError, sqlite3.Error) as exc:  # the volume or store, which may recover: one more try
+                await asyncio.sleep(PREPARE_RETRY_S)
+                job = self.queue.requeue(job_id, f"cannot prepare job: {type(exc).__name__}: {exc}",
+                                         attempt=job["attempts"])
+                log.warning("cannot prepare job (%s); job is now %s", exc, job["status"],
+                            extra={"status": job["status"]})
+                return
             except Exception as exc:  # noqa: BLE001 - e.g. the LoRA file was removed since submission
-                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}")
+                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}", attempt=job["attempts"])
                 log.warning("failed: cannot prepare job: %s", exc, extra={"error": f"cannot prepare job: {exc}"})
                 return
             try:

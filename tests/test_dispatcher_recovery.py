@@ -234,6 +234,34 @@ def test_a_dispatch_whose_engine_could_not_claim_it_is_queued_again(tmp_path):
     assert (after["status"], after["attempts"]) == ("queued", 0) and "could not be reached" in after["error"]
 
 
+@pytest.mark.parametrize("problem, status", [
+    (OSError(28, "No space left on device"), "queued"),  # the volume may recover: tried again
+    (ValueError("unknown LoRA 'gone'; available: none"), "failed"),  # it will not
+])
+def test_a_job_that_cannot_be_prepared_is_tried_again_only_when_the_cause_may_pass(tmp_path, monkeypatch,
+                                                                                     problem, status):
+    import service.dispatcher as dispatcher
+
+    monkeypatch.setattr(dispatcher, "PREPARE_RETRY_S", 0.0)
+    svc, engine, _ = service(tmp_path)
+    job_id = svc.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+    job = svc.queue.mark_running(job_id)
+
+    def cannot_prepare(_job: dict) -> dict:
+        raise problem
+
+    svc._engine_job = cannot_prepare
+
+    async def scenario():
+        svc.inflight[job_id] = asyncio.current_task()
+        await svc._run(job)
+        return svc.queue.get(job_id)
+
+    after = asyncio.run(scenario())
+    assert engine.sent == [] and after["status"] == status and "cannot prepare job" in after["error"]
+    assert after["attempts"] == 1  # the try counts: a volume that stays full fails the job after max_attempts
+
+
 class FakeQueueHandle:
     """The JobQueue handle an engine replica holds: ``claim`` answers from a script, the first
     ``unreachable`` calls fail as while the JobQueue replica restarts."""
