@@ -196,11 +196,22 @@ class JobQueueService:
         return self.shut_down()
 
     async def shut_down(self) -> None:
-        """Serve's graceful shutdown (a redeploy, ``serve shutdown``): dispatch nothing more, wait for
-        the jobs this replica sent out (their engine replicas drain them for ``drain_timeout_s``)
-        and record their outcomes, then hand the dispatch lease on."""
+        """Serve's graceful shutdown (a redeploy, ``serve shutdown``): dispatch nothing more, re-queue
+        the dispatches no engine has started, wait for the jobs engines run (they drain them for
+        ``drain_timeout_s``) and record their outcomes, then hand the dispatch lease on."""
         self._draining = True
-        pending = [task for task in self.inflight.values() if not task.done()]
+        # A dispatch no engine has claimed yet waits in Serve's queue (behind a job, or for a replica
+        # to start): no engine will take it up before this application goes, so it goes back to the
+        # queue now, uncounted, for the next JobQueue to send. Once re-queued its claim is refused.
+        for job_id, task in list(self.inflight.items()):
+            if job_id not in self.claimed_at and not task.done():
+                job = self.queue.get(job_id) or {}
+                requeued = self.queue.requeue(job_id, "this JobQueue shut down before an engine started it",
+                                              count_attempt=False, attempt=job.get("attempts"))
+                task.cancel()  # and with it the engine call
+                job_log(logger, job_id).info("shutting down: not started by an engine; job is %s",
+                                             requeued["status"], extra={"status": requeued["status"]})
+        pending = [task for job_id, task in self.inflight.items() if not task.done() and job_id in self.claimed_at]
         if pending:
             logger.info("shutting down: waiting up to %.0f s for %d running job(s) to end",
                         self.settings.drain_timeout_s, len(pending))

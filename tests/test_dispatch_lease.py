@@ -179,3 +179,37 @@ def test_a_job_cancelled_before_an_engine_claims_it_is_not_started(tmp_path):
 
     assert asyncio.run(scenario()) is False
     assert svc.queue.get(job["id"])["status"] == "cancelled"
+
+
+def test_shutting_down_requeues_what_no_engine_started_and_waits_only_for_what_runs(tmp_path):
+    settings = make_settings(tmp_path, engine_replicas=1, drain_timeout_s=30.0)
+    svc, _ = replica(settings, lease_s=60)
+    running, _ = svc.queue.submit({"prompt": "an engine runs it", "seed": 1})
+    waiting, _ = svc.queue.submit({"prompt": "waits in Serve's queue", "seed": 2})
+    answers: dict[str, asyncio.Future] = {}
+
+    async def call_engine(engine_job: dict) -> dict:
+        answers[engine_job["id"]] = asyncio.get_running_loop().create_future()
+        return await answers[engine_job["id"]]
+
+    svc._call_engine = call_engine
+
+    async def scenario():
+        assert svc._hold_lease()
+        for job in (running, waiting):
+            dispatched = svc.queue.mark_running(job["id"])
+            svc.inflight[job["id"]] = asyncio.get_running_loop().create_task(svc._run(dispatched))
+        await asyncio.sleep(0.05)
+        assert await svc.claim(running["id"], 1, "E1")
+        asyncio.get_running_loop().call_later(0.3, answers[running["id"]].set_result,
+                                              {"status": "failed", "error": "drained"})
+        started = time.monotonic()
+        await svc.shut_down()
+        return time.monotonic() - started, await svc.claim(waiting["id"], 1, "E1")
+
+    took_s, late_claim = asyncio.run(scenario())
+    assert took_s < 5.0  # not drain_timeout_s + 15 s for the dispatch no engine took up
+    assert late_claim is False  # an engine that gets to it after all does not start it
+    assert svc.queue.get(running["id"])["status"] == "failed"
+    assert (svc.queue.get(waiting["id"])["status"], svc.queue.get(waiting["id"])["attempts"]) == ("queued", 0)
+    assert not svc._leading
