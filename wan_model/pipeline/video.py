@@ -15,7 +15,7 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a [3, F, H, W] video tensor, got shape {tuple(video.shape)}")
     video = video.detach().float().clamp(-1.0, 1.0)
-    video = ((video + 1.0) * 127.5).round().to(torch.uint8)
+    video = ((video + 1.0) * 127.5).round().to(torch.uint8)  # rounded, as diffusers does; official truncates (half a level darker)
     return video.permute(1, 2, 3, 0).cpu().numpy()
 
 
