@@ -9,6 +9,7 @@ import json
 import time
 
 from service.dispatcher import JobQueueService
+from service.outcomes import record_outcome
 from service.queue import JobQueue
 from service_helpers import FakeEngine, make_settings
 
@@ -154,6 +155,12 @@ def test_a_late_outcome_of_an_earlier_attempt_changes_neither_the_record_nor_the
     (folder / "video.mp4.partial").write_bytes(b"attempt 2 writing")
     for status in ("failed", "cancelled", "crashed", "unavailable", "superseded"):
         old._apply_outcome(job_id, {"status": status, "error": "attempt 1's run"}, attempt=1)
+        record = old.queue.get(job_id)
+        assert (record["status"], record["attempts"]) == ("running", 2), status
+        assert (folder / "video.mp4.partial").exists(), status
+    # record_outcome holds on its own, without the dispatcher's check before it
+    for status in ("failed", "cancelled", "crashed", "unavailable"):
+        record_outcome(old.queue, old.retention, job_id, {"status": status, "error": "attempt 1's run"}, attempt=1)
         record = old.queue.get(job_id)
         assert (record["status"], record["attempts"]) == ("running", 2), status
         assert (folder / "video.mp4.partial").exists(), status
