@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pth import load_pth
+
 OFFICIAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -131,6 +133,13 @@ def _key_prefix(model: nn.Module) -> str:
     return "vision_model." if any(k.startswith("vision_model.") for k in model.state_dict()) else ""
 
 
+def _embeddings(model: nn.Module) -> nn.Module:
+    # transformers 5 dropped the ``vision_model`` wrapper; find the module by its class
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+
+    return next(m for m in model.modules() if isinstance(m, CLIPVisionEmbeddings))
+
+
 def load_clip_vision(path: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A ``CLIPVisionModel`` (or ``...WithProjection``) on CPU, eval mode, from the official .pth or an HF folder."""
     from transformers import CLIPVisionModel
@@ -150,15 +159,23 @@ def load_clip_vision(path: str | Path, *, dtype: torch.dtype = torch.float32) ->
         cls = CLIPVisionModelWithProjection if "CLIPVisionModelWithProjection" in architectures else CLIPVisionModel
         model = cls.from_pretrained(path, dtype=dtype)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pth(path)
         if "visual.patch_embedding.weight" not in state:
             raise ValueError(f"{path} is not an official Wan CLIP checkpoint (no visual.patch_embedding.weight)")
-        model = CLIPVisionModel(clip_config_from_official(state))
-        missing, unexpected = model.load_state_dict(official_clip_to_hf(state, _key_prefix(model)), strict=False)
+        with torch.device("meta"):  # no random init of the 632M-parameter tower in float32
+            model = CLIPVisionModel(clip_config_from_official(state))
+        hf_state = {k: v.to(dtype) for k, v in official_clip_to_hf(state, _key_prefix(model)).items()}
+        missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
             raise ValueError(f"{path}: CLIP visual tower keys do not match: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+        # A buffer transformers builds rather than stores: make it again, off meta.
+        embeddings = _embeddings(model)
+        embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
+        still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if still_meta:
+            raise RuntimeError(f"{path}: CLIP tensors not loaded: {still_meta[:5]}")
     return model.to(dtype).eval().requires_grad_(False)
 
 

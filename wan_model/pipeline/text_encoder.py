@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .pth import load_pth
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -130,7 +132,7 @@ def load_umt5_encoder(checkpoint: str | Path, *, dtype: torch.dtype = torch.bflo
     if checkpoint.is_dir():
         model = UMT5EncoderModel.from_pretrained(checkpoint, dtype=dtype)
     else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pth(checkpoint)
         if "token_embedding.weight" not in state:
             raise ValueError(f"{checkpoint} is not an official Wan T5 encoder checkpoint (no token_embedding.weight)")
         config = umt5_config_from_official(state)

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .pth import load_pth
+
 VAE_KINDS = ("wan2.1", "wan2.2")
 OFFICIAL_VAE_FILES = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
 
@@ -211,7 +213,7 @@ def load_vae_model(path: str | Path, *, kind: str | None = None, dtype: torch.dt
         if kind is not None and kind != found:
             raise ValueError(f"{path} holds a {found} VAE, not {kind}")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pth(path)
         found = official_vae_kind(state)
         if kind is not None and kind != found:
             raise ValueError(f"{path} holds a {found} VAE, not {kind}")
