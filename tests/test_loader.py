@@ -129,6 +129,30 @@ def test_real_config_jsons_map_to_variants() -> None:
     assert detect_variant(config_from_shapes(shapes)) == "wan2.1-t2v-14b"
 
 
+def test_the_wan_familys_other_transformers_are_refused_by_name() -> None:
+    """VACE and Animate share T2V/I2V-14B's base fields; their configs (as released) are refused up front."""
+    base = {"attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256,
+            "num_attention_heads": 40, "num_layers": 40, "out_channels": 16, "patch_size": [1, 2, 2],
+            "qk_norm": "rms_norm_across_heads", "text_dim": 4096, "rope_max_seq_len": 1024}
+    assert detect_variant(config_from_json(dict(base, _class_name="WanTransformer3DModel", in_channels=16))) \
+        == "wan2.1-t2v-14b"
+    vace = dict(base, _class_name="WanVACETransformer3DModel", in_channels=16, vace_layers=[0, 5, 10],
+                vace_in_channels=96)
+    animate = dict(base, _class_name="WanAnimateTransformer3DModel", in_channels=36, image_dim=1280,
+                   added_kv_proj_dim=5120, motion_encoder_size=512, inject_face_latents_blocks=5)
+    for config, name in ((vace, "WanVACETransformer3DModel"), (animate, "WanAnimateTransformer3DModel")):
+        with pytest.raises(CheckpointError, match=f"unsupported transformer {name}"):
+            config_from_json(config)
+    unnamed_vace = {k: v for k, v in vace.items() if k != "_class_name"}
+    with pytest.raises(CheckpointError, match="vace_layers"):
+        config_from_json(unnamed_vace)
+    official_vace = {"_class_name": "VaceWanModel", "dim": 5120, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256,
+                     "in_dim": 16, "model_type": "vace", "num_heads": 40, "num_layers": 40, "out_dim": 16,
+                     "text_len": 512, "vace_layers": [0, 5, 10], "vace_in_dim": 96}
+    with pytest.raises(CheckpointError, match="unsupported transformer VaceWanModel"):
+        config_from_json(official_vace)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 

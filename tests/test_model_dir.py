@@ -119,6 +119,16 @@ def test_not_a_model_folder_and_wrong_variant(built, tmp_path):
     assert detect_model_dir(built["tiny-t2v", "diffusers"], variant="tiny-t2v").variant == "tiny-t2v"
 
 
+def test_a_transformer_of_another_wan_class_is_refused_when_the_folder_is_read(built, tmp_path):
+    root = tmp_path / "vace"
+    shutil.copytree(built["tiny-t2v", "diffusers"], root)
+    config_file = root / "transformer" / "config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()),
+                                           _class_name="WanVACETransformer3DModel")))
+    with pytest.raises(ValueError, match="unsupported transformer WanVACETransformer3DModel"):
+        detect_model_dir(root)
+
+
 # ---- tiny builder -------------------------------------------------------------------------------
 
 

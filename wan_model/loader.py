@@ -126,6 +126,16 @@ def _model_type(in_dim: int, out_dim: int, image_dim: int | None) -> str:
     return "ti2v" if out_dim == 48 else "t2v"
 
 
+def _check_class(data: Mapping, supported: str, extra_keys: tuple[str, ...]) -> None:
+    """Refuse the Wan family's other transformers (VACE, Animate, S2V): they share the base fields
+    and would otherwise be taken for T2V/I2V, to fail later on hundreds of unexpected keys."""
+    name = data.get("_class_name")
+    found = [k for k in extra_keys if k in data]
+    if (name is not None and name != supported) or found:
+        raise CheckpointError(f"unsupported transformer {name or 'class'}{f' (config has {found})' if found else ''}: "
+                              f"wanserve runs {supported} checkpoints (Wan T2V, I2V and TI2V)")
+
+
 def config_from_json(data: Mapping, shapes: Mapping[str, tuple[int, ...]] | None = None) -> WanConfig:
     """A ``WanConfig`` from a diffusers (``WanTransformer3DModel``) or official (``WanModel``) config.json.
 
@@ -133,6 +143,7 @@ def config_from_json(data: Mapping, shapes: Mapping[str, tuple[int, ...]] | None
     (official configs of Wan2.1 and Wan2.2 I2V both read ``model_type: i2v``; only 2.1 has ``img_emb``).
     """
     if "num_attention_heads" in data:  # diffusers
+        _check_class(data, "WanTransformer3DModel", extra_keys=("vace_layers", "motion_encoder_size"))
         if data.get("pos_embed_seq_len"):
             raise CheckpointError("FLF2V checkpoints (pos_embed_seq_len) are not supported")
         heads, head_dim = int(data["num_attention_heads"]), int(data.get("attention_head_dim", 128))
@@ -156,6 +167,7 @@ def config_from_json(data: Mapping, shapes: Mapping[str, tuple[int, ...]] | None
             image_dim=int(image_dim) if image_dim is not None else None,
         )
     if "dim" in data and "num_heads" in data:  # official
+        _check_class(data, "WanModel", extra_keys=("vace_layers",))
         image_dim = data.get("image_dim")
         if image_dim is None and shapes is not None and "img_emb.proj.0.weight" in shapes:
             image_dim = shapes["img_emb.proj.0.weight"][0]
