@@ -116,8 +116,10 @@ def drain_node(address: str = "auto", node_id: Optional[str] = None, deadline_s:
             say(f"node {node} is draining; Serve moves its replicas (deadline {deadline_s} s)")
 
         def names() -> list[str]:
-            rows = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000,
-                               raise_on_missing_output=False)
+            # The cluster this joined, by its address: with none, the state API looks for one on its
+            # own and gives up where a machine runs more than one Ray instance.
+            rows = list_actors(address=gcs, filters=[("node_id", "=", node), ("state", "=", "ALIVE")],
+                               limit=10_000, raise_on_missing_output=False)
             return actors_to_wait_for([r if isinstance(r, dict) else r.__dict__ for r in rows])
 
         try:
