@@ -15,7 +15,8 @@ check):
   outcome.
 The jobs this replica dispatched itself get their outcome as the engine call's return value.
 
-Every dispatch is numbered (the job's ``attempts``), and an engine replica claims its dispatch
+Every dispatch is numbered (the job's ``dispatch``: its attempts and the dispatches not counted as
+one, so that no number is given twice), and an engine replica claims its dispatch
 before it starts the job (``claim``). A dispatch that waited in an engine replica's Serve queue
 while its JobQueue replica died, and whose job has since been re-queued or sent elsewhere, is
 refused there, so it does not run a second time.
@@ -141,8 +142,8 @@ class JobQueueService:
                     if job is not None:
                         job = self.queue.mark_running(job["id"])
                         if job is not None:
-                            job_log(logger, job["id"]).info("dispatched (attempt %d)", job["attempts"],
-                                                            extra={"attempt": job["attempts"]})
+                            job_log(logger, job["id"]).info("dispatched (attempt %d, dispatch %d)", job["attempts"],
+                                                            job["dispatch"], extra={"attempt": job["attempts"]})
                             self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
                             continue
                 self._wake.clear()
@@ -207,7 +208,7 @@ class JobQueueService:
             if job_id not in self.claimed_at and not task.done():
                 job = self.queue.get(job_id) or {}
                 requeued = self.queue.requeue(job_id, "this JobQueue shut down before an engine started it",
-                                              count_attempt=False, attempt=job.get("attempts"))
+                                              count_attempt=False, attempt=job.get("dispatch"))
                 task.cancel()  # and with it the engine call
                 job_log(logger, job_id).info("shutting down: not started by an engine; job is %s",
                                              requeued["status"], extra={"status": requeued["status"]})
@@ -250,8 +251,13 @@ class JobQueueService:
         for job_id, deadline in list(self.orphans.items()):
             if all_reported or now >= deadline:
                 del self.orphans[job_id]
+                # A dispatch no engine ever claimed did not run: it is not counted. (Should it still be
+                # waiting in an engine's queue, its claim is refused: the next dispatch has a new number.)
+                started = (self.queue.get(job_id) or {}).get("claimed_at") is not None
                 job = self.queue.requeue(job_id, "the service stopped while the job was running, and no engine "
-                                                 "replica was running it when the JobQueue restarted")
+                                                 "replica was running it when the JobQueue restarted"
+                                         if started else "the service stopped before an engine replica started "
+                                                         "the job", count_attempt=started)
                 job_log(logger, job_id).warning("no engine replica is running it: now %s", job["status"],
                                                 extra={"status": job["status"]})
         wall = time.time()
@@ -292,7 +298,7 @@ class JobQueueService:
         if req.get("lora"):
             fields["lora"] = str(resolve_lora(self.settings.lora_dir, req["lora"]["name"]))
             fields["lora_scale"] = float(req["lora"].get("scale", 1.0))
-        return {"id": job["id"], "attempt": job["attempts"], "request": fields,
+        return {"id": job["id"], "attempt": job["dispatch"], "request": fields,
                 "progress_interval_s": self.settings.progress_interval_s}
 
     async def _run(self, job: dict[str, Any]) -> None:
@@ -304,12 +310,12 @@ class JobQueueService:
             except (OSError, sqlite3.Error) as exc:  # the volume or store, which may recover: one more try
                 await asyncio.sleep(PREPARE_RETRY_S)
                 job = self.queue.requeue(job_id, f"cannot prepare job: {type(exc).__name__}: {exc}",
-                                         attempt=job["attempts"])
+                                         attempt=job["dispatch"])
                 log.warning("cannot prepare job (%s); job is now %s", exc, job["status"],
                             extra={"status": job["status"]})
                 return
             except Exception as exc:  # noqa: BLE001 - e.g. the LoRA file was removed since submission
-                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}", attempt=job["attempts"])
+                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}", attempt=job["dispatch"])
                 log.warning("failed: cannot prepare job: %s", exc, extra={"error": f"cannot prepare job: {exc}"})
                 return
             try:
@@ -383,11 +389,11 @@ class JobQueueService:
             return
         log = job_log(logger, job_id)
         before = self.queue.get(job_id) or {}
-        if attempt is not None and (before.get("status") != RUNNING or before.get("attempts") != attempt):
+        if attempt is not None and (before.get("status") != RUNNING or before.get("dispatch") != attempt):
             # An earlier run's late answer (this replica lost its lease while the call was out, and
             # another dispatched the job again): the record and the results folder are the later run's.
-            log.warning("ignored the outcome %s of attempt %d: the job is %s at attempt %s", status, attempt,
-                        before.get("status"), before.get("attempts"), extra={"attempt": attempt})
+            log.warning("ignored the outcome %s of dispatch %d: the job is %s at dispatch %s", status, attempt,
+                        before.get("status"), before.get("dispatch"), extra={"attempt": attempt})
             return
         record_outcome(self.queue, self.retention, job_id, outcome, attempt)
         job = self.queue.get(job_id) or {}
@@ -521,7 +527,7 @@ class JobQueueService:
         if job_id not in self.orphans and job_id not in self.adopted:
             return False
         attempt = outcome.get("attempt")
-        if attempt is not None and (self.queue.get(job_id) or {}).get("attempts") != attempt:
+        if attempt is not None and (self.queue.get(job_id) or {}).get("dispatch") != attempt:
             return False
         self.orphans.pop(job_id, None)
         self.adopted.pop(job_id, None)

@@ -53,5 +53,5 @@ def _discard_if_running(queue: JobQueue, retention: ResultRetention, job_id: str
     job has ended already (the folder may hold the video that succeeded) or was dispatched again
     (the folder is the later run's)."""
     job = queue.get(job_id)
-    if job is not None and job["status"] == RUNNING and (attempt is None or job["attempts"] == attempt):
+    if job is not None and job["status"] == RUNNING and (attempt is None or job["dispatch"] == attempt):
         retention.discard(job_id)

@@ -90,6 +90,11 @@ def new_job_id() -> str:
     return secrets.token_hex(16)
 
 
+def _dispatch(row: sqlite3.Row) -> int:
+    """The number of the job's latest dispatch: its attempts and the dispatches not counted as one."""
+    return row["attempts"] + row["uncounted"]
+
+
 class JobQueue:
     def __init__(self, db_path: str | Path, *, max_size: int = 64, max_attempts: int = 2,
                  max_per_owner: Optional[int] = None, journal: str = "wal"):
@@ -150,6 +155,7 @@ class JobQueue:
         job["result"] = json.loads(row["result"]) if row["result"] else None
         job["cancel_requested"] = bool(row["cancel_requested"])
         job["queue_position"] = self._position(row)
+        job["dispatch"] = _dispatch(row)
         return job
 
     def _add_counter(self, name: str, value: float) -> None:
@@ -282,24 +288,26 @@ class JobQueue:
             return None if row is None else self._to_dict(row)
 
     def mark_running(self, job_id: str) -> Optional[dict[str, Any]]:
-        """queued -> running (one more attempt); ``None`` when the job is no longer queued."""
+        """queued -> running (one more attempt, and a new ``dispatch`` number: ``attempts`` plus the
+        dispatches that were not counted, so no number is ever given twice); ``None`` when the job is
+        no longer queued."""
         with self._tx():
             now = time.time()
             cur = self._db.execute(
                 "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, updated_at = ?, "
-                "stage = NULL, step = 0, total_steps = 0, eta_s = NULL WHERE id = ? AND status = ?",
+                "claimed_at = NULL, stage = NULL, step = 0, total_steps = 0, eta_s = NULL WHERE id = ? AND status = ?",
                 (RUNNING, now, now, job_id, QUEUED),
             )
             return self._to_dict(self._require(job_id)) if cur.rowcount else None
 
     def claim(self, job_id: str, attempt: int) -> Optional[dict[str, Any]]:
-        """An engine starts dispatch ``attempt``: the job's run time counts from here (not from the
+        """An engine starts dispatch ``attempt`` (the job's ``dispatch`` number): the job's run time counts from here (not from the
         dispatch, which may have waited in Serve's queue). ``None`` when that dispatch is no longer
         current. A cancel asked for while the dispatch waited ends the job here: the result is the
         cancelled record, and the engine is not to start it."""
         with self._tx():
             row = self._row(job_id)
-            if row is None or row["status"] != RUNNING or row["attempts"] != attempt:
+            if row is None or row["status"] != RUNNING or _dispatch(row) != attempt:
                 return None
             now = time.time()
             if row["cancel_requested"]:
@@ -307,7 +315,8 @@ class JobQueue:
                     "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ?, eta_s = NULL "
                     "WHERE id = ?", (CANCELLED, now, now, "cancelled before it started", job_id))
             else:
-                self._db.execute("UPDATE jobs SET started_at = ?, updated_at = ? WHERE id = ?", (now, now, job_id))
+                self._db.execute("UPDATE jobs SET started_at = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
+                                 (now, now, now, job_id))
             return self._to_dict(self._require(job_id))
 
     def report_progress(self, job_id: str, *, stage: str, step: int = 0, total_steps: int = 0,
@@ -321,7 +330,7 @@ class JobQueue:
             if row is None:
                 return True
             if row["status"] == QUEUED or (row["status"] == RUNNING and attempt is not None
-                                           and row["attempts"] != attempt):
+                                           and _dispatch(row) != attempt):
                 return True
             if row["status"] != RUNNING:
                 return row["status"] == CANCELLED
@@ -343,7 +352,7 @@ class JobQueue:
             raise ValueError(f"finish() needs a terminal status, got {status!r}")
         with self._tx():
             row = self._require(job_id)
-            if row["status"] in TERMINAL or (attempt is not None and row["attempts"] != attempt):
+            if row["status"] in TERMINAL or (attempt is not None and _dispatch(row) != attempt):
                 return self._to_dict(row)
             now = time.time()
             self._db.execute(
@@ -384,23 +393,27 @@ class JobQueue:
         """
         with self._tx():
             row = self._require(job_id)
-            if row["status"] != RUNNING or (attempt is not None and row["attempts"] != attempt):
+            if row["status"] != RUNNING or (attempt is not None and _dispatch(row) != attempt):
                 return self._to_dict(row)
             now = time.time()
             attempts = row["attempts"] if count_attempt else max(0, row["attempts"] - 1)
+            # The dispatch number stays: an uncounted dispatch still waiting somewhere can never claim
+            # the job's next dispatch.
+            uncounted = row["uncounted"] + row["attempts"] - attempts
             if row["cancel_requested"]:
                 self._db.execute(
                     "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
                     (CANCELLED, now, now, f"cancelled; the run ended with: {reason}", job_id))
             elif attempts >= self.max_attempts:
                 self._db.execute(
-                    "UPDATE jobs SET status = ?, attempts = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
-                    (FAILED, attempts, now, now, f"{reason} (after {attempts} attempts)", job_id))
+                    "UPDATE jobs SET status = ?, attempts = ?, uncounted = ?, finished_at = ?, updated_at = ?, "
+                    "error = ? WHERE id = ?",
+                    (FAILED, attempts, uncounted, now, now, f"{reason} (after {attempts} attempts)", job_id))
             else:
                 self._db.execute(
-                    "UPDATE jobs SET status = ?, attempts = ?, updated_at = ?, error = ?, stage = NULL, "
-                    "step = 0, eta_s = NULL WHERE id = ?",
-                    (QUEUED, attempts, now, f"re-queued: {reason}", job_id))
+                    "UPDATE jobs SET status = ?, attempts = ?, uncounted = ?, updated_at = ?, error = ?, "
+                    "stage = NULL, step = 0, eta_s = NULL WHERE id = ?",
+                    (QUEUED, attempts, uncounted, now, f"re-queued: {reason}", job_id))
             return self._to_dict(self._require(job_id))
 
     def files_due(self, finished_before: float, limit: int = 100,

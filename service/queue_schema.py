@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_next_at REAL,
     webhook_error TEXT,
     webhook_delivered_at REAL,
-    image TEXT
+    image TEXT,
+    uncounted INTEGER NOT NULL DEFAULT 0,
+    claimed_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -60,6 +62,8 @@ _ADDED_COLUMNS = (
     ("webhook_url", ("webhook_url TEXT", "webhook_status TEXT", "webhook_attempts INTEGER NOT NULL DEFAULT 0",
                      "webhook_next_at REAL", "webhook_error TEXT", "webhook_delivered_at REAL")),  # webhooks
     ("image", ("image TEXT",)),  # the input image out of the request, so that reads of a job stay small
+    # dispatches not counted as attempts (a dispatch number is never reused), and the engine's claim
+    ("uncounted", ("uncounted INTEGER NOT NULL DEFAULT 0", "claimed_at REAL")),
 )
 
 
@@ -89,6 +93,8 @@ def create_or_migrate(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
             if marker == "image":
                 move_images_out(db)
+            if marker == "uncounted":  # an older release's running job: take it as started by an engine
+                db.execute("UPDATE jobs SET claimed_at = started_at WHERE status = 'running'")
     # After the migration: the indexes name columns an older table gains only above.
     db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
     db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")

@@ -42,6 +42,7 @@ def test_a_replica_without_the_lease_neither_dispatches_nor_requeues_until_it_ta
     assert old._hold_lease()
     running, _ = old.queue.submit({"prompt": "on the old cluster", "seed": 1})
     old.queue.mark_running(running["id"])  # the old replica dispatched it; its engine still runs it
+    assert old.queue.claim(running["id"], 1)
     queued, _ = old.queue.submit({"prompt": "submitted during the upgrade", "seed": 2})
     new, new_engine = replica(settings)
 
@@ -212,11 +213,17 @@ def test_shutting_down_requeues_what_no_engine_started_and_waits_only_for_what_r
                                               {"status": "failed", "error": "drained"})
         started = time.monotonic()
         await svc.shut_down()
-        return time.monotonic() - started, await svc.claim(waiting["id"], 1, "E1")
+        took_s, late_claim = time.monotonic() - started, await svc.claim(waiting["id"], 1, "E1")
+        requeued = svc.queue.get(waiting["id"])
+        # The next JobQueue sends it again: the old dispatch, should an engine get to it only now,
+        # still does not start it, as the new one has another number.
+        again = svc.queue.mark_running(waiting["id"])
+        return took_s, late_claim, requeued, again, await svc.claim(waiting["id"], 1, "E1")
 
-    took_s, late_claim = asyncio.run(scenario())
+    took_s, late_claim, requeued, again, later_claim = asyncio.run(scenario())
     assert took_s < 5.0  # not drain_timeout_s + 15 s for the dispatch no engine took up
     assert late_claim is False  # an engine that gets to it after all does not start it
     assert svc.queue.get(running["id"])["status"] == "failed"
-    assert (svc.queue.get(waiting["id"])["status"], svc.queue.get(waiting["id"])["attempts"]) == ("queued", 0)
+    assert (requeued["status"], requeued["attempts"]) == ("queued", 0)
+    assert (again["attempts"], again["dispatch"], later_claim) == (1, 2, False)
     assert not svc._leading

@@ -17,15 +17,19 @@ from service.queue import JobQueue
 from service_helpers import FakeEngine, make_settings
 
 
-def service(tmp_path, engine_replicas: int = 2, left_running: int = 0) -> tuple[JobQueueService, FakeEngine, list[str]]:
+def service(tmp_path, engine_replicas: int = 2, left_running: int = 0,
+            claimed: bool = True) -> tuple[JobQueueService, FakeEngine, list[str]]:
     """A JobQueue replica starting on a store where a previous replica marked ``left_running`` jobs
-    running and then died (the store closed); returns it, its fake engine, and those job ids."""
+    running (``claimed``: and engines claimed them) and then died (the store closed); returns it,
+    its fake engine, and those job ids."""
     settings = make_settings(tmp_path, engine_replicas=engine_replicas)
     q = JobQueue(settings.db_path, max_size=settings.queue_size, max_attempts=settings.max_attempts)
     ids = []
     for i in range(left_running):
         job, _ = q.submit({"prompt": f"p{i}", "seed": i})
         q.mark_running(job["id"])
+        if claimed:
+            assert q.claim(job["id"], 1)
         ids.append(job["id"])
     q.close()
     engine = FakeEngine()
@@ -196,6 +200,26 @@ def test_an_orphan_requeued_before_its_claim_is_refused_there(tmp_path):
         return await svc.claim(job_id, 1, "A")
 
     assert asyncio.run(scenario()) is False
+
+
+def test_an_orphan_no_engine_claimed_is_not_counted_and_its_dispatch_stays_refused(tmp_path):
+    """The JobQueue died while its dispatch waited in an engine's Serve queue: the job did not run, so
+    the attempt does not count; and the waiting dispatch, taken up after the job has been dispatched
+    again, must not run it a second time."""
+    svc, engine, (job_id,) = service(tmp_path, engine_replicas=1, left_running=1, claimed=False)
+
+    async def scenario():
+        await svc.report_engine("A", {"ready": True, "busy_job": None})
+        svc._settle_orphans()
+        requeued = svc.queue.get(job_id)
+        again = svc.queue.mark_running(job_id)  # the next dispatch
+        return requeued, again, await svc.claim(job_id, 1, "A"), await svc.claim(job_id, again["dispatch"], "A")
+
+    requeued, again, stale_claim, claim = asyncio.run(scenario())
+    assert (requeued["status"], requeued["attempts"]) == ("queued", 0)
+    assert "before an engine replica started the job" in requeued["error"]
+    assert (again["attempts"], again["dispatch"]) == (1, 2)
+    assert stale_claim is False and claim is True
 
 
 def test_a_superseded_outcome_of_an_old_dispatch_leaves_the_job_as_it_is(tmp_path):

@@ -257,6 +257,45 @@ def test_an_older_store_has_its_images_moved_out_of_the_requests(tmp_path):
         q.close()
 
 
+def test_an_older_stores_running_job_keeps_its_dispatch_number_and_counts_as_started(tmp_path):
+    """A store the sixteenth release wrote, with a job its engine runs: the engine's claim of that
+    dispatch still holds, and, were the job orphaned, its attempt would count (it may have run)."""
+    from service_helpers import write_old_store
+
+    db = tmp_path / "jobs.sqlite3"
+    write_old_store(db, ", files_deleted_at REAL, files_deleted_reason TEXT, webhook_url TEXT, webhook_status TEXT, "
+                        "webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_next_at REAL, webhook_error TEXT, "
+                        "webhook_delivered_at REAL, image TEXT")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO jobs (id, status, request, created_at, started_at, updated_at, attempts) "
+                     "VALUES ('r1', 'running', '{\"prompt\": \"p\"}', 1, 5, 5, 1)")
+    q = JobQueue(db)
+    try:
+        job = q.get("r1")
+        assert (job["attempts"], job["dispatch"], job["claimed_at"]) == (1, 1, 5.0)
+        assert q.get("a1")["claimed_at"] is None  # only running jobs
+        assert q.claim("r1", 1)["status"] == "running"
+    finally:
+        q.close()
+
+
+def test_an_uncounted_requeue_keeps_the_dispatch_number_so_the_next_dispatch_has_a_new_one(tmp_path):
+    q = JobQueue(tmp_path / "jobs.sqlite3", max_attempts=2)
+    try:
+        job_id = q.submit({"prompt": "p"})[0]["id"]
+        for expected_dispatch in (1, 2, 3):  # never claimed, never counted: it never runs out of attempts
+            job = q.mark_running(job_id)
+            assert (job["attempts"], job["dispatch"], job["claimed_at"]) == (1, expected_dispatch, None)
+            assert q.requeue(job_id, "not started", count_attempt=False, attempt=expected_dispatch)["status"] == "queued"
+            assert q.claim(job_id, expected_dispatch) is None
+        job = q.mark_running(job_id)
+        assert q.claim(job_id, 3) is None and q.claim(job_id, 4)["claimed_at"] is not None
+        assert q.requeue(job_id, "engine died", attempt=4)["attempts"] == 1  # counted: 1 of 2
+        assert q.mark_running(job_id)["dispatch"] == 5
+    finally:
+        q.close()
+
+
 def test_a_client_holds_at_most_its_share_of_active_jobs(tmp_path):
     q = JobQueue(tmp_path / "jobs.sqlite3", max_size=10, max_per_owner=2)
     a1, _ = q.submit({"prompt": "a1"}, owner="alice")
