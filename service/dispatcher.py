@@ -94,6 +94,7 @@ class JobQueueService:
             job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
                                             "engine replica to claim it (at most %.0f s)", grace)
         self.inflight: dict[str, asyncio.Task] = {}
+        self.sent_dispatch: dict[str, int] = {}  # job id -> the dispatch number this replica sent (its in-flight run)
         self.claimed_at: dict[str, float] = {}  # job id -> when its engine claimed this replica's dispatch (monotonic)
         # Only the holder of the store's dispatch lease dispatches and re-queues (JobQueue.acquire_lease);
         # another replica on the same store stands by, and still records what engines report.
@@ -144,7 +145,7 @@ class JobQueueService:
                         if job is not None:
                             job_log(logger, job["id"]).info("dispatched (attempt %d, dispatch %d)", job["attempts"],
                                                             job["dispatch"], extra={"attempt": job["attempts"]})
-                            self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
+                            self._start_run(job)
                             continue
                 self._wake.clear()
                 try:
@@ -206,9 +207,9 @@ class JobQueueService:
         # queue now, uncounted, for the next JobQueue to send. Once re-queued its claim is refused.
         for job_id, task in list(self.inflight.items()):
             if job_id not in self.claimed_at and not task.done():
-                job = self.queue.get(job_id) or {}
+                # Only the dispatch this replica sent: the store's may be a later one by now.
                 requeued = self.queue.requeue(job_id, "this JobQueue shut down before an engine started it",
-                                              count_attempt=False, attempt=job.get("dispatch"))
+                                              count_attempt=False, attempt=self.sent_dispatch.get(job_id))
                 task.cancel()  # and with it the engine call
                 job_log(logger, job_id).info("shutting down: not started by an engine; job is %s",
                                              requeued["status"], extra={"status": requeued["status"]})
@@ -253,11 +254,7 @@ class JobQueueService:
                 del self.orphans[job_id]
                 # A dispatch no engine ever claimed did not run: it is not counted. (Should it still be
                 # waiting in an engine's queue, its claim is refused: the next dispatch has a new number.)
-                started = (self.queue.get(job_id) or {}).get("claimed_at") is not None
-                job = self.queue.requeue(job_id, "the service stopped while the job was running, and no engine "
-                                                 "replica was running it when the JobQueue restarted"
-                                         if started else "the service stopped before an engine replica started "
-                                                         "the job", count_attempt=started)
+                job = self.queue.requeue_orphan(job_id)
                 job_log(logger, job_id).warning("no engine replica is running it: now %s", job["status"],
                                                 extra={"status": job["status"]})
         wall = time.time()
@@ -301,8 +298,13 @@ class JobQueueService:
         return {"id": job["id"], "attempt": job["dispatch"], "request": fields,
                 "progress_interval_s": self.settings.progress_interval_s}
 
+    def _start_run(self, job: dict[str, Any]) -> None:
+        """Send a job just marked running to an engine, as a task of its own."""
+        self.sent_dispatch[job["id"]] = job["dispatch"]
+        self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
+
     async def _run(self, job: dict[str, Any]) -> None:
-        job_id = job["id"]
+        job_id, dispatch = job["id"], job["dispatch"]  # every change below is to this dispatch only
         log = job_log(logger, job_id)
         try:
             try:
@@ -310,23 +312,24 @@ class JobQueueService:
             except (OSError, sqlite3.Error) as exc:  # the volume or store, which may recover: one more try
                 await asyncio.sleep(PREPARE_RETRY_S)
                 job = self.queue.requeue(job_id, f"cannot prepare job: {type(exc).__name__}: {exc}",
-                                         attempt=job["dispatch"])
+                                         attempt=dispatch)
                 log.warning("cannot prepare job (%s); job is now %s", exc, job["status"],
                             extra={"status": job["status"]})
                 return
             except Exception as exc:  # noqa: BLE001 - e.g. the LoRA file was removed since submission
-                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}", attempt=job["dispatch"])
+                self.queue.finish(job_id, FAILED, error=f"cannot prepare job: {exc}", attempt=dispatch)
                 log.warning("failed: cannot prepare job: %s", exc, extra={"error": f"cannot prepare job: {exc}"})
                 return
             try:
                 outcome = await self._await_engine(job_id, engine_job)
             except asyncio.TimeoutError as exc:
-                job = self.queue.requeue(job_id, str(exc))
+                job = self.queue.requeue(job_id, str(exc), attempt=dispatch)
                 log.warning("engine call timed out (%s); job is now %s", exc, job["status"],
                             extra={"status": job["status"]})
                 return
             except Exception as exc:  # noqa: BLE001 - the engine replica itself died
-                job = self.queue.requeue(job_id, f"engine replica failed: {type(exc).__name__}: {exc}")
+                job = self.queue.requeue(job_id, f"engine replica failed: {type(exc).__name__}: {exc}",
+                                         attempt=dispatch)
                 log.warning("engine replica failed (%s); job is now %s", exc, job["status"],
                             extra={"status": job["status"]})
                 return
@@ -337,12 +340,13 @@ class JobQueueService:
             self._apply_outcome(job_id, outcome, engine_job["attempt"])
         except Exception:  # noqa: BLE001
             log.exception("dispatch error")
-            self.queue.requeue(job_id, "dispatch error")
+            self.queue.requeue(job_id, "dispatch error", attempt=dispatch)
         finally:
             # Only this run's entry: a later dispatch of the same job may have its own by now.
             if self.inflight.get(job_id) is asyncio.current_task():
                 del self.inflight[job_id]
                 self.claimed_at.pop(job_id, None)
+                self.sent_dispatch.pop(job_id, None)
             self._poke()
 
     async def _await_engine(self, job_id: str, engine_job: dict[str, Any]) -> dict[str, Any]:
@@ -393,7 +397,7 @@ class JobQueueService:
             # An earlier run's late answer (this replica lost its lease while the call was out, and
             # another dispatched the job again): the record and the results folder are the later run's.
             log.warning("ignored the outcome %s of dispatch %d: the job is %s at dispatch %s", status, attempt,
-                        before.get("status"), before.get("dispatch"), extra={"attempt": attempt})
+                        before.get("status"), before.get("dispatch"), extra={"dispatch": attempt})
             return
         record_outcome(self.queue, self.retention, job_id, outcome, attempt)
         job = self.queue.get(job_id) or {}
@@ -531,7 +535,9 @@ class JobQueueService:
             return False
         self.orphans.pop(job_id, None)
         self.adopted.pop(job_id, None)
-        self._apply_outcome(job_id, outcome)
+        # Recorded only for that dispatch, checked again in the store's transaction. (A "superseded"
+        # dispatch is one this replica did not send: it is only logged.)
+        self._apply_outcome(job_id, outcome, None if outcome["status"] == "superseded" else attempt)
         self._poke()
         return True
 

@@ -268,7 +268,7 @@ class EngineReplica:
         except Exception as exc:  # noqa: BLE001
             return f"the JobQueue could not be reached for {CLAIM_WAIT_S:.0f} s to claim the job ({exc})"
         if not granted:
-            return (f"attempt {job['attempt']} is no longer the job's current dispatch (it was re-queued, "
+            return (f"dispatch {job['attempt']} is no longer the job's current one (it was re-queued, "
                     "sent elsewhere, cancelled or ended)")
         return None
 

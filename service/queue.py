@@ -294,9 +294,10 @@ class JobQueue:
         with self._tx():
             now = time.time()
             cur = self._db.execute(
-                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, updated_at = ?, "
-                "claimed_at = NULL, stage = NULL, step = 0, total_steps = 0, eta_s = NULL WHERE id = ? AND status = ?",
-                (RUNNING, now, now, job_id, QUEUED),
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, started_at = ?, dispatched_at = ?, "
+                "updated_at = ?, claimed_at = NULL, stage = NULL, step = 0, total_steps = 0, eta_s = NULL "
+                "WHERE id = ? AND status = ?",
+                (RUNNING, now, now, now, job_id, QUEUED),
             )
             return self._to_dict(self._require(job_id)) if cur.rowcount else None
 
@@ -395,26 +396,47 @@ class JobQueue:
             row = self._require(job_id)
             if row["status"] != RUNNING or (attempt is not None and _dispatch(row) != attempt):
                 return self._to_dict(row)
-            now = time.time()
-            attempts = row["attempts"] if count_attempt else max(0, row["attempts"] - 1)
-            # The dispatch number stays: an uncounted dispatch still waiting somewhere can never claim
-            # the job's next dispatch.
-            uncounted = row["uncounted"] + row["attempts"] - attempts
-            if row["cancel_requested"]:
-                self._db.execute(
-                    "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
-                    (CANCELLED, now, now, f"cancelled; the run ended with: {reason}", job_id))
-            elif attempts >= self.max_attempts:
-                self._db.execute(
-                    "UPDATE jobs SET status = ?, attempts = ?, uncounted = ?, finished_at = ?, updated_at = ?, "
-                    "error = ? WHERE id = ?",
-                    (FAILED, attempts, uncounted, now, now, f"{reason} (after {attempts} attempts)", job_id))
-            else:
-                self._db.execute(
-                    "UPDATE jobs SET status = ?, attempts = ?, uncounted = ?, updated_at = ?, error = ?, "
-                    "stage = NULL, step = 0, eta_s = NULL WHERE id = ?",
-                    (QUEUED, attempts, uncounted, now, f"re-queued: {reason}", job_id))
-            return self._to_dict(self._require(job_id))
+            return self._requeue_running(row, reason, count_attempt)
+
+    def _requeue_running(self, row: sqlite3.Row, reason: str, count_attempt: bool) -> dict[str, Any]:
+        """requeue's change of a running ``row``, inside the caller's transaction."""
+        job_id, now = row["id"], time.time()
+        attempts = row["attempts"] if count_attempt else max(0, row["attempts"] - 1)
+        # The dispatch number stays: an uncounted dispatch still waiting somewhere can never claim
+        # the job's next dispatch.
+        uncounted = row["uncounted"] + row["attempts"] - attempts
+        if row["cancel_requested"]:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
+                (CANCELLED, now, now, f"cancelled; the run ended with: {reason}", job_id))
+        elif attempts >= self.max_attempts:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, attempts = ?, uncounted = ?, finished_at = ?, updated_at = ?, "
+                "error = ? WHERE id = ?",
+                (FAILED, attempts, uncounted, now, now, f"{reason} (after {attempts} attempts)", job_id))
+        else:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, attempts = ?, uncounted = ?, updated_at = ?, error = ?, "
+                "stage = NULL, step = 0, eta_s = NULL WHERE id = ?",
+                (QUEUED, attempts, uncounted, now, f"re-queued: {reason}", job_id))
+        return self._to_dict(self._require(job_id))
+
+    def requeue_orphan(self, job_id: str) -> dict[str, Any]:
+        """A running job no engine holds after a restart goes back to the queue. Counted as an attempt
+        unless this release dispatched it and no engine ever claimed that dispatch (it waited in
+        Serve's queue when the service stopped): an older release sharing the store stamps neither
+        ``dispatched_at`` nor ``claimed_at``, so its dispatches count. Decided in the transaction
+        that re-queues it."""
+        with self._tx():
+            row = self._require(job_id)
+            if row["status"] != RUNNING:
+                return self._to_dict(row)
+            unstarted = (row["claimed_at"] is None and row["dispatched_at"] is not None
+                         and row["dispatched_at"] == row["started_at"])
+            reason = ("the service stopped before an engine replica started the job" if unstarted else
+                      "the service stopped while the job was running, and no engine replica was running it "
+                      "when the JobQueue restarted")
+            return self._requeue_running(row, reason, count_attempt=not unstarted)
 
     def files_due(self, finished_before: float, limit: int = 100,
                   after: Optional[tuple[float, str]] = None) -> list[dict[str, Any]]:

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_delivered_at REAL,
     image TEXT,
     uncounted INTEGER NOT NULL DEFAULT 0,
-    claimed_at REAL
+    claimed_at REAL,
+    dispatched_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, priority, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -64,6 +65,9 @@ _ADDED_COLUMNS = (
     ("image", ("image TEXT",)),  # the input image out of the request, so that reads of a job stay small
     # dispatches not counted as attempts (a dispatch number is never reused), and the engine's claim
     ("uncounted", ("uncounted INTEGER NOT NULL DEFAULT 0", "claimed_at REAL")),
+    # when this release dispatched it: a running job whose started_at is another (an older release's
+    # dispatch, or its claim) is taken as started, whatever claimed_at says
+    ("dispatched_at", ("dispatched_at REAL",)),
 )
 
 
@@ -84,17 +88,25 @@ def move_images_out(db: sqlite3.Connection) -> None:
 
 
 def create_or_migrate(db: sqlite3.Connection) -> None:
-    """Create the tables, or add to an older store what it lacks."""
+    """Create the tables, or add to an older store what it lacks. ``db`` is in autocommit mode
+    (``isolation_level=None``): the migration is one transaction (SQLite's DDL is transactional), so
+    two replicas that open an older store at once neither add a column twice nor see half of it."""
     db.executescript(_SCHEMA)
-    columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
-    for marker, added in _ADDED_COLUMNS:
-        if marker not in columns:
-            for column in added:
-                db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
-            if marker == "image":
-                move_images_out(db)
-            if marker == "uncounted":  # an older release's running job: take it as started by an engine
-                db.execute("UPDATE jobs SET claimed_at = started_at WHERE status = 'running'")
-    # After the migration: the indexes name columns an older table gains only above.
-    db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
-    db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}  # read under the write lock
+        for marker, added in _ADDED_COLUMNS:
+            if marker not in columns:
+                for column in added:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+                if marker == "image":
+                    move_images_out(db)
+                if marker == "uncounted":  # an older release's running job: take it as started by an engine
+                    db.execute("UPDATE jobs SET claimed_at = started_at WHERE status = 'running'")
+        # After the migration: the indexes name columns an older table gains only above.
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_files ON jobs (files_deleted_at, finished_at)")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_status, webhook_next_at)")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -206,7 +206,7 @@ def test_shutting_down_requeues_what_no_engine_started_and_waits_only_for_what_r
         assert svc._hold_lease()
         for job in (running, waiting):
             dispatched = svc.queue.mark_running(job["id"])
-            svc.inflight[job["id"]] = asyncio.get_running_loop().create_task(svc._run(dispatched))
+            svc._start_run(dispatched)
         await asyncio.sleep(0.05)
         assert await svc.claim(running["id"], 1, "E1")
         asyncio.get_running_loop().call_later(0.3, answers[running["id"]].set_result,
@@ -227,3 +227,40 @@ def test_shutting_down_requeues_what_no_engine_started_and_waits_only_for_what_r
     assert (requeued["status"], requeued["attempts"]) == ("queued", 0)
     assert (again["attempts"], again["dispatch"], later_claim) == (1, 2, False)
     assert not svc._leading
+
+
+def test_a_replica_changes_only_the_dispatch_it_sent_even_after_another_sent_the_job_again(tmp_path):
+    """Replica A's lease lapsed (a stall) while its dispatch 1 waited in Serve's queue; B took over,
+    dispatched the job again (2), and an engine runs that. A's shutdown, and its engine call's
+    failure, must leave dispatch 2 alone: they are about dispatch 1."""
+    settings = make_settings(tmp_path, engine_replicas=1)
+    a, _ = replica(settings, lease_s=60)
+
+    async def failing_call(engine_job: dict) -> dict:
+        raise RuntimeError("the engine replica died")
+
+    async def scenario():
+        assert a._hold_lease()
+        job_id = a.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+        a.sent_dispatch[job_id] = a.queue.mark_running(job_id)["dispatch"]
+        a.inflight[job_id] = asyncio.get_running_loop().create_future()  # its call waits in an engine's queue
+        a.queue._db.execute("UPDATE dispatch_lease SET expires_at = 0")
+        a.queue._db.commit()
+        b, _ = replica(settings, lease_s=60)
+        assert b._hold_lease()
+        await b.report_engine("E2", {"ready": True, "busy_job": None})
+        b._settle_orphans()
+        again = b.queue.mark_running(job_id)
+        assert await b.claim(job_id, again["dispatch"], "E2")
+        a._leading = False
+        await a.shut_down()
+        after_shutdown = b.queue.get(job_id)
+        a._call_engine = failing_call
+        await a._run(b.queue.get(job_id) | {"dispatch": 1})  # dispatch 1's call fails only now
+        return again, after_shutdown, b.queue.get(job_id)
+
+    again, after_shutdown, after_failure = asyncio.run(scenario())
+    assert again["dispatch"] == 2
+    for job in (after_shutdown, after_failure):
+        assert (job["status"], job["dispatch"], job["attempts"]) == ("running", 2, 1), job
+    assert not after_failure["error"] or "died" not in after_failure["error"]

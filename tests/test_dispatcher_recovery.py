@@ -365,7 +365,7 @@ def test_an_engine_runs_a_dispatch_only_when_its_claim_is_granted(tmp_path, monk
         assert outcome["status"] == "succeeded" and replica.ran == [("j1", "j1")] and replica.jobs_done == 1
         assert queue.outcomes == [("j1", "succeeded")]
     else:
-        assert outcome["status"] == "superseded" and "attempt 3 is no longer" in outcome["error"]
+        assert outcome["status"] == "superseded" and "dispatch 3 is no longer" in outcome["error"]
         assert replica.ran == [] and replica.jobs_done == 0 and queue.outcomes == []  # nothing pushed
 
 

@@ -296,6 +296,32 @@ def test_an_uncounted_requeue_keeps_the_dispatch_number_so_the_next_dispatch_has
         q.close()
 
 
+def test_an_orphan_is_uncounted_only_when_this_release_dispatched_it_and_no_engine_claimed_it(tmp_path):
+    """An older release sharing the store (a KubeRay upgrade) writes neither dispatched_at nor
+    claimed_at: its dispatches and its engines' claims must count, or attempts would drop back to a
+    number its engines still hold and a stale claim of theirs would be granted."""
+    q = JobQueue(tmp_path / "jobs.sqlite3", max_attempts=3)
+    try:
+        ids = [q.submit({"prompt": f"p{i}"})[0]["id"] for i in range(4)]
+        for job_id in ids:
+            q.mark_running(job_id)
+        q.claim(ids[1], 1)  # this release's engine started it
+        # An older release dispatched ids[2] (its mark_running sets started_at only), and an older
+        # engine claimed this release's dispatch of ids[3] (its claim moves started_at only).
+        q._db.execute("UPDATE jobs SET started_at = started_at + 1, dispatched_at = NULL WHERE id = ?", (ids[2],))
+        q._db.execute("UPDATE jobs SET started_at = started_at + 1 WHERE id = ?", (ids[3],))
+        q._db.commit()
+        jobs = [q.requeue_orphan(job_id) for job_id in ids]
+        assert [(j["status"], j["attempts"], j["dispatch"]) for j in jobs] == [
+            ("queued", 0, 1), ("queued", 1, 1), ("queued", 1, 1), ("queued", 1, 1)]
+        assert "before an engine replica started the job" in jobs[0]["error"]
+        assert all("while the job was running" in j["error"] for j in jobs[1:])
+        assert q.requeue_orphan(ids[0])["status"] == "queued"  # not running: left as it is
+        assert q.get(ids[0])["attempts"] == 0
+    finally:
+        q.close()
+
+
 def test_a_client_holds_at_most_its_share_of_active_jobs(tmp_path):
     q = JobQueue(tmp_path / "jobs.sqlite3", max_size=10, max_per_owner=2)
     a1, _ = q.submit({"prompt": "a1"}, owner="alice")
@@ -344,3 +370,34 @@ def test_a_claim_starts_the_run_clock_and_a_cancel_asked_before_it_ends_the_job(
     assert queue.claim(cancelled["id"], attempt=1) is None
     queue.requeue(cancelled["id"], "the engine did not start it", count_attempt=False, attempt=1)
     assert queue.get(cancelled["id"])["status"] == CANCELLED
+
+
+def test_replicas_that_open_an_older_store_at_once_migrate_it_once(tmp_path):
+    """Serve may start two JobQueue replicas (a KubeRay upgrade: two clusters) on one older store:
+    its migration is one transaction, so neither adds a column the other added."""
+    import threading
+
+    from service_helpers import write_old_store
+
+    db = tmp_path / "jobs.sqlite3"
+    write_old_store(db)
+    start, errors, queues = threading.Barrier(4), [], []
+
+    def open_store():
+        start.wait(timeout=10)
+        try:
+            queues.append(JobQueue(db))
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == [] and len(queues) == 4
+        assert all(q.get("a1")["dispatch"] == 0 and q.get("a1")["result_bytes"] == 42 for q in queues)
+    finally:
+        for q in queues:
+            q.close()

@@ -115,10 +115,10 @@ def test_whole_app_restart_finishes_queued_and_recovers_running(app):
     request = {"prompt": "seeded", "negative_prompt": "", "seed": 1, **TINY_JOB}
     first_try, _ = store.submit(dict(request, prompt="running, first attempt"))
     last_try, _ = store.submit(dict(request, prompt="running, last attempt"))
-    store.mark_running(first_try["id"])
+    store.claim(store.mark_running(first_try["id"])["id"], 1)  # their engines had started them
     store.mark_running(last_try["id"])
     store.requeue(last_try["id"], "an earlier crash")
-    store.mark_running(last_try["id"])
+    store.claim(last_try["id"], store.mark_running(last_try["id"])["dispatch"])
     assert store.get(last_try["id"])["attempts"] == 2
     store.close()
     deploy(settings, url)
