@@ -318,12 +318,16 @@ class Ingress:
                 return
             await asyncio.sleep(SSE_POLL_S)
 
-    @api.api_route("/jobs/{job_id}/video", methods=["GET", "HEAD"])  # HEAD: curl -I, download managers
+    # HEAD (curl -I, download managers) is its own route: one route of both methods gives the API's
+    # description one operationId twice.
+    @api.get("/jobs/{job_id}/video")
+    @api.head("/jobs/{job_id}/video", operation_id="video_head")
     async def video(self, job_id: str, request: Request):
         self._authorize(request)
         return self._file(await self._job(job_id, request), "video")
 
-    @api.api_route("/jobs/{job_id}/preview.png", methods=["GET", "HEAD"])  # HEAD: curl -I, download managers
+    @api.get("/jobs/{job_id}/preview.png")
+    @api.head("/jobs/{job_id}/preview.png", operation_id="preview_head")
     async def preview(self, job_id: str, request: Request):
         self._authorize(request)
         return self._file(await self._job(job_id, request), "preview")
@@ -435,7 +439,8 @@ class Ingress:
             return deleted
         return {"id": job_id, "object": "video.deleted", "deleted": True}
 
-    @api.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"])
+    @api.get("/v1/videos/{job_id}/content")
+    @api.head("/v1/videos/{job_id}/content", operation_id="openai_content_head")
     async def openai_content(self, job_id: str, request: Request, variant: str = "video"):
         self._authorize(request)
         if variant not in ("video", "thumbnail"):

@@ -159,12 +159,15 @@ def test_a_chunked_form_is_held_to_max_body_bytes(app):
     assert response.status_code == 422 and "image" in field_of(response)  # parsed: t2v takes no image
 
 
-def _succeeded_job(app, tmp_path) -> str:
+def _succeeded_job(app, tmp_path, preview: bool = False) -> str:
     job_id = post(app, {"prompt": "x"}).json()["id"]
-    video = tmp_path / "video.mp4"
+    video, png = tmp_path / "video.mp4", tmp_path / "preview.png"
     video.write_bytes(b"\x00" * 100)
+    if preview:
+        png.write_bytes(base64.b64decode(_png(8, 8)))
     app.queue.mark_running(job_id)
-    app.queue.finish(job_id, "succeeded", result={"width": 64}, result_path=str(video), result_bytes=100)
+    app.queue.finish(job_id, "succeeded", result={"width": 64}, result_path=str(video), result_bytes=100,
+                     preview_path=str(png) if preview else None)
     return job_id
 
 
@@ -406,9 +409,12 @@ def test_a_video_not_made_yet_is_409_and_head_answers(app, tmp_path):
     assert response.status_code == 409 and "not made yet" in response.text
     assert app.client.get(f"/v1/videos/{queued}/content", headers=AUTH).status_code == 409
     assert app.client.get("/jobs/" + "0" * 32 + "/video", headers=AUTH).status_code == 404
-    job_id = _succeeded_job(app, tmp_path)
-    for path in (f"/jobs/{job_id}/video", f"/v1/videos/{job_id}/content"):
+    job_id = _succeeded_job(app, tmp_path, preview=True)
+    for path in (f"/jobs/{job_id}/video", f"/jobs/{job_id}/preview.png", f"/v1/videos/{job_id}/content"):
         response = app.client.head(path, headers=AUTH)
+        if path.endswith(".png"):
+            assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+            continue
         assert response.status_code == 200 and response.headers["content-length"] == "100"
         assert response.headers["accept-ranges"] == "bytes" and response.content == b""
     response = app.client.get(f"/v1/videos/{job_id}/content?variant=poster", headers=AUTH)
@@ -421,3 +427,11 @@ def test_an_openai_video_deleted_shows_when_its_content_expired(app, tmp_path):
     video = app.client.get(f"/v1/videos/{job_id}", headers=AUTH).json()
     assert video["expires_at"] is not None and video["expires_at"] <= time.time() + 1
     assert app.client.get(f"/v1/videos/{job_id}/content", headers=AUTH).status_code == 410
+
+
+def test_every_operation_of_the_api_description_has_its_own_id():
+    """Client generators (and Schemathesis) name calls by operationId: a GET+HEAD route gave one twice."""
+    spec = api.openapi()
+    ids = [op["operationId"] for methods in spec["paths"].values() for op in methods.values()]
+    assert len(ids) == len(set(ids)) and len(ids) >= 19, sorted(ids)
+    assert {"video_head", "preview_head", "openai_content_head"} <= set(ids)
