@@ -179,6 +179,10 @@ class JobQueueService:
         adopted are orphans, each with a fresh grace for an engine replica to claim it. Jobs that have
         ended since (another replica held the lease) are no longer orphans."""
         deadline = time.monotonic() + self._orphan_grace_s
+        for job_id, adoption in list(self.adopted.items()):  # ended, or sent again by another replica since
+            job = self.queue.get(job_id) or {}
+            if job.get("status") != RUNNING or job.get("dispatch") != adoption["dispatch"]:
+                del self.adopted[job_id]
         running = self.queue.running_ids()
         self.orphans = {job_id: max(self.orphans.get(job_id, 0.0), deadline) for job_id in running
                         if job_id not in self.inflight and job_id not in self.adopted}
@@ -207,9 +211,13 @@ class JobQueueService:
         # queue now, uncounted, for the next JobQueue to send. Once re-queued its claim is refused.
         for job_id, task in list(self.inflight.items()):
             if job_id not in self.claimed_at and not task.done():
-                # Only the dispatch this replica sent: the store's may be a later one by now.
+                sent = self.sent_dispatch.get(job_id)
+                # Only the dispatch this replica sent, and only while no engine has claimed it (in
+                # the store: the claim may reach another JobQueue replica).
                 requeued = self.queue.requeue(job_id, "this JobQueue shut down before an engine started it",
-                                              count_attempt=False, attempt=self.sent_dispatch.get(job_id))
+                                              count_attempt=False, attempt=sent, only_if_unclaimed=True)
+                if self._claimed_in_store(job_id, sent):  # its claim reached another JobQueue replica:
+                    continue  # wait for it like the others
                 task.cancel()  # and with it the engine call
                 job_log(logger, job_id).info("shutting down: not started by an engine; job is %s",
                                              requeued["status"], extra={"status": requeued["status"]})
@@ -225,6 +233,17 @@ class JobQueueService:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self.release_lease()
+
+    def _claimed_in_store(self, job_id: str, dispatch: Optional[int]) -> bool:
+        """Whether an engine claimed ``dispatch`` of the job, through any JobQueue replica (then the
+        claim time is noted here, as if it had come to this one)."""
+        job = self.queue.get(job_id) or {}
+        if dispatch is None or job.get("status") != RUNNING or job.get("dispatch") != dispatch \
+                or job.get("claimed_at") is None:
+            return False
+        if job_id not in self.claimed_at:  # wall clock of the store -> this replica's monotonic clock
+            self.claimed_at[job_id] = time.monotonic() - max(0.0, time.time() - job["claimed_at"])
+        return True
 
     def release_lease(self) -> None:
         """Hand the dispatch lease on at once, so that a successor need not wait for it to lapse."""
@@ -269,7 +288,8 @@ class JobQueueService:
             else:
                 continue
             del self.adopted[job_id]
-            job = self.queue.requeue(job_id, reason)
+            # Only the dispatch adopted: another replica may have sent the job again meanwhile.
+            job = self.queue.requeue(job_id, reason, attempt=adoption["dispatch"])
             job_log(logger, job_id).warning("%s: now %s", reason, job["status"], extra={"status": job["status"]})
 
     def _engine_job(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -301,6 +321,7 @@ class JobQueueService:
     def _start_run(self, job: dict[str, Any]) -> None:
         """Send a job just marked running to an engine, as a task of its own."""
         self.sent_dispatch[job["id"]] = job["dispatch"]
+        self.claimed_at.pop(job["id"], None)  # an earlier dispatch's claim is not this one's
         self.inflight[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
 
     async def _run(self, job: dict[str, Any]) -> None:
@@ -361,6 +382,8 @@ class JobQueueService:
             while True:
                 claimed = self.claimed_at.get(job_id)
                 left = (claimed + running_s if claimed is not None else dispatched + waiting_s) - time.monotonic()
+                if left <= 0 and claimed is None and self._claimed_in_store(job_id, engine_job["attempt"]):
+                    continue  # its claim reached another JobQueue replica: the running limit applies
                 if left <= 0:
                     raise asyncio.TimeoutError(
                         f"the engine replica did not finish the job within {running_s:.0f} s of starting it"
@@ -506,16 +529,20 @@ class JobQueueService:
                                          extra={"status": job["status"]})
             self.orphans.pop(job_id, None)
             return False
-        if job_id in self.inflight:
+        if job_id in self.inflight and self.sent_dispatch.get(job_id) == attempt:
             self.claimed_at[job_id] = time.monotonic()  # its run's time limit counts from here
         if job_id in self.orphans:
-            self._adopt(job_id, replica_id, claimed_at if claimed_at is not None else time.time(), "claimed it")
+            self._adopt(job_id, replica_id, claimed_at if claimed_at is not None else time.time(), "claimed it",
+                        attempt)
         return True
 
-    def _adopt(self, job_id: str, replica_id: str, since: float, how: str) -> None:
-        """An orphan becomes engine replica ``replica_id``'s: it stays running until that engine's outcome."""
+    def _adopt(self, job_id: str, replica_id: str, since: float, how: str, dispatch: Optional[int] = None) -> None:
+        """An orphan becomes engine replica ``replica_id``'s: it stays running until that engine's
+        outcome. ``dispatch``: the one the engine runs (default: the job's current one)."""
         del self.orphans[job_id]
-        self.adopted[job_id] = {"replica": replica_id, "ended_at": None, "since": since}
+        if dispatch is None:
+            dispatch = (self.queue.get(job_id) or {}).get("dispatch")
+        self.adopted[job_id] = {"replica": replica_id, "ended_at": None, "since": since, "dispatch": dispatch}
         job_log(logger, job_id).info("adopted: engine replica %s %s", replica_id, how)
 
     async def report_outcome(self, job_id: str, outcome: dict[str, Any]) -> bool:

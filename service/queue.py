@@ -386,15 +386,18 @@ class JobQueue:
             return self._to_dict(self._require(job_id))
 
     def requeue(self, job_id: str, reason: str, *, count_attempt: bool = True,
-                attempt: Optional[int] = None) -> dict[str, Any]:
+                attempt: Optional[int] = None, only_if_unclaimed: bool = False) -> dict[str, Any]:
         """A running job whose replica failed goes back to the queue, or fails once out of attempts.
 
         ``count_attempt=False`` when the job never started (the replica was unavailable).
         ``attempt``: only if that dispatch is still the job's current one (else nothing changes).
+        ``only_if_unclaimed``: only if no engine has claimed the dispatch (else nothing changes).
         """
         with self._tx():
             row = self._require(job_id)
             if row["status"] != RUNNING or (attempt is not None and _dispatch(row) != attempt):
+                return self._to_dict(row)
+            if only_if_unclaimed and row["claimed_at"] is not None:
                 return self._to_dict(row)
             return self._requeue_running(row, reason, count_attempt)
 

@@ -21,6 +21,15 @@ def replica(settings, lease_s: float = 0.6) -> tuple[JobQueueService, FakeEngine
     return svc, engine
 
 
+async def stop_loops(*replicas: JobQueueService) -> None:
+    """End the replicas' dispatch loops (started by their first API call) within the test's event loop."""
+    for svc in replicas:
+        svc._draining = True  # nothing starts a loop again
+        if svc._loop_task is not None:
+            svc._loop_task.cancel()
+            await asyncio.gather(svc._loop_task, return_exceptions=True)
+
+
 def test_the_lease_has_one_holder_until_released_or_expired(tmp_path):
     q = JobQueue(tmp_path / "jobs.sqlite3")
     held, holder, until = q.acquire_lease("a", 0.3)
@@ -257,6 +266,7 @@ def test_a_replica_changes_only_the_dispatch_it_sent_even_after_another_sent_the
         after_shutdown = b.queue.get(job_id)
         a._call_engine = failing_call
         await a._run(b.queue.get(job_id) | {"dispatch": 1})  # dispatch 1's call fails only now
+        await stop_loops(a, b)
         return again, after_shutdown, b.queue.get(job_id)
 
     again, after_shutdown, after_failure = asyncio.run(scenario())
@@ -264,3 +274,94 @@ def test_a_replica_changes_only_the_dispatch_it_sent_even_after_another_sent_the
     for job in (after_shutdown, after_failure):
         assert (job["status"], job["dispatch"], job["attempts"]) == ("running", 2, 1), job
     assert not after_failure["error"] or "died" not in after_failure["error"]
+
+
+def test_a_dispatch_claimed_through_another_replica_is_waited_for_at_shutdown_not_requeued(tmp_path):
+    """In a redeploy Serve may route an engine's claim of A's dispatch to the new replica B: the
+    store then holds the claim, and A's shutdown must not re-queue a job an engine runs."""
+    settings = make_settings(tmp_path, engine_replicas=1, drain_timeout_s=30.0)
+    a, _ = replica(settings, lease_s=60)
+    answer: dict[str, asyncio.Future] = {}
+
+    async def call_engine(engine_job: dict) -> dict:
+        answer["f"] = asyncio.get_running_loop().create_future()
+        return await answer["f"]
+
+    a._call_engine = call_engine
+
+    async def scenario():
+        assert a._hold_lease()
+        job_id = a.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+        a._start_run(a.queue.mark_running(job_id))
+        await asyncio.sleep(0.05)
+        b, _ = replica(settings, lease_s=60)
+        assert await b.claim(job_id, 1, "E1")
+        asyncio.get_running_loop().call_later(0.3, answer["f"].set_result, {"status": "failed", "error": "drained"})
+        started = time.monotonic()
+        await a.shut_down()
+        await stop_loops(a, b)
+        return time.monotonic() - started, a.queue.get(job_id)
+
+    took_s, job = asyncio.run(scenario())
+    assert 0.2 < took_s < 5.0  # it waited for the run, as for the runs it saw claimed itself
+    assert (job["status"], job["attempts"], job["dispatch"], job["error"]) == ("failed", 1, 1, "drained")
+
+
+def test_an_adopted_job_is_requeued_only_while_the_adopted_dispatch_is_its_current_one(tmp_path):
+    """A adopted dispatch 1 (engine E1) and lost the lease; B sent dispatch 2, which E2 runs. When A
+    leads again and E1 has gone silent, dispatch 2 is not A's to re-queue."""
+    settings = make_settings(tmp_path, engine_replicas=1, max_attempts=3)
+    a, _ = replica(settings, lease_s=60)
+
+    async def scenario():
+        job_id = a.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+        a.queue.mark_running(job_id)  # a previous JobQueue's dispatch 1
+        a.orphans[job_id] = time.monotonic() + 60
+        assert await a.claim(job_id, 1, "E1", time.time())
+        assert a.adopted[job_id]["dispatch"] == 1
+        a.queue.requeue(job_id, "B: E1 lost", attempt=1)  # B, leading meanwhile
+        second = a.queue.mark_running(job_id)["dispatch"]
+        assert a.queue.claim(job_id, second) is not None  # E2 runs it
+        a._settle_orphans()  # before A knows (E1 never reported): the fenced re-queue changes nothing
+        before_resync = a.queue.get(job_id)
+        assert a._hold_lease()  # taking the lease drops the adoption of an earlier dispatch
+        await stop_loops(a)
+        return second, before_resync, a.queue.get(job_id), dict(a.adopted)
+
+    second, before_resync, after, adopted = asyncio.run(scenario())
+    assert second == 2 and adopted == {}
+    for job in (before_resync, after):
+        assert (job["status"], job["dispatch"]) == ("running", 2), job
+
+
+def test_a_claim_times_only_the_dispatch_this_replica_sent(tmp_path):
+    """A's call for dispatch 1 is still out when B sends dispatch 2 and its engine's claim reaches A:
+    granted (the store's current dispatch), but it must not start the clock of A's dispatch 1."""
+    settings = make_settings(tmp_path, engine_replicas=1)
+    a, _ = replica(settings, lease_s=60)
+
+    async def waits(engine_job: dict) -> dict:
+        await asyncio.sleep(3600)
+
+    a._call_engine = waits
+
+    async def scenario():
+        job_id = a.queue.submit({"prompt": "p", "seed": 1})[0]["id"]
+        a._start_run(a.queue.mark_running(job_id))
+        a.queue.requeue(job_id, "B found no engine running it", attempt=1)
+        second = a.queue.mark_running(job_id)["dispatch"]
+        granted = await a.claim(job_id, second, "E2")
+        timed = job_id in a.claimed_at
+        a.claimed_at[job_id] = time.monotonic()  # a claim of dispatch 1 left over ...
+        a._start_run(a.queue.requeue(job_id, "x", attempt=second, count_attempt=False) and
+                     a.queue.mark_running(job_id))  # ... is not the next dispatch's
+        timed_next = job_id in a.claimed_at
+        runs = list(a.inflight.values())
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)  # their ends poke the loop: stop it after
+        await stop_loops(a)
+        return second, granted, timed, timed_next
+
+    second, granted, timed, timed_next = asyncio.run(scenario())
+    assert (second, granted, timed, timed_next) == (2, True, False, False)

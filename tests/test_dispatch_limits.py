@@ -108,6 +108,30 @@ def test_the_limit_counts_from_the_claim_so_a_job_that_waited_in_line_is_not_cut
     assert engine.cancelled == 0
 
 
+def test_a_claim_that_reached_another_jobqueue_replica_puts_the_dispatch_under_the_running_limit(tmp_path,
+                                                                                                 short_limits):
+    """Serve may route an engine's claim to another JobQueue replica (a redeploy): the store holds it,
+    and the dispatch is not given up as never started when the waiting limit passes."""
+    async def claimed_elsewhere(svc, job):
+        await asyncio.sleep(1.5)
+        assert svc.queue.claim(job["id"], job["attempt"]) is not None  # granted by the other replica
+        await asyncio.sleep(3600)
+
+    engine = ScriptedEngine(claimed_elsewhere)
+    svc = start(tmp_path, engine, max_attempts=1, **short_limits)
+
+    async def scenario():
+        svc._ensure_dispatcher()
+        job_id = (await svc.submit({"prompt": "x", "seed": 1}))["job"]["id"]
+        started = time.monotonic()
+        await until(lambda: svc.queue.get(job_id)["status"] == "failed")
+        return svc.queue.get(job_id), time.monotonic() - started
+
+    job, took = asyncio.run(scenario())
+    assert "did not finish the job within 2 s of starting it" in job["error"], job["error"]
+    assert 2.8 < took < 6.0  # claimed at 1.5 s, then the 1.5 s running limit (not the 2.3 s waiting one)
+
+
 @pytest.mark.parametrize("claims, message", [
     (True, "did not finish the job within 2 s of starting it"),
     (False, "no engine replica started the job within 2 s"),
