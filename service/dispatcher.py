@@ -68,6 +68,14 @@ def _serve_app_name() -> Optional[str]:
         return None
 
 
+class DispatchGivenUp(Exception):
+    """A dispatch no engine started within the waiting limit: the job is already re-queued (``job``)."""
+
+    def __init__(self, message: str, job: dict[str, Any]):
+        super().__init__(message)
+        self.job = job
+
+
 class JobQueueService:
     def __init__(self, args: dict[str, Any], engine: Any):
         self.settings = ServiceSettings.coerce(args)
@@ -89,7 +97,7 @@ class JobQueueService:
         self.orphans: dict[str, float] = {job_id: time.monotonic() + grace for job_id in self.queue.running_ids()}
         # job id -> {"replica", "since": adopted at (wall clock), "ended_at": first later report not busy with it}
         self.adopted: dict[str, dict[str, Any]] = {}
-        self.reported: set[str] = set()  # engine replicas heard from since this replica started
+        self.reported: set[str] = set()  # engine replicas heard from since this replica took the lease
         for job_id in self.orphans:
             job_log(logger, job_id).warning("was running when the JobQueue replica started: waiting for an "
                                             "engine replica to claim it (at most %.0f s)", grace)
@@ -179,6 +187,9 @@ class JobQueueService:
         adopted are orphans, each with a fresh grace for an engine replica to claim it. Jobs that have
         ended since (another replica held the lease) are no longer orphans."""
         deadline = time.monotonic() + self._orphan_grace_s
+        # Reports heard while standing by may predate a claim granted since (by this replica or the
+        # one that led): the orphans wait for each engine's next report, which names the job it runs.
+        self.reported = set()
         for job_id, adoption in list(self.adopted.items()):  # ended, or sent again by another replica since
             job = self.queue.get(job_id) or {}
             if job.get("status") != RUNNING or job.get("dispatch") != adoption["dispatch"]:
@@ -241,6 +252,8 @@ class JobQueueService:
         if dispatch is None or job.get("status") != RUNNING or job.get("dispatch") != dispatch \
                 or job.get("claimed_at") is None:
             return False
+        # The store's wall clock is that of the replica that granted the claim, maybe on another host:
+        # a clock behind this one's shortens the running limit (minutes) by the difference.
         if job_id not in self.claimed_at:  # wall clock of the store -> this replica's monotonic clock
             self.claimed_at[job_id] = time.monotonic() - max(0.0, time.time() - job["claimed_at"])
         return True
@@ -343,6 +356,10 @@ class JobQueueService:
                 return
             try:
                 outcome = await self._await_engine(job_id, engine_job)
+            except DispatchGivenUp as exc:
+                log.warning("engine call timed out (%s); job is now %s", exc, exc.job["status"],
+                            extra={"status": exc.job["status"]})
+                return
             except asyncio.TimeoutError as exc:
                 job = self.queue.requeue(job_id, str(exc), attempt=dispatch)
                 log.warning("engine call timed out (%s); job is now %s", exc, job["status"],
@@ -382,12 +399,17 @@ class JobQueueService:
             while True:
                 claimed = self.claimed_at.get(job_id)
                 left = (claimed + running_s if claimed is not None else dispatched + waiting_s) - time.monotonic()
-                if left <= 0 and claimed is None and self._claimed_in_store(job_id, engine_job["attempt"]):
-                    continue  # its claim reached another JobQueue replica: the running limit applies
+                if left <= 0 and claimed is None:
+                    # Re-queued only if no engine claimed it, in the same transaction: the claim may
+                    # have reached another JobQueue replica, and then the running limit applies.
+                    message = f"no engine replica started the job within {waiting_s:.0f} s"
+                    job = self.queue.requeue(job_id, message, attempt=engine_job["attempt"], only_if_unclaimed=True)
+                    if self._claimed_in_store(job_id, engine_job["attempt"]):
+                        continue
+                    raise DispatchGivenUp(message, job)
                 if left <= 0:
                     raise asyncio.TimeoutError(
-                        f"the engine replica did not finish the job within {running_s:.0f} s of starting it"
-                        if claimed is not None else f"no engine replica started the job within {waiting_s:.0f} s")
+                        f"the engine replica did not finish the job within {running_s:.0f} s of starting it")
                 done, _ = await asyncio.wait({call}, timeout=min(left, 5.0))
                 if done:
                     return call.result()

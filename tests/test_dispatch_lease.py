@@ -63,6 +63,7 @@ def test_a_replica_without_the_lease_neither_dispatches_nor_requeues_until_it_ta
                    list(new_engine.sent), (await new.state())["dispatching"])
         deadline = time.monotonic() + 10
         while len(new_engine.sent) < 2 and time.monotonic() < deadline:
+            await new.report_engine("N", {"ready": True, "busy_job": None})  # its periodic health report
             await asyncio.sleep(0.05)
         new._loop_task.cancel()
         return standby
@@ -309,8 +310,10 @@ def test_a_dispatch_claimed_through_another_replica_is_waited_for_at_shutdown_no
 
 def test_an_adopted_job_is_requeued_only_while_the_adopted_dispatch_is_its_current_one(tmp_path):
     """A adopted dispatch 1 (engine E1) and lost the lease; B sent dispatch 2, which E2 runs. When A
-    leads again and E1 has gone silent, dispatch 2 is not A's to re-queue."""
-    settings = make_settings(tmp_path, engine_replicas=1, max_attempts=3)
+    leads again and E1 has gone silent, dispatch 2 is not A's to re-queue: the re-queue is bound to
+    the adopted dispatch, and taking the lease drops the adoption, the job then an orphan that waits
+    for the engines' next reports (E2's names it)."""
+    settings = make_settings(tmp_path, engine_replicas=2, max_attempts=3)
     a, _ = replica(settings, lease_s=60)
 
     async def scenario():
@@ -318,20 +321,31 @@ def test_an_adopted_job_is_requeued_only_while_the_adopted_dispatch_is_its_curre
         a.queue.mark_running(job_id)  # a previous JobQueue's dispatch 1
         a.orphans[job_id] = time.monotonic() + 60
         assert await a.claim(job_id, 1, "E1", time.time())
-        assert a.adopted[job_id]["dispatch"] == 1
+        adoption = dict(a.adopted[job_id])
+        assert adoption["dispatch"] == 1
         a.queue.requeue(job_id, "B: E1 lost", attempt=1)  # B, leading meanwhile
         second = a.queue.mark_running(job_id)["dispatch"]
         assert a.queue.claim(job_id, second) is not None  # E2 runs it
-        a._settle_orphans()  # before A knows (E1 never reported): the fenced re-queue changes nothing
-        before_resync = a.queue.get(job_id)
-        assert a._hold_lease()  # taking the lease drops the adoption of an earlier dispatch
+        await a.report_engine("E2", {"ready": True, "busy_job": None})  # made before E2's claim
+        a._settle_orphans()  # E1 never reported to A: its adoption is given up, fenced to dispatch 1
+        fenced = a.queue.get(job_id)
+        a.adopted[job_id] = adoption  # again, for the takeover
+        await a.report_engine("E1", {"ready": True, "busy_job": None})  # every engine reported while A stood by
+        assert a._hold_lease()
+        dropped, orphaned = dict(a.adopted), set(a.orphans)
+        a._settle_orphans()  # E2's report came before the takeover: the orphan waits for its next one
+        waited = a.queue.get(job_id)
+        await a.report_engine("E2", {"ready": True, "busy_job": job_id})
+        adopted = a.adopted[job_id]
         await stop_loops(a)
-        return second, before_resync, a.queue.get(job_id), dict(a.adopted)
+        return second, fenced, dropped, orphaned, waited, adopted, job_id
 
-    second, before_resync, after, adopted = asyncio.run(scenario())
-    assert second == 2 and adopted == {}
-    for job in (before_resync, after):
-        assert (job["status"], job["dispatch"]) == ("running", 2), job
+    second, fenced, dropped, orphaned, waited, adopted, job_id = asyncio.run(scenario())
+    assert second == 2
+    assert (fenced["status"], fenced["dispatch"]) == ("running", 2)
+    assert dropped == {} and orphaned == {job_id}
+    assert (waited["status"], waited["dispatch"]) == ("running", 2)
+    assert (adopted["replica"], adopted["dispatch"]) == ("E2", 2)
 
 
 def test_a_claim_times_only_the_dispatch_this_replica_sent(tmp_path):
